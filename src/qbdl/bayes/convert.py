@@ -62,7 +62,9 @@ def dnn_to_bnn(
     names = {name for name, _ in model.named_modules()}
     unknown = exclude - names
     if unknown:
-        raise ValueError(f"exclude names {sorted(unknown)} are not modules of the model; see model.named_modules()")
+        raise ValueError(
+            f"exclude names {sorted(unknown)} are not modules of the model; see model.named_modules()"
+        )
     bnn = copy.deepcopy(model)
     for name, module in list(bnn.named_modules()):
         if name in exclude or not name:
@@ -83,7 +85,9 @@ def dnn_to_bnn(
             )
         else:
             twin.reset_parameters(posterior_rho_init)
-            twin.set_prior(torch.zeros_like(w), prior_sigma, None if b is None else torch.zeros_like(b), prior_sigma)
+            twin.set_prior(
+                torch.zeros_like(w), prior_sigma, None if b is None else torch.zeros_like(b), prior_sigma
+            )
         parent_name, _, child = name.rpartition(".")
         parent = bnn.get_submodule(parent_name) if parent_name else bnn
         setattr(parent, child, twin)

@@ -85,7 +85,9 @@ class BayesianLayer(nn.Module):
         """Closed-form KL(q || p) summed over weight and bias."""
         total = _gaussian_kl(self.mu_weight, self.sigma_weight, self.prior_mu_weight, self.prior_sigma_weight)
         if self.mu_bias is not None:
-            total = total + _gaussian_kl(self.mu_bias, self.sigma_bias, self.prior_mu_bias, self.prior_sigma_bias)
+            total = total + _gaussian_kl(
+                self.mu_bias, self.sigma_bias, self.prior_mu_bias, self.prior_sigma_bias
+            )
         return total
 
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
@@ -113,7 +115,9 @@ class BayesianLayer(nn.Module):
             out = out + eps_b.view(shape)
         return out
 
-    def set_prior(self, mu_weight: Tensor, sigma_weight: Tensor | float, mu_bias=None, sigma_bias=None) -> None:
+    def set_prior(
+        self, mu_weight: Tensor, sigma_weight: Tensor | float, mu_bias=None, sigma_bias=None
+    ) -> None:
         """Set the prior N(mu, sigma^2); sigma may be a scalar."""
         with torch.no_grad():
             self.prior_mu_weight.copy_(mu_weight)

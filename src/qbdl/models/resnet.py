@@ -85,9 +85,13 @@ def _torchvision_resnet(
     arch: str, num_classes: int, weights: str | None, weights_path: str | None, in_chans: int
 ) -> nn.Module:
     if weights and weights_path:
-        raise ValueError("give either `weights` (a torchvision weights name, downloads) or `weights_path`, not both")
+        raise ValueError(
+            "give either `weights` (a torchvision weights name, downloads) or `weights_path`, not both"
+        )
     builder = getattr(tvq, arch)
-    model = builder(weights=None, quantize=False, num_classes=1000 if (weights or weights_path) else num_classes)
+    model = builder(
+        weights=None, quantize=False, num_classes=1000 if (weights or weights_path) else num_classes
+    )
     # torchvision's quantizable blocks share one ReLU between two activations; PT2E and per-activation
     # observers need one module each.
     for block in model.modules():
