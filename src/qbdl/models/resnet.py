@@ -14,6 +14,8 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import quantization as tvq
 
+from qbdl.io import safe_torch_load
+
 
 class BasicBlock(nn.Module):
     """CIFAR ResNet basic block (option B: 1x1 conv shortcut when the shape changes)."""
@@ -138,14 +140,7 @@ def load_weights(model: nn.Module, path: str) -> None:
 
         state = load_file(path)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle.UnpicklingError and friends
-            raise ValueError(
-                f"refusing to load {path!r}: it is not a plain tensor state dict loadable with "
-                f"weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0]}). Re-save it as "
-                "torch.save(model.state_dict(), path) or as safetensors."
-            ) from exc
+        state = safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model.load_state_dict(state)

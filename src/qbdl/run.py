@@ -1,0 +1,194 @@
+"""Hydra entry point: python -m qbdl.run [+experiment=NAME] [key=value ...].
+
+Stages: DNN fit (or load) -> dnn_to_bnn (MOPED) -> ELBO fit -> PTQ -> evaluation -> results.json + report.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qbdl.bayes import dnn_to_bnn
+from qbdl.io import atomic_write_json
+from qbdl.lit.callbacks import EvaluationCallback, PTQCallback
+from qbdl.lit.module import BayesianClassifier
+from qbdl.report.table import format_table
+from qbdl.stages import build_ood_loaders, load_state, save_state
+
+log = logging.getLogger("qbdl")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _trainer(cfg: DictConfig, stage: str, out: Path, logger, callbacks: list) -> L.Trainer:
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out / "checkpoints" / stage,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        save_on_train_epoch_end=True,
+    )
+    return instantiate(
+        cfg.trainer,
+        max_epochs=cfg[stage].max_epochs,
+        default_root_dir=str(out / stage),
+        logger=logger if logger is not None else False,
+        callbacks=[ckpt, *callbacks],
+    )
+
+
+def _resume_path(out: Path, stage: str) -> str | None:
+    last = out / "checkpoints" / stage / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one experiment; returns the results dict written to results.json."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+
+    t0 = time.perf_counter()
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    ood_loaders = build_ood_loaders(cfg, dm)
+    atomic_write_json(out / "splits.json", dm.split_indices())
+    n_train = len(dm.train_dataloader().dataset)
+    timings["data"] = time.perf_counter() - t0
+
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    # Stage 1: the deterministic network (pretrained, loaded, or fitted here).
+    t0 = time.perf_counter()
+    dnn = instantiate(cfg.model, num_classes=dm.num_classes, in_chans=dm.spec.in_chans)
+    dnn_file = out / "dnn.safetensors"
+    if cfg.dnn.checkpoint:
+        load_state(dnn, cfg.dnn.checkpoint)
+    elif dnn_file.exists():
+        log.info("stage dnn: complete in %s, loading it", dnn_file)
+        load_state(dnn, dnn_file)
+    elif cfg.dnn.max_epochs > 0:
+        module = BayesianClassifier(
+            dnn,
+            n_train,
+            instantiate(cfg.dnn.optimizer),
+            instantiate(cfg.dnn.scheduler),
+            stage="dnn",
+            seed=cfg.seed,
+        )
+        _trainer(cfg, "dnn", out, logger, []).fit(
+            module, datamodule=dm, ckpt_path=_resume_path(out, "dnn"), weights_only=True
+        )
+    save_state(dnn, dnn_file)
+    timings["dnn"] = time.perf_counter() - t0
+
+    # Stage 2: Bayesian network with the empirical-Bayes prior, ELBO fit, then PTQ and evaluation callbacks.
+    t0 = time.perf_counter()
+    bnn = dnn_to_bnn(dnn, **cfg.bayes)
+    if cfg.bnn.checkpoint:
+        load_state(bnn, cfg.bnn.checkpoint)
+    module = BayesianClassifier(
+        bnn,
+        n_train,
+        instantiate(cfg.bnn.optimizer),
+        instantiate(cfg.bnn.scheduler),
+        beta=cfg.bnn.beta,
+        kl_anneal_steps=cfg.bnn.kl_anneal_steps,
+        val_mc_samples=cfg.bnn.val_mc_samples,
+        stage="bnn",
+        seed=cfg.seed,
+    )
+    callbacks = [instantiate(cfg.quant)] if cfg.get("quant") else []
+    callbacks.append(instantiate(cfg.eval.callback))
+    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    for cb in callbacks:
+        if hasattr(cb, "attach_reference"):
+            cb.attach_reference(dnn)
+        if isinstance(cb, EvaluationCallback):
+            cb.attach_ood(ood_loaders)
+    trainer = _trainer(cfg, "bnn", out, logger, callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(out, "bnn"), weights_only=True)
+    save_state(bnn, out / "bnn.safetensors")
+    timings["bnn_fit_ptq_eval"] = time.perf_counter() - t0
+
+    ev = next((c for c in callbacks if isinstance(c, EvaluationCallback)), None)
+    ptq = next((c for c in callbacks if isinstance(c, PTQCallback)), None)
+    results = {
+        "variants": ev.results if ev else {},
+        "plots": ev.plots if ev else {},
+        "quantization_seconds": ptq.seconds if ptq else {},
+        "timings": timings,
+        "data": {
+            "name": type(dm).__name__,
+            "n_train": n_train,
+            "num_classes": dm.num_classes,
+            "ood_sets": list(ood_loaders),
+            "bad_files": [list(b) for b in getattr(dm, "bad_files", [])],
+            "n_bad_files": len(getattr(dm, "bad_files", [])),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "qbdl": _version(),
+            "quantized_engine": torch.backends.quantized.engine,
+        },
+        "argv": sys.argv,
+    }
+    atomic_write_json(out / "results.json", results)
+    if results["variants"]:
+        from qbdl.report.html import write_run_report
+
+        write_run_report(results, out)
+        print(format_table(results["variants"], target=cfg.eval.target_accuracy))
+    if logger is not None and type(logger).__name__ == "WandbLogger":
+        from qbdl.report.wandb_log import log_results_artifact
+
+        log_results_artifact(logger, out / "results.json")
+    log.info("results in %s", out)
+    return results
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("qbdl")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns cfg.optimize_metric's value for sweepers."""
+    try:
+        results = run(cfg)
+    finally:
+        _finish_wandb()
+    metric = cfg.get("optimize_metric")
+    if metric:
+        variant, key = metric.split("/", 1)
+        return results["variants"][variant][key]
+    return None
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The experiment pipeline end to end: real Hydra compose, real Trainer, real quantized kernels."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers_run import compose_config
+
+from qbdl.run import run
+
+KEYS = [
+    "accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "uce",
+    "mi_mean",
+    "referral_rate_at_target",
+    "ood_auroc",
+    "size_bytes",
+    "images_per_s",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    results = run(compose_config(out))
+    return out, results
+
+
+def test_run_writes_results_report_predictions_plots(tiny_run):
+    out, results = tiny_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["variants"]) == {"dnn", "qdnn", "bnn", "bnn_mean", "qbnn"}
+    for name, res in on_disk["variants"].items():
+        for key in KEYS:
+            assert res[key] is not None, (name, key)
+        assert 0.0 <= res["accuracy"] <= 1.0 and res["nll"] > 0 and res["size_bytes"] > 0
+        assert set(res["ood"]) == {"photos", "rotated"}
+        assert res["ood_auroc"] == res["ood"]["photos"]["auroc"]
+    assert on_disk["variants"]["bnn"]["samples"] == 2 and on_disk["variants"]["dnn"]["samples"] == 1
+    # int8 weights: the quantized models' files are much smaller than the FP32 ones
+    v = on_disk["variants"]
+    assert v["qbnn"]["size_bytes"] < 0.3 * v["bnn"]["size_bytes"]
+    assert v["qdnn"]["size_bytes"] < 0.3 * v["dnn"]["size_bytes"]
+    assert on_disk["config"]["seed"] == 0 and on_disk["versions"]["torch"]
+    html = (out / "report.html").read_text()
+    assert "qbnn" in html and "<table>" in html and ".png" in html
+    pred = np.load(out / "predictions.npz")
+    n = v["bnn"]["n_test"]
+    assert pred["bnn/pbar"].shape == (n, 10)
+    np.testing.assert_allclose(pred["bnn/pbar"].sum(1), 1.0, atol=1e-5)
+    acc = (pred["bnn/pbar"].argmax(1) == pred["bnn/target"]).mean()
+    assert acc == pytest.approx(v["bnn"]["accuracy"], abs=1e-6)
+    for p in on_disk["plots"].values():
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    for f in ("dnn.safetensors", "bnn.safetensors", "models/qbnn.qbdl", "models/qdnn.qbdl", "splits.json"):
+        assert (out / f).exists(), f
+    splits = json.loads((out / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["test"])
+
+
+def test_bnn_mean_is_deterministic_and_differs_from_bnn(tiny_run):
+    _, results = tiny_run
+    v = results["variants"]
+    assert v["bnn_mean"]["mi_mean"] == pytest.approx(0.0, abs=1e-7)  # one sample: no epistemic part
+    assert v["bnn"]["mi_mean"] > 0
+
+
+def test_later_stage_starts_from_earlier_output(tiny_run, tmp_path):
+    out, first = tiny_run
+    cfg = compose_config(
+        tmp_path,
+        [
+            f"dnn.checkpoint={out / 'dnn.safetensors'}",
+            "bnn.max_epochs=0",
+            f"bnn.checkpoint={out / 'bnn.safetensors'}",
+            "eval.variants=[dnn,bnn_mean]",
+        ],
+    )
+    res = run(cfg)
+    for name in ("dnn", "bnn_mean"):  # same weights, deterministic variants -> identical metrics
+        assert res["variants"][name]["accuracy"] == first["variants"][name]["accuracy"]
+        assert res["variants"][name]["nll"] == pytest.approx(first["variants"][name]["nll"], rel=1e-6)
+
+
+def test_bad_config_gives_clear_error(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="nosuchgroup|Could not find"):
+        compose_config(tmp_path, ["+experiment=nosuchgroup"])
+    cfg = compose_config(tmp_path, ["eval.builtin_ood=[photos,noise]"])
+    with pytest.raises(ValueError, match="builtin_ood"):
+        run(cfg)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qbdl.run",
+            "quant.backend=nosuch",
+            "dnn.max_epochs=0",
+            "bnn.max_epochs=0",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'cli'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "nosuch" in proc.stderr and "backend" in proc.stderr
