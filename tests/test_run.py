@@ -111,4 +111,5 @@ def test_bad_config_gives_clear_error(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "nosuch" in proc.stderr and "backend" in proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "nosuch" in text and "backend" in text

@@ -6,6 +6,7 @@ Stages: DNN fit (or load) -> dnn_to_bnn (MOPED) -> ELBO fit -> PTQ -> evaluation
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -20,11 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from qbdl.bayes import dnn_to_bnn
 from qbdl.io import atomic_write_json
 from qbdl.lit.callbacks import EvaluationCallback, PTQCallback
-from qbdl.lit.module import BayesianClassifier
+from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
+from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
 
 log = logging.getLogger("qbdl")
+# Errors that describe bad input or configuration (their messages say what to fix).
+USER_ERRORS = (DataNotFoundError, BadImageError, DataLeakError, FileNotFoundError, NonFiniteLossError, ValueError)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -173,6 +177,12 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns cfg.optimize_metric's value for sweepers."""
     try:
         results = run(cfg)
+    except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # A problem with the input or the configuration: one clear paragraph, no traceback.
+        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(exc).__name__, exc)
+        sys.exit(2)
     finally:
         _finish_wandb()
     metric = cfg.get("optimize_metric")
