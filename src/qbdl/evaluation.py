@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Iterable
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -59,6 +62,42 @@ def predict_loader(
     return torch.cat(probs, dim=1), torch.cat(targets), seconds
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, values): identifies the weights a prediction came from."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu()
+            t = t.int_repr() if t.is_quantized else t
+            h.update(str(t.dtype).encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _predict_variant(v: Variant, test_loader, ood_loaders, seed: int, cache_dir: Path | None) -> tuple:
+    """Test and OOD predictions of one variant, reused from cache_dir when the same weights were evaluated."""
+    key = f"{v.name}-s{v.samples}-seed{seed}-{model_fingerprint(v.model)[:16]}"
+    cached = cache_dir / f"{key}.safetensors" if cache_dir else None
+    if cached is not None and cached.exists():
+        t = load_file(str(cached))
+        ood = {k[4:]: t[k] for k in t if k.startswith("ood/")}
+        if set(ood) == set(ood_loaders):
+            return t["p"], t["y"], float(t["seconds"]), ood
+    p, y, secs = predict_loader(v.model, test_loader, v.samples, seed, v.device, desc=f"eval {v.name}")
+    p_ood = {}
+    for name, loader in ood_loaders.items():
+        p_ood[name], _, _ = predict_loader(
+            v.model, loader, v.samples, seed, v.device, desc=f"ood {name} {v.name}"
+        )
+    if cached is not None:
+        tensors = {"p": p, "y": y, "seconds": torch.tensor(secs)} | {f"ood/{k}": t for k, t in p_ood.items()}
+        atomic_write_bytes(cached, save_tensors({k: t.contiguous() for k, t in tensors.items()}))
+    return p, y, secs, p_ood
+
+
 def evaluate_variants(
     variants: list[Variant],
     test_loader: Iterable,
@@ -68,18 +107,19 @@ def evaluate_variants(
     target_accuracy: float,
     n_bins: int,
     score: str,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict]:
-    """Metrics per variant, per-example predictions, and the curve data the plots need."""
+    """Metrics per variant, per-example predictions, and the curve data the plots need.
+
+    With `cache_dir`, each variant's predictions are kept as they complete, so an interrupted evaluation
+    resumes without redoing finished variants.
+    """
     results: dict = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     curves: dict = {}
+    cache_dir = Path(cache_dir) if cache_dir else None
     for v in variants:
-        p, y, secs = predict_loader(v.model, test_loader, v.samples, seed, v.device, desc=f"eval {v.name}")
-        p_ood = {}
-        for name, loader in ood_loaders.items():
-            p_ood[name], _, _ = predict_loader(
-                v.model, loader, v.samples, seed, v.device, desc=f"ood {name} {v.name}"
-            )
+        p, y, secs, p_ood = _predict_variant(v, test_loader, ood_loaders, seed, cache_dir)
         res = metrics.summarize(
             p, y, ood=p_ood or None, target_accuracy=target_accuracy, n_bins=n_bins, score=score
         )

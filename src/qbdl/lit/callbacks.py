@@ -158,6 +158,7 @@ class EvaluationCallback(L.Callback):
             target_accuracy=self.target_accuracy,
             n_bins=self.n_bins,
             score=self.score,
+            cache_dir=self.out_dir / "eval_cache",
         )
         self.results = results
         save_predictions(predictions, self.out_dir / "predictions.npz")
