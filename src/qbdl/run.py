@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qbdl.bayes import dnn_to_bnn
+from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.io import atomic_write_json
 from qbdl.lit.callbacks import EvaluationCallback, PTQCallback
-from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
