@@ -11,7 +11,6 @@ for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["MPLBACKEND"] = "Agg"
-os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 # tests/fabricate.py is imported by several test files as a plain module
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,122 @@
+"""Each experiment end to end on a fabricated copy of its real on-disk format (real Hydra, Trainer, wilds)."""
+
+import json
+
+import pytest
+from fabricate import make_camelyon17, make_colorectal, make_fashion_mnist, make_imagenet, make_mnist
+from helpers_run import compose_config
+
+from qbdl.run import run
+
+RESNET50_TINY = [
+    "model.weights=null",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.limit_train_batches=2",
+    "dnn.max_epochs=1",
+    "bnn.max_epochs=1",
+]
+
+
+def _check(out, variants, ood_sets, num_classes):
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["variants"]) == set(variants)
+    for name, v in res["variants"].items():
+        assert 0 <= v["accuracy"] <= 1 and v["nll"] > 0, name
+        assert set(v["ood"]) == set(ood_sets)
+    assert res["data"]["num_classes"] == num_classes
+    assert (out / "report.html").exists() and (out / "predictions.npz").exists()
+    return res
+
+
+def test_imagenet_ptq(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet", n_classes=3, n_per_class=6, n_val_per_class=3)
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            "+experiment=imagenet_ptq",
+            f"data.root={root}",
+            "data.resize_size=36",
+            "data.val_fraction=0.2",
+            *RESNET50_TINY,
+        ],
+    )
+    assert cfg.bnn.optimizer.lr == 1e-4 and cfg.bnn.optimizer.momentum == 0.9
+    assert cfg.bnn.max_epochs == 1 and cfg.model._target_.endswith("resnet50")
+    run(cfg)
+    res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], [], 3)
+    assert res["variants"]["qbnn"]["size_bytes"] < 0.27 * res["variants"]["bnn"]["size_bytes"]
+
+
+def test_colorectal_ptq_with_camelyon17_ood(tmp_path):
+    root = make_colorectal(tmp_path / "colorectal", n_per_class=10, size=48, as_zip=True)
+    wilds_root = make_camelyon17(tmp_path / "wilds", n_per_split=8, size=96)
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            "+experiment=colorectal_ptq",
+            f"data.root={root}",
+            f"eval.ood.camelyon17.datamodule.root={wilds_root}",
+            "eval.ood.camelyon17.n=8",
+            *RESNET50_TINY,
+        ],
+    )
+    run(cfg)
+    res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["camelyon17"], 8)
+    assert res["config"]["eval"]["target_accuracy"] == 0.995
+    assert res["variants"]["bnn"]["ood_auroc"] == res["variants"]["bnn"]["ood"]["camelyon17"]["auroc"]
+
+
+def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
+    make_mnist(tmp_path / "data", n_train=120, n_test=40)
+    make_fashion_mnist(tmp_path / "data", n_train=40, n_test=40)
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            "+experiment=mnist_ptq",
+            f"data.root={tmp_path / 'data'}",
+            f"eval.ood.fashion_mnist.datamodule.root={tmp_path / 'data'}",
+            "eval.ood.fashion_mnist.n=40",
+            "data.num_workers=0",
+            "eval.ood.fashion_mnist.datamodule.num_workers=0",
+        ],
+    )
+    run(cfg)
+    _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["fashion_mnist"], 10)
+
+
+def test_digits_ptq_is_the_default(tmp_path):
+    a = compose_config(tmp_path, ["+experiment=digits_ptq"], tiny=False)
+    b = compose_config(tmp_path, [], tiny=False)
+    from omegaconf import OmegaConf
+
+    strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k != "hydra"}  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("name", ["imagenet_ptq", "colorectal_ptq"])
+def test_missing_data_root_names_layout_and_source(tmp_path, name):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qbdl.run",
+            f"+experiment={name}",
+            "data.root=/no/such/dir",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    assert "/no/such/dir" in text and "Expected layout" in text and "How to get it" in text
+    assert "Traceback" not in text
