@@ -5,8 +5,11 @@ Stages: DNN fit (or load) -> dnn_to_bnn (MOPED) -> ELBO fit -> PTQ -> evaluation
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
+import pickle
 import platform
 import sys
 import time
@@ -15,13 +18,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qbdl.bayes import dnn_to_bnn
 from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.io import atomic_write_json
-from qbdl.lit.callbacks import EvaluationCallback, PTQCallback
+from qbdl.lit.callbacks import EVALUATION_FILE, EvaluationCallback, PTQCallback
 from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
@@ -32,7 +36,18 @@ USER_ERRORS = (DataNotFoundError, BadImageError, DataLeakError, FileNotFoundErro
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def _sync_csv_header(logger) -> None:
+    """ddp_spawn fits log through a worker's copy of a CSVLogger: adopt the header that copy wrote."""
+    exp = getattr(logger, "_experiment", None)
+    path = getattr(exp, "metrics_file_path", None)
+    if path and os.path.isfile(path):
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        exp.metrics_keys = sorted(set(exp.metrics_keys) | set(header))
+
+
 def _trainer(cfg: DictConfig, stage: str, out: Path, logger, callbacks: list) -> L.Trainer:
+    _sync_csv_header(logger)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints" / stage,
         save_last=True,
@@ -54,6 +69,19 @@ def _resume_path(out: Path, stage: str) -> str | None:
     return str(last) if last.exists() else None
 
 
+def _fit(trainer: L.Trainer, module: L.LightningModule, dm, out: Path, stage: str) -> None:
+    """trainer.fit resuming from the stage's last.ckpt (weights_only: a crafted checkpoint cannot run code)."""
+    last = _resume_path(out, stage)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"refusing to resume from {last!r}: it is not loadable with torch.load(weights_only=True) "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). A checkpoint that needs "
+            "arbitrary unpickling can run code; qbdl never loads one. Delete it to restart the stage."
+        ) from exc
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the results dict written to results.json."""
     out = Path(cfg.paths.output_dir)
@@ -61,6 +89,11 @@ def run(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads) if cfg.threads else None
+
+    # The BNN stage's callbacks, built first: bad quant/eval options fail at start-up, not after training.
+    callbacks = [instantiate(cfg.quant)] if cfg.get("quant") else []
+    callbacks.append(instantiate(cfg.eval.callback))
+    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
 
     t0 = time.perf_counter()
     dm = instantiate(cfg.data)
@@ -71,8 +104,11 @@ def run(cfg: DictConfig) -> dict:
     timings["data"] = time.perf_counter() - t0
 
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    if type(logger).__name__ == "WandbLogger" and cfg.trainer.get("strategy") is not None:
+        # ddp_spawn workers attach to this W&B run and write its media under WANDB_DIR: keep them in the run dir
+        os.environ["WANDB_DIR"] = str(logger.save_dir)
     if logger is not None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(_config_dict(cfg))
 
     # Stage 1: the deterministic network (pretrained, loaded, or fitted here).
     t0 = time.perf_counter()
@@ -92,9 +128,7 @@ def run(cfg: DictConfig) -> dict:
             stage="dnn",
             seed=cfg.seed,
         )
-        _trainer(cfg, "dnn", out, logger, []).fit(
-            module, datamodule=dm, ckpt_path=_resume_path(out, "dnn"), weights_only=True
-        )
+        _fit(_trainer(cfg, "dnn", out, logger, []), module, dm, out, "dnn")
     save_state(dnn, dnn_file)
     timings["dnn"] = time.perf_counter() - t0
 
@@ -114,25 +148,28 @@ def run(cfg: DictConfig) -> dict:
         stage="bnn",
         seed=cfg.seed,
     )
-    callbacks = [instantiate(cfg.quant)] if cfg.get("quant") else []
-    callbacks.append(instantiate(cfg.eval.callback))
-    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     for cb in callbacks:
         if hasattr(cb, "attach_reference"):
             cb.attach_reference(dnn)
         if isinstance(cb, EvaluationCallback):
             cb.attach_ood(ood_loaders)
     trainer = _trainer(cfg, "bnn", out, logger, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(out, "bnn"), weights_only=True)
+    (out / EVALUATION_FILE).unlink(missing_ok=True)
+    _fit(trainer, module, dm, out, "bnn")
     save_state(bnn, out / "bnn.safetensors")
     timings["bnn_fit_ptq_eval"] = time.perf_counter() - t0
 
     ev = next((c for c in callbacks if isinstance(c, EvaluationCallback)), None)
     ptq = next((c for c in callbacks if isinstance(c, PTQCallback)), None)
-    results = {
+    evaluated = {
         "variants": ev.results if ev else {},
         "plots": ev.plots if ev else {},
         "quantization_seconds": ptq.seconds if ptq else {},
+    }
+    if ev and not ev.results and (out / EVALUATION_FILE).exists():  # ddp_spawn: rank 0 evaluated in a worker
+        evaluated = json.loads((out / EVALUATION_FILE).read_text())
+    results = {
+        **evaluated,
         "timings": timings,
         "data": {
             "name": type(dm).__name__,
@@ -142,7 +179,7 @@ def run(cfg: DictConfig) -> dict:
             "bad_files": [list(b) for b in getattr(dm, "bad_files", [])],
             "n_bad_files": len(getattr(dm, "bad_files", [])),
         },
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": _config_dict(cfg),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -166,6 +203,11 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def _config_dict(cfg: DictConfig) -> dict:
+    """The resolved run config (without the `hydra` node that the compose API adds)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
 def _version() -> str:
     from importlib.metadata import version
 
@@ -175,16 +217,23 @@ def _version() -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns cfg.optimize_metric's value for sweepers."""
+    exit_code = 1  # recorded in the W&B run when run() raises
     try:
         results = run(cfg)
-    except USER_ERRORS as exc:
+        exit_code = 0
+    except (*USER_ERRORS, InstantiationException) as exc:
+        # Hydra wraps errors of constructors (model weights, data, quant options): unwrap user errors.
+        if isinstance(exc, InstantiationException):
+            if not isinstance(exc.__cause__, USER_ERRORS):
+                raise
+            exc = exc.__cause__
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+            raise exc
         # A problem with the input or the configuration: one clear paragraph, no traceback.
         log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(exc).__name__, exc)
         sys.exit(2)
     finally:
-        _finish_wandb()
+        _finish_wandb(exit_code)
     metric = cfg.get("optimize_metric")
     if metric:
         variant, key = metric.split("/", 1)
@@ -192,12 +241,12 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int = 0) -> None:
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from torch import nn
 from qbdl import quant
 from qbdl.bayes import sampling
 from qbdl.evaluation import Variant, evaluate_variants, save_plots, save_predictions, state_dict_bytes
+from qbdl.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+EVALUATION_FILE = "evaluation.json"  # the evaluation callback's results, written by rank 0
 
 
 class MeanWeights(nn.Module):
@@ -45,6 +47,18 @@ class PTQCallback(L.Callback):
         quantize_dnn: bool,
         out_dir: str,
     ) -> None:
+        # Fail at start-up, not after hours of training: the options are only used once the fit ends.
+        quant.check_backend(backend)
+        for name, value, allowed in (
+            ("mode", mode, quant.SAMPLINGS),
+            ("observer", observer, quant.OBSERVERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown quant.{name} {value!r}; choose one of {list(allowed)}")
+        if calib_batches is not None and calib_batches < 1:
+            raise ValueError(
+                f"quant.calib_batches must be >= 1, got {calib_batches} (calibration needs data)"
+            )
         self.cfg = dict(
             backend=backend,
             mode=mode,
@@ -77,6 +91,7 @@ class PTQCallback(L.Callback):
         cpu_model = copy.deepcopy(model).cpu().eval()
         self.models[name] = quant.quantize_bnn(cpu_model, calib, **self.cfg)
         self.seconds[name] = time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
         quant.save_qbnn(self.models[name], path)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -163,6 +178,10 @@ class EvaluationCallback(L.Callback):
         self.results = results
         save_predictions(predictions, self.out_dir / "predictions.npz")
         self.plots = save_plots(curves, self.out_dir / "plots", self.target_accuracy)
+        # Under ddp_spawn this runs in the rank-0 worker: run() in the main process reads this file back.
+        ptq = next((c for c in trainer.callbacks if isinstance(c, PTQCallback)), None)
+        state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
+        atomic_write_json(self.out_dir / EVALUATION_FILE, state)
         log_to_logger(trainer, results, self.plots)
 
 
