@@ -32,7 +32,14 @@ from qbdl.stages import build_ood_loaders, load_state, save_state
 
 log = logging.getLogger("qbdl")
 # Errors that describe bad input or configuration (their messages say what to fix).
-USER_ERRORS = (DataNotFoundError, BadImageError, DataLeakError, FileNotFoundError, NonFiniteLossError, ValueError)
+USER_ERRORS = (
+    DataNotFoundError,
+    BadImageError,
+    DataLeakError,
+    FileNotFoundError,
+    NonFiniteLossError,
+    ValueError,
+)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -170,6 +177,8 @@ def run(cfg: DictConfig) -> dict:
         evaluated = json.loads((out / EVALUATION_FILE).read_text())
     results = {
         **evaluated,
+        # model-selection metrics: validation data only (sweepers optimise these, never test metrics)
+        "validation": {k: float(v) for k, v in trainer.callback_metrics.items() if "/val/" in k},
         "timings": timings,
         "data": {
             "name": type(dm).__name__,
@@ -236,8 +245,12 @@ def main(cfg: DictConfig) -> float | None:
         _finish_wandb(exit_code)
     metric = cfg.get("optimize_metric")
     if metric:
-        variant, key = metric.split("/", 1)
-        return results["variants"][variant][key]
+        if metric not in results["validation"]:
+            raise ValueError(
+                f"optimize_metric {metric!r} is not a validation metric of this run; it has "
+                f"{sorted(results['validation'])}. Sweeps select on validation data, never on the test set."
+            )
+        return results["validation"][metric]
     return None
 
 

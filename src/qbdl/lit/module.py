@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qbdl.bayes import bayesian_layers, elbo_terms, mc_predict
+from qbdl.metrics import UncertaintyCalibrationError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +47,7 @@ class BayesianClassifier(L.LightningModule):
         self.seed = seed
         self.stage = stage
         self.is_bayesian = bool(bayesian_layers(model))
+        self.val_uce = UncertaintyCalibrationError(n_bins=15)
         self.save_hyperparameters(
             {
                 "n_train": n_train,
@@ -101,17 +103,35 @@ class BayesianClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         samples = self.val_mc_samples if self.is_bayesian else 1
-        p = mc_predict(self.model, x, samples, seed=self.seed).mean(0)
+        p = mc_predict(self.model, x, samples, seed=self.seed)
         self.model.eval()  # mc_predict restores the mode it found; Lightning validates in eval
-        nll = F.nll_loss(torch.log(p.clamp_min(1e-12)), y)
+        pbar = p.mean(0)
+        nll = F.nll_loss(torch.log(pbar.clamp_min(1e-12)), y)
         self.log(f"{self.stage}/val/nll", nll, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log(
             f"{self.stage}/val/acc",
-            (p.argmax(-1) == y).float().mean(),
+            (pbar.argmax(-1) == y).float().mean(),
             prog_bar=True,
             batch_size=len(y),
             sync_dist=True,
         )
+        # a torchmetrics Metric: its bin counts are summed across ranks before UCE is computed
+        self.val_uce.update(p, y)
+        self.log(f"{self.stage}/val/uce", self.val_uce, on_epoch=True, batch_size=len(y))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Never overwrite the last good checkpoint with non-finite weights (a NaN/inf update just happened)."""
+        bad = [
+            k
+            for k, t in checkpoint["state_dict"].items()
+            if t.is_floating_point() and not torch.isfinite(t).all()
+        ]
+        if bad:
+            raise NonFiniteLossError(
+                f"weights became NaN or inf at global step {self.global_step} (epoch {self.current_epoch}; e.g. "
+                f"{bad[:3]}), so no checkpoint was written at this step: the last good checkpoint is kept. Lower the "
+                "learning rate, raise prior_sigma or moped_delta, or check the input data for NaN/inf."
+            )
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.model.parameters())
