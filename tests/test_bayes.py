@@ -214,3 +214,23 @@ def test_sampling_mode_switch_restores_and_rejects_unknown():
     with pytest.raises(ValueError, match="sampling mode"):
         with sampling(bnn, "median"):
             pass
+
+
+def test_weight_bank_entries_are_posterior_samples_and_follow_mc_index():
+    from qbdl.bayes import WeightBank
+
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 40)
+    bnn = dnn_to_bnn(nn.Sequential(layer), moped_delta=0.3)
+    bank = WeightBank(bnn, size=3, seed=1)
+    x = torch.randn(2, 50)
+    p = mc_predict(bank, x, samples=4)
+    torch.testing.assert_close(p[0], p[3])  # MC index 3 uses entry 3 mod 3 = 0
+    assert not torch.allclose(p[0], p[1])
+    w = bank.bank[1]["0.mu_weight"]
+    z = (w - bnn[0].mu_weight) / bnn[0].sigma_weight  # standardised: ~N(0, 1)
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.05
+    with torch.no_grad():
+        expected = torch.softmax(F.linear(x, w, bank.bank[1]["0.mu_bias"]), -1)
+    torch.testing.assert_close(p[1], expected)
+    assert bnn[0].mode == "sample"

@@ -1,5 +1,6 @@
 """Bayesian layers, dnn_to_bnn with empirical-Bayes (MOPED) priors, KL/ELBO and MC prediction."""
 
+from .bank import WeightBank
 from .convert import PRIORS, bayesian_layers, dnn_to_bnn
 from .layers import (
     ESTIMATORS,
@@ -22,6 +23,7 @@ __all__ = [
     "BayesianConv3d",
     "BayesianLayer",
     "BayesianLinear",
+    "WeightBank",
     "bayesian_layers",
     "dnn_to_bnn",
     "elbo_loss",
