@@ -74,3 +74,19 @@ def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
             "tensor state dicts, because unpickling arbitrary objects can run code. Re-create the file with "
             "qbdl, or re-save it as a state dict (torch.save(model.state_dict(), path)) or safetensors."
         ) from exc
+
+
+def safe_load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file with a clear ValueError for a file that is not (or no longer) safetensors."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"safetensors file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise ValueError(
+            f"cannot load {str(path)!r} as safetensors ({type(exc).__name__}: {exc}): the file is truncated, "
+            "corrupt or not a safetensors file (e.g. a pickle renamed to .safetensors, which qbdl never "
+            "unpickles). Re-create it with qbdl or safetensors.torch.save_file."
+        ) from exc

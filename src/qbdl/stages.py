@@ -6,10 +6,9 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 from torch import nn
 
-from qbdl.io import atomic_write_bytes
+from qbdl.io import atomic_write_bytes, safe_load_safetensors
 
 
 def save_state(model: nn.Module, path: str | Path) -> Path:
@@ -29,7 +28,7 @@ def load_state(model: nn.Module, path: str | Path) -> nn.Module:
                 f"model file {path!r} does not exist; give the path of a stage output of an earlier "
                 "run (RUN_DIR/dnn.safetensors or RUN_DIR/bnn.safetensors)"
             )
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(safe_load_safetensors(path))
     else:
         from qbdl.models import load_weights
 

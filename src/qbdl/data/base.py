@@ -364,6 +364,24 @@ def check_no_leak(
         )
 
 
+def assert_no_test_items(ds: Dataset, test_ds: Dataset | None, what: str) -> None:
+    """Raise DataLeakError when ``ds`` draws items of the test split (same underlying data, shared indices).
+
+    Calibration and model selection must never see test data; a split bug would otherwise go unnoticed.
+    """
+    if (
+        not (isinstance(ds, TransformSubset) and isinstance(test_ds, TransformSubset))
+        or ds.base is not test_ds.base
+    ):
+        return  # different underlying sources (e.g. ImageNet train/ vs val/): disjoint by construction
+    shared = set(ds.indices) & set(test_ds.indices)
+    if shared:
+        raise DataLeakError(
+            f"{what} contains {len(shared)} test item(s) (e.g. indices {sorted(shared)[:5]}); calibration and "
+            "model selection must use training (or validation) data only."
+        )
+
+
 # --------------------------------------------------------------------------------------------- loaders
 
 
@@ -449,8 +467,10 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches, in order."""
-        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+        """Validation batches, in order (model selection: never test items)."""
+        ds = self.dataset("val")
+        assert_no_test_items(ds, self._datasets.get("test"), f"{self.name} validation set")
+        return self._loader(ds, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in order."""
@@ -460,6 +480,7 @@ class ImageDataModule(L.LightningDataModule):
         """Training items with the eval transform (for PTQ calibration)."""
         self._need()
         assert self._calib is not None
+        assert_no_test_items(self._calib, self._datasets.get("test"), f"{self.name} calibration set")
         return self._calib
 
     def calib_dataloader(self, batch_size: int | None = None) -> DataLoader:

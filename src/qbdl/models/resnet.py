@@ -14,7 +14,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import quantization as tvq
 
-from qbdl.io import safe_torch_load
+from qbdl.io import safe_load_safetensors, safe_torch_load
 
 
 class BasicBlock(nn.Module):
@@ -136,9 +136,7 @@ def load_weights(model: nn.Module, path: str) -> None:
             "from download.pytorch.org/models), or set the weights option to download when online."
         )
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = safe_load_safetensors(path)
     else:
         state = safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
