@@ -79,7 +79,7 @@ def _entry_points(tmp_path: Path, evil_pt: Path) -> dict:
 # Entry points outside this issue's files whose refusal is safe but not yet a clear ValueError:
 # safetensors' own "Error while deserializing header" escapes. The owners can route them through
 # qbdl.io.safe_load_safetensors.
-NOT_YET_CLEAR = {"models.load_weights(.safetensors)", "quant.load_qbnn(.pt)", "quant.load_qbnn(.safetensors)"}
+NOT_YET_CLEAR: set[str] = set()  # every loader gives a clear ValueError naming the file
 
 
 def test_every_library_entry_point_refuses_crafted_pickle(tmp_path, evil):
@@ -106,9 +106,6 @@ def test_every_library_entry_point_refuses_crafted_pickle(tmp_path, evil):
     assert {u.split(":")[0] for u in unclear} <= NOT_YET_CLEAR, unclear
 
 
-@pytest.mark.xfail(
-    reason="load_weights(.safetensors) and quant.load_qbnn pass safetensors' raw error through"
-)
 def test_all_entry_points_give_clear_error(tmp_path, evil):
     evil_pt, marker = evil
     for call in _entry_points(tmp_path, evil_pt).values():

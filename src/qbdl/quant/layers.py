@@ -1,0 +1,456 @@
+"""Prepared (FP32 / fake-quant) wrappers and the INT8 modules of a QBNN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..bayes.layers import MODES, BayesianLayer
+from . import noise
+from .backend import set_backend
+from .observers import ActObserver, fake_quant_act, fake_quant_weight, symmetric_scale
+
+SAMPLINGS = ("fresh", "bank")
+
+
+def _chan_view(t: Tensor, dim: int, ndim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return t.view(shape)
+
+
+# ----------------------------------------------------------------------------------------------- prepared
+
+
+class _Observed(nn.Module):
+    obs: ActObserver
+    fq_bits: int | None
+
+    def _observe(self, y: Tensor) -> Tensor:
+        # Ranges move during calibration (FP32) and QAT training, never while evaluating a fake-quant model.
+        if self.fq_bits is None or self.training:
+            return self.obs(y)
+        return y
+
+
+class PreparedLayer(_Observed):
+    """A BN-folded conv/linear (Bayesian or plain) with optional fused ReLU and an output observer.
+
+    fq_bits=None: FP32 forward (calibration). fq_bits=b: fake-quantized forward (QAT / simulate): mu, sigma
+    and the sampled weight per-channel symmetric b-bit, the output unsigned b-bit, straight-through grads.
+    """
+
+    def __init__(self, layer: nn.Module, det_bias: Tensor | None, relu: bool, observer: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("det_bias", det_bias)
+        self.relu = relu
+        self.obs = ActObserver(observer)
+        self.fq_bits: int | None = None
+
+    @property
+    def bayesian(self) -> bool:
+        """True when the wrapped layer is a Bayesian layer."""
+        return isinstance(self.layer, BayesianLayer)
+
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if isinstance(self.layer, BayesianLayer):
+            return self.layer._op(x, w, b)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        return self.layer._conv_forward(x, w, b)
+
+    def _fq_forward(self, x: Tensor) -> Tensor:
+        bits = self.fq_bits
+        layer = self.layer
+        if not isinstance(layer, BayesianLayer):
+            return self._op(
+                x, fake_quant_weight(layer.weight, symmetric_scale(layer.weight, bits), bits), layer.bias
+            )
+        mu = layer.mu_weight
+        mu_q = fake_quant_weight(mu, symmetric_scale(mu, bits), bits)
+        if layer.mode == "mean":
+            return self._op(x, mu_q, layer.mu_bias)
+        # Flipout and reparameterization both fake-quantize one shared weight sample (what INT8 runs).
+        sigma = layer.sigma_weight
+        sig_q = fake_quant_weight(sigma, symmetric_scale(sigma, bits), bits)
+        w = mu_q + sig_q * torch.randn_like(mu)
+        s_w = noise.sample_scale(mu_q.detach(), sig_q.detach()) * 127 / (2 ** (bits - 1) - 1)
+        w = fake_quant_weight(w, s_w, bits)
+        b = layer.mu_bias
+        if b is not None:
+            b = b + layer.sigma_bias * torch.randn_like(b)
+        return self._op(x, w, b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.layer(x) if self.fq_bits is None else self._fq_forward(x)
+        if self.det_bias is not None:
+            ch = (
+                -1
+                if isinstance(self.layer, (nn.Linear,)) or getattr(self.layer, "_channel_dim", 1) == -1
+                else 1
+            )
+            y = y + _chan_view(self.det_bias, ch, y.dim())
+        if self.relu:
+            y = F.relu(y)
+        y = self._observe(y)
+        return y if self.fq_bits is None else fake_quant_act(y, self.obs, self.fq_bits)
+
+
+class ObservedQuant(_Observed):
+    """Where FP32 input becomes INT8: observes (and in fake-quant mode quantizes) the input."""
+
+    def __init__(self, observer: str) -> None:
+        super().__init__()
+        self.obs = ActObserver(observer)
+        self.fq_bits: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._observe(x)
+        return x if self.fq_bits is None else fake_quant_act(x, self.obs, self.fq_bits)
+
+
+class ObservedAdd(_Observed):
+    """Residual add (optionally fused with ReLU) with an output observer."""
+
+    def __init__(self, relu: bool, observer: str) -> None:
+        super().__init__()
+        self.relu = relu
+        self.obs = ActObserver(observer)
+        self.fq_bits: int | None = None
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        y = a + b
+        if self.relu:
+            y = F.relu(y)
+        y = self._observe(y)
+        return y if self.fq_bits is None else fake_quant_act(y, self.obs, self.fq_bits)
+
+
+class DeQuantMarker(nn.Module):
+    """Where INT8 activations go back to FP32 (identity before conversion)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+# ----------------------------------------------------------------------------------------------- INT8
+
+
+class Quantize(nn.Module):
+    """FP32 -> quint8 per tensor with calibrated scale / zero point."""
+
+    def __init__(self, scale: float, zero_point: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.quantize_per_tensor(x.float(), self.scale, self.zero_point, torch.quint8)
+
+    def spec(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {"scale": self.scale, "zero_point": self.zero_point}
+
+
+class DeQuantize(nn.Module):
+    """quint8 -> FP32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.dequantize() if x.is_quantized else x
+
+    def spec(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {}
+
+
+class QAdd(nn.Module):
+    """Quantized residual add (+ReLU) with calibrated output scale / zero point."""
+
+    def __init__(self, relu: bool, scale: float, zero_point: int) -> None:
+        super().__init__()
+        self.relu, self.scale, self.zero_point = bool(relu), float(scale), int(zero_point)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return op(a, b, self.scale, self.zero_point)
+
+    def spec(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {"relu": self.relu, "scale": self.scale, "zero_point": self.zero_point}
+
+
+class QuantLayer(nn.Module):
+    """INT8 conv/linear: int8 mu (and sigma for a Bayesian layer) per output channel, int32 bias.
+
+    Deterministic (sigma None): one packed int8 weight. Bayesian: `mode` 'mean' uses int8 mu; 'sample'
+    draws per `sampling`: 'fresh' = a new int8 weight every forward (integer pool noise, see noise.py)
+    packed on the fly; 'bank' = K samples drawn, quantized and packed once (from `seed`), MC sample s uses
+    entry s mod K (set_mc_index), a random entry from the global generator when no index is set.
+    Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias
+    (in units of input_scale * S) is exact for every sample.
+    """
+
+    def __init__(
+        self,
+        config: dict,
+        mu_q: Tensor,
+        mu_scale: Tensor,
+        sigma_q: Tensor | None = None,
+        sigma_scale: Tensor | None = None,
+        bias_q: Tensor | None = None,
+        bias_sigma_q: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = dict(config)
+        c = self.config
+        self.kind: str = c["kind"]
+        self.relu: bool = c["relu"]
+        self.in_scale: float = c["in_scale"]
+        self.out_scale, self.out_zp = float(c["out_scale"]), int(c["out_zp"])
+        self.backend: str = c["backend"]
+        self.sampling: str = c.get("sampling", "fresh")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
+        self.bank_size: int = int(c.get("bank_size", 16))
+        self.seed: int = int(c.get("seed", 0))
+        self.index: int = int(c.get("index", 0))
+        self.register_buffer("mu_q", mu_q.to(torch.int8).contiguous())
+        self.register_buffer("mu_scale", mu_scale.float().contiguous())
+        self.register_buffer("sigma_q", None if sigma_q is None else sigma_q.to(torch.int8).contiguous())
+        self.register_buffer("sigma_scale", None if sigma_scale is None else sigma_scale.float().contiguous())
+        self.register_buffer("bias_q", None if bias_q is None else bias_q.to(torch.int32).contiguous())
+        self.register_buffer(
+            "bias_sigma_q", None if bias_sigma_q is None else bias_sigma_q.to(torch.int32).contiguous()
+        )
+        if self.bayesian:
+            self.mode = c.get("mode", "sample")  # found by qbdl.bayes.sampling()
+        self._mc_index: int | None = None
+        self._pending: Future | None = None
+        self._mean_packed = None
+        self._bank: list = []
+        self._fresh: tuple | None = None
+        self._build()
+
+    # -- derived state (never saved: rebuilt from the int8 tensors and the seed)
+
+    @property
+    def bayesian(self) -> bool:
+        """True when the layer holds a sigma (samples weights)."""
+        return self.sigma_q is not None
+
+    def _deq(self, q: Tensor, scale: Tensor) -> Tensor:
+        return q.float() * scale.view(-1, *[1] * (q.dim() - 1))
+
+    def weight_scale(self) -> Tensor:
+        """Per-channel scale of the weights the int32 bias refers to (S of samples, or mu's scale)."""
+        if not self.bayesian:
+            return self.mu_scale
+        return noise.sample_scale(
+            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale)
+        )
+
+    def _build(self) -> None:
+        set_backend(self.backend)
+        self._w_scale = self.weight_scale()
+        self._bias_scale = self.in_scale * self._w_scale
+        self._zeros = torch.zeros(self.mu_q.shape[0], dtype=torch.long)
+        self._w_scale64 = self._w_scale.double()
+        self._mean_packed = None
+        self._bank, self._fresh = [], None
+        self.mean_packed()  # eager: forward never packs on the main thread while workers pack
+        if not self.bayesian:
+            return
+        mu32, sg32 = noise.fixed_point(
+            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
+        )
+        pool = noise.noise_pool(self.seed, mu32.numel())
+        self._fresh = (mu32, sg32, pool)
+        if self.sampling == "bank":
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1)
+            )
+            self._bank = [self._pack(*self._sample(gen)) for _ in range(self.bank_size)]
+
+    def _draw(self, gen: torch.Generator | None) -> tuple[int, bool, Tensor | None]:
+        """The random numbers of one weight sample, in a fixed order (offset, sign, bias noise)."""
+        offset, negate = noise.draw_offset(gen)
+        eps_b = None
+        if self.bias_q is not None and self.bias_sigma_q is not None:
+            eps_b = torch.randn(self.bias_q.shape, generator=gen)
+        return offset, negate, eps_b
+
+    def _make(self, offset: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        mu32, sg32, pool = self._fresh
+        q = noise.sample_int8(mu32, sg32, pool, offset, negate)
+        bias = None
+        if self.bias_q is not None:
+            b = self.bias_q.float()
+            if eps_b is not None:
+                b = b + self.bias_sigma_q.float() * eps_b
+            bias = b * self._bias_scale
+        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), bias
+
+    def _sample(self, gen: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        return self._make(*self._draw(gen))
+
+    def fresh_job(self) -> Callable[[], object]:
+        """Draw this forward's random numbers now (global generator) and return the pack job for later."""
+        draws = self._draw(None)
+        return lambda: self._pack(*self._make(*draws))
+
+    def _pack(self, qw: Tensor, bias: Tensor | None):
+        if self.kind == "linear":
+            return torch.ops.quantized.linear_prepack(qw, bias)
+        c = self.config
+        prepack = getattr(torch.ops.quantized, f"{self.kind}_prepack")
+        return prepack(qw, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def mean_packed(self):
+        """Packed int8 mu (cached)."""
+        if self._mean_packed is None:
+            set_backend(self.backend)
+            qw = torch._make_per_channel_quantized_tensor(self.mu_q, self.mu_scale.double(), self._zeros, 0)
+            bias = None if self.bias_q is None else self.bias_q.float() * self._bias_scale
+            self._mean_packed = self._pack(qw, bias)
+        return self._mean_packed
+
+    def set_mc_index(self, index: int | None) -> None:
+        """Select bank entry index mod K for the following forwards (None: a random entry per forward)."""
+        self._mc_index = index
+
+    def sampled_int8_weight(self) -> Tensor:
+        """One fresh int8 weight sample (global generator) as a per-channel quantized tensor; for tests."""
+        return self._sample(None)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Kernels run whatever engine packed the weights; only packing reads the global engine.
+        if not self.bayesian or self.mode == "mean":
+            packed = self.mean_packed()
+        elif self.sampling == "bank":
+            i = self._mc_index
+            i = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
+            packed = self._bank[i]
+        elif self._pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
+            packed, self._pending = self._pending.result(), None
+        else:
+            engine = torch.backends.quantized.engine
+            torch.backends.quantized.engine = fresh_pack_engine(self.backend, x.shape[0])
+            try:
+                packed = self._pack(*self._sample(None))
+            finally:
+                torch.backends.quantized.engine = engine
+        if self.kind == "linear":
+            op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
+        else:
+            op = getattr(torch.ops.quantized, f"{self.kind}_relu" if self.relu else self.kind)
+        return op(x, packed, self.out_scale, self.out_zp)
+
+    def set_sampling(self, sampling: str, bank_size: int | None = None, seed: int | None = None) -> None:
+        """Switch between 'fresh' and 'bank' (rebuilds the bank)."""
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+        self.sampling = self.config["sampling"] = sampling
+        if bank_size is not None:
+            self.bank_size = self.config["bank_size"] = int(bank_size)
+        if seed is not None:
+            self.seed = self.config["seed"] = int(seed)
+        self._build()
+
+    def spec(self) -> dict:
+        """JSON-able config (tensors are saved separately)."""
+        c = dict(self.config)
+        if self.bayesian:
+            c["mode"] = self.mode
+        return c
+
+    def extra_repr(self) -> str:
+        s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}, backend={self.backend}"
+        if self.bayesian:
+            s += f", mode={self.mode}, sampling={self.sampling}"
+            if self.sampling == "bank":
+                s += f", K={self.bank_size}"
+        return s
+
+
+def check_mode(mode: str) -> str:
+    """Validate a sampling mode ('sample' / 'mean')."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    return mode
+
+
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    ex = _EXECUTORS.get(workers)
+    if ex is None:
+        ex = _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="qbdl-pack")
+    return ex
+
+
+SMALL_BATCH = 4
+
+
+def fresh_pack_engine(backend: str, batch: int) -> str:
+    """Engine that packs fresh samples: fbgemm for x86/onednn at batch <= SMALL_BATCH, else `backend`.
+
+    Why: at small batch re-packing dominates a fresh forward and fbgemm packs ~1.3-2x faster than
+    oneDNN here; at large batch oneDNN's faster kernels matter more. Packed params carry their own
+    kernels, so the layers of one model may mix engines. Depends only on the batch size: deterministic.
+    """
+    if (
+        backend in ("x86", "onednn")
+        and batch <= SMALL_BATCH
+        and "fbgemm" in torch.backends.quantized.supported_engines
+    ):
+        return "fbgemm"
+    return backend
+
+
+def _prefetch_hook(model: nn.Module, args) -> None:
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, QuantLayer) and m.bayesian and m.mode == "sample" and m.sampling == "fresh"
+    ]
+    if not layers:
+        return
+    ex = _executor(getattr(model, "_qbdl_pack_workers", 2))
+    batch = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() > 0 else 1
+    # set once, before the workers start, restored by the post-hook: no thread switches it mid-forward
+    model._qbdl_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = fresh_pack_engine(layers[0].backend, batch)
+    # Draw every layer's random numbers now, in layer order (exactly what the sequential path draws), then
+    # sample + pack in worker threads while the forward runs: packing is the dominant cost at small batch.
+    for m in layers:
+        if m._pending is not None:
+            m._pending.cancel()
+        m._pending = ex.submit(m.fresh_job())
+
+
+def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
+    """Pack fresh-mode weight samples in `workers` background threads during the forward (0: off)."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if hook in (_prefetch_hook, _restore_engine_hook):
+                del hooks[key]
+    if workers > 0:
+        model._qbdl_pack_workers = workers
+        model.register_forward_pre_hook(_prefetch_hook)
+        model.register_forward_hook(_restore_engine_hook)
+    return model
+
+
+def _restore_engine_hook(model: nn.Module, args, output) -> None:
+    engine = getattr(model, "_qbdl_engine", None)
+    if engine is not None:
+        for m in model.modules():  # every prefetched pack has been consumed by now
+            if isinstance(m, QuantLayer) and m._pending is not None:
+                m._pending.result()
+        torch.backends.quantized.engine = engine
+        model._qbdl_engine = None
