@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from torch import nn
+from tqdm.auto import tqdm
 
 from qbdl import quant
 from qbdl.bayes import sampling
@@ -89,6 +90,8 @@ class PTQCallback(L.Callback):
             return
         t0 = time.perf_counter()
         cpu_model = copy.deepcopy(model).cpu().eval()
+        n = len(calib) if self.cfg["calib_batches"] is None else min(len(calib), self.cfg["calib_batches"])
+        calib = tqdm(calib, total=n, desc=f"calibrate {name}", leave=False, dynamic_ncols=True)
         self.models[name] = quant.quantize_bnn(cpu_model, calib, **self.cfg)
         self.seconds[name] = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
