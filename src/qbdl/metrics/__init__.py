@@ -23,9 +23,6 @@ from qbdl.metrics.functional import (
     accuracy,
     aleatoric_entropy,
     aurc,
-    binary_auroc,
-    binary_average_precision,
-    binary_roc_curve,
     brier,
     eaurc,
     expected_calibration_error,
@@ -33,11 +30,6 @@ from qbdl.metrics.functional import (
     maximum_uncertainty_calibration_error,
     mutual_information,
     nll,
-    ood_aupr,
-    ood_auroc,
-    ood_fpr_at_tpr,
-    ood_roc_curve,
-    ood_scores,
     predictive_entropy,
     predictive_mean,
     referral_auc,
@@ -49,6 +41,16 @@ from qbdl.metrics.functional import (
     uncertainty_scores,
     validate_probs,
     validate_targets,
+)
+from qbdl.metrics.ood import (
+    binary_auroc,
+    binary_average_precision,
+    binary_roc_curve,
+    ood_aupr,
+    ood_auroc,
+    ood_fpr_at_tpr,
+    ood_roc_curve,
+    ood_scores,
 )
 from qbdl.metrics.summary import OOD_KEYS, SUMMARY_KEYS, summarize
 

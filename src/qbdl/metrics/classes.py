@@ -30,9 +30,11 @@ from qbdl.metrics.functional import (
     _referral_from_scores,
     _scores,
     _uncertainty_bin_sums,
-    binary_auroc,
     validate_probs,
     validate_targets,
+)
+from qbdl.metrics.ood import (
+    binary_auroc,
 )
 
 __all__ = [

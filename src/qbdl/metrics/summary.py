@@ -15,7 +15,6 @@ from qbdl.metrics.functional import (
     _correct,
     _eaurc,
     _ece_from_sums,
-    _fpr_at_tpr,
     _max_from_sums,
     _mi,
     _nll_terms,
@@ -25,12 +24,15 @@ from qbdl.metrics.functional import (
     _referral_from_scores,
     _scores,
     _uncertainty_bin_sums,
+    validate_probs,
+    validate_targets,
+)
+from qbdl.metrics.ood import (
+    _fpr_at_tpr,
     binary_auroc,
     binary_average_precision,
     binary_roc_curve,
     ood_scores,
-    validate_probs,
-    validate_targets,
 )
 
 __all__ = ["summarize", "SUMMARY_KEYS", "OOD_KEYS"]
