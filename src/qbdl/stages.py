@@ -38,7 +38,8 @@ def load_state(model: nn.Module, path: str | Path) -> nn.Module:
 
 def build_ood_loaders(cfg: DictConfig, dm) -> dict:
     """The OOD sets: the datamodule's built-in ones named in eval.builtin_ood, plus eval.ood datamodules."""
-    from qbdl.data.base import check_no_leak, ood_dataloader
+    from qbdl.data.base import ood_dataloader
+    from qbdl.data.leak import check_no_leak
 
     builtin = dm.ood_datasets()
     unknown = [n for n in cfg.eval.builtin_ood if n not in builtin]

@@ -7,8 +7,6 @@ from qbdl.data.base import (
     ImageSpec,
     SpecTransform,
     TransformSubset,
-    check_no_leak,
-    fingerprint,
     ood_dataloader,
     stratified_split,
 )
@@ -17,6 +15,7 @@ from qbdl.data.colorectal import KATHER_CLASSES, ColorectalDataModule
 from qbdl.data.digits import DigitsDataModule
 from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.data.imagenet import ImageNetDataModule
+from qbdl.data.leak import check_no_leak, fingerprint
 from qbdl.data.torchvision_sets import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
