@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The real archive's names, written out again on purpose: a fabricated copy that imported them from
+# qbdl.data would hide a wrong constant there.
 KATHER_FOLDER = "Kather_texture_2016_image_tiles_5000"
 KATHER_CLASSES = [
     "01_TUMOR",
