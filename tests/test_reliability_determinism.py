@@ -12,6 +12,7 @@ from reliability_log import record, tiny_config
 from torch.utils.data import Dataset
 
 import qbdl.data.base as data_base
+import qbdl.data.leak as data_leak
 from qbdl.data import DigitsDataModule
 from qbdl.data.errors import DataLeakError
 from qbdl.lit import callbacks as cb_mod
@@ -61,7 +62,7 @@ def _install_recorder(mp: pytest.MonkeyPatch) -> list[DigitsDataModule]:
         return wrapped
 
     mp.setattr(DigitsDataModule, "_setup", setup)
-    mp.setattr(data_base, "check_no_leak", phase("leak_check", data_base.check_no_leak))
+    mp.setattr(data_leak, "check_no_leak", phase("leak_check", data_leak.check_no_leak))
     mp.setattr(
         cb_mod.EvaluationCallback, "on_fit_end", phase("evaluation", cb_mod.EvaluationCallback.on_fit_end)
     )
