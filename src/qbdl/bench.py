@@ -7,7 +7,6 @@ Writes bench.json, bench.md (the paper's Table 1 shape) and plots into out_dir.
 
 from __future__ import annotations
 
-import io
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qbdl.bayes import WeightBank, dnn_to_bnn, set_mc_index
+from qbdl.evaluation import state_dict_bytes
 from qbdl.io import atomic_write_bytes, atomic_write_json
 from qbdl.quant import calibrate, convert, prepare, save_qbnn
 
@@ -56,13 +56,6 @@ def machine_info() -> dict:
     }
 
 
-def _fp32_size(model: nn.Module) -> int:
-    state = {k: v for k, v in model.state_dict().items() if ".prior_" not in f".{k}"}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getbuffer().nbytes
-
-
 def _int8_size(model: nn.Module) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.qbdl"
@@ -93,18 +86,18 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
     out: dict[str, nn.Module] = {}
     sizes: dict[str, int] = {}
     if "dnn_fp32" in want:
-        out["dnn_fp32"], sizes["dnn_fp32"] = dnn, _fp32_size(dnn)
+        out["dnn_fp32"], sizes["dnn_fp32"] = dnn, state_dict_bytes(dnn)
     if "dnn_bf16" in want:
-        out["dnn_bf16"], sizes["dnn_bf16"] = _BF16(dnn), _fp32_size(dnn) // 2
+        out["dnn_bf16"], sizes["dnn_bf16"] = _BF16(dnn), state_dict_bytes(dnn) // 2
     if "dnn_int8" in want:
         q = convert(calibrate(prepare(dnn, backend=cfg.backend), calib, mc_samples=1), backend=cfg.backend)
         out["dnn_int8"], sizes["dnn_int8"] = q, _int8_size(q)
     bnn = dnn_to_bnn(dnn, moped_delta=cfg.moped_delta).eval()
     if "bnn_fp32" in want:
-        out["bnn_fp32"], sizes["bnn_fp32"] = bnn, _fp32_size(bnn)
+        out["bnn_fp32"], sizes["bnn_fp32"] = bnn, state_dict_bytes(bnn)
     if "bnn_fp32_bank" in want:
         out["bnn_fp32_bank"] = WeightBank(bnn, cfg.bank_size, seed=cfg.seed)
-        sizes["bnn_fp32_bank"] = _fp32_size(bnn)  # the bank is redrawn from the seed, not stored
+        sizes["bnn_fp32_bank"] = state_dict_bytes(bnn)  # the bank is redrawn from the seed, not stored
     if want & {"qbnn_int8_fresh", "qbnn_int8_bank"}:
         prep = calibrate(prepare(bnn, backend=cfg.backend), calib, mc_samples=1, seed=cfg.seed)
         for mode in ("fresh", "bank"):

@@ -52,15 +52,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file, then rename."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     """torch.load with weights_only=True; a file that needs arbitrary unpickling is refused with a clear error."""
     try:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from qbdl.bayes import dnn_to_bnn
 from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.io import atomic_write_json
-from qbdl.lit.callbacks import EVALUATION_FILE, EvaluationCallback, PTQCallback
+from qbdl.lit.callbacks import EVALUATION_FILE, EvaluationCallback, PTQCallback, find_callback
 from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     # The BNN stage's callbacks, built first: bad quant/eval options fail at start-up, not after training.
     callbacks = [instantiate(cfg.quant)] if cfg.get("quant") else []
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     dm.setup("fit")
     ood_loaders = build_ood_loaders(cfg, dm)
     atomic_write_json(out / "splits.json", dm.split_indices())
-    n_train = len(dm.train_dataloader().dataset)
+    n_train = len(dm.dataset("train"))
     timings["data"] = time.perf_counter() - t0
 
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
@@ -166,8 +167,8 @@ def run(cfg: DictConfig) -> dict:
     save_state(bnn, out / "bnn.safetensors")
     timings["bnn_fit_ptq_eval"] = time.perf_counter() - t0
 
-    ev = next((c for c in callbacks if isinstance(c, EvaluationCallback)), None)
-    ptq = next((c for c in callbacks if isinstance(c, PTQCallback)), None)
+    ev = find_callback(callbacks, EvaluationCallback)
+    ptq = find_callback(callbacks, PTQCallback)
     evaluated = {
         "variants": ev.results if ev else {},
         "plots": ev.plots if ev else {},

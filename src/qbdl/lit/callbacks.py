@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 EVALUATION_FILE = "evaluation.json"  # the evaluation callback's results, written by rank 0
 
 
+def find_callback(callbacks: list, cls: type):
+    """The first callback of type `cls`, or None."""
+    return next((c for c in callbacks if isinstance(c, cls)), None)
+
+
 class MeanWeights(nn.Module):
     """The BNN run on its posterior-mean weights: the control for 'Bayesian averaging vs extra training'."""
 
@@ -141,7 +146,7 @@ class EvaluationCallback(L.Callback):
         self.ood_loaders = dict(loaders)
 
     def _variants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Variant]:
-        ptq = next((c for c in trainer.callbacks if isinstance(c, PTQCallback)), None)
+        ptq = find_callback(trainer.callbacks, PTQCallback)
         quantized = ptq.models if ptq else {}
         bnn = pl_module.model.eval()
         device = str(pl_module.device)
@@ -182,7 +187,7 @@ class EvaluationCallback(L.Callback):
         save_predictions(predictions, self.out_dir / "predictions.npz")
         self.plots = save_plots(curves, self.out_dir / "plots", self.target_accuracy)
         # Under ddp_spawn this runs in the rank-0 worker: run() in the main process reads this file back.
-        ptq = next((c for c in trainer.callbacks if isinstance(c, PTQCallback)), None)
+        ptq = find_callback(trainer.callbacks, PTQCallback)
         state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
         atomic_write_json(self.out_dir / EVALUATION_FILE, state)
         log_to_logger(trainer, results, self.plots)
@@ -198,7 +203,7 @@ def log_to_logger(trainer: L.Trainer, results: dict, plots: dict[str, str]) -> N
                     for kk, vv in d.items() if isinstance(d, dict) else ():
                         if isinstance(vv, int | float):
                             flat[f"{v}/ood/{ood_name}/{kk}"] = vv
-            elif isinstance(val, int | float) and val is not None:
+            elif isinstance(val, int | float):
                 flat[f"{v}/{k}"] = val
     for logger in trainer.loggers:
         logger.log_metrics(flat, step=trainer.global_step)

@@ -15,8 +15,6 @@ def log_wandb_extras(logger, results: dict, plots: dict[str, str]) -> None:
     run = logger.experiment
     run.log({"comparison": wandb.Table(columns=header, data=rows)})
     run.log({f"plots/{name}": wandb.Image(path) for name, path in plots.items()})
-    for name, res in results.items():
-        run.summary.update({f"{name}/{k}": v for k, v in res.items() if isinstance(v, int | float)})
 
 
 def log_results_artifact(logger, path: str | Path) -> None:
