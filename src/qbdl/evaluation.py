@@ -134,10 +134,11 @@ def evaluate_variants(
         )
         results[v.name] = res
         pbar = p.mean(0)
+        ent = metrics.predictive_entropy(p)
         pred = {
             "target": y.numpy(),
             "pbar": pbar.numpy().astype(np.float32),
-            "entropy": metrics.predictive_entropy(p).numpy(),
+            "entropy": ent.numpy(),
             "mi": metrics.mutual_information(p).numpy(),
             "confidence": pbar.max(-1).values.numpy(),
         }
@@ -146,7 +147,6 @@ def evaluate_variants(
             pred[f"ood_{name}_mi"] = metrics.mutual_information(po).numpy()
         predictions[v.name] = pred
         correct = pbar.argmax(-1) == y
-        ent = metrics.predictive_entropy(p)
         curves[v.name] = {
             "reliability": metrics.reliability_bins(p, y, n_bins=n_bins),
             "uncertainty": metrics.uncertainty_calibration_bins(p, y, n_bins=n_bins),
