@@ -45,6 +45,7 @@ class PTQCallback(L.Callback):
         backend: str,
         mode: str,
         bank_size: int,
+        fresh_kernel: str,
         calib_batches: int,
         calib_batch_size: int | None,
         mc_samples: int,
@@ -57,6 +58,7 @@ class PTQCallback(L.Callback):
         quant.check_backend(backend)
         for name, value, allowed in (
             ("mode", mode, quant.SAMPLINGS),
+            ("fresh_kernel", fresh_kernel, quant.FRESH_KERNELS),
             ("observer", observer, quant.OBSERVERS),
         ):
             if value not in allowed:
@@ -69,6 +71,7 @@ class PTQCallback(L.Callback):
             backend=backend,
             mode=mode,
             bank_size=bank_size,
+            fresh_kernel=fresh_kernel,
             calib_batches=calib_batches,
             mc_samples=mc_samples,
             observer=observer,

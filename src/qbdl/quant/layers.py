@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bayes.layers import MODES, BayesianLayer
-from . import noise
+from . import inplace, native, noise
 from .backend import set_backend
 from .observers import ActObserver, fake_quant_act, fake_quant_weight, symmetric_scale
 
 SAMPLINGS = ("fresh", "bank")
+FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 
 
 def _chan_view(t: Tensor, dim: int, ndim: int) -> Tensor:
@@ -218,6 +219,9 @@ class QuantLayer(nn.Module):
         self.bank_size: int = int(c.get("bank_size", 16))
         self.seed: int = int(c.get("seed", 0))
         self.index: int = int(c.get("index", 0))
+        self.fresh_kernel: str = c.get("fresh_kernel", "auto")
+        if self.fresh_kernel not in FRESH_KERNELS:
+            raise ValueError(f"unknown fresh_kernel {self.fresh_kernel!r}; choose one of {FRESH_KERNELS}")
         self.register_buffer("mu_q", mu_q.to(torch.int8).contiguous())
         self.register_buffer("mu_scale", mu_scale.float().contiguous())
         self.register_buffer("sigma_q", None if sigma_q is None else sigma_q.to(torch.int8).contiguous())
@@ -230,10 +234,18 @@ class QuantLayer(nn.Module):
             self.mode = c.get("mode", "sample")  # found by qbdl.bayes.sampling()
         self._mc_index: int | None = None
         self._pending: Future | None = None
+        self._pending_draws: tuple | None = None
+        self._sampler: inplace.PackedSampler | None = None
         self._mean_packed = None
         self._bank: list = []
         self._fresh: tuple | None = None
         self._build()
+
+    def __getstate__(self) -> dict:
+        # oneDNN-packed tensors cannot be copied or pickled; a copy builds its own sampler on first use
+        state = self.__dict__.copy()
+        state["_sampler"] = state["_pending_draws"] = None
+        return state
 
     # -- derived state (never saved: rebuilt from the int8 tensors and the seed)
 
@@ -260,7 +272,7 @@ class QuantLayer(nn.Module):
         self._zeros = torch.zeros(self.mu_q.shape[0], dtype=torch.long)
         self._w_scale64 = self._w_scale.double()
         self._mean_packed = None
-        self._bank, self._fresh = [], None
+        self._bank, self._fresh, self._sampler = [], None, None
         self.mean_packed()  # eager: forward never packs on the main thread while workers pack
         if not self.bayesian:
             return
@@ -283,16 +295,18 @@ class QuantLayer(nn.Module):
             eps_b = torch.randn(self.bias_q.shape, generator=gen)
         return offset, negate, eps_b
 
+    def _bias(self, eps_b: Tensor | None) -> Tensor | None:
+        if self.bias_q is None:
+            return None
+        b = self.bias_q.float()
+        if eps_b is not None:
+            b = b + self.bias_sigma_q.float() * eps_b
+        return b * self._bias_scale
+
     def _make(self, offset: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         mu32, sg32, pool = self._fresh
         q = noise.sample_int8(mu32, sg32, pool, offset, negate)
-        bias = None
-        if self.bias_q is not None:
-            b = self.bias_q.float()
-            if eps_b is not None:
-                b = b + self.bias_sigma_q.float() * eps_b
-            bias = b * self._bias_scale
-        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), bias
+        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), self._bias(eps_b)
 
     def _sample(self, gen: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
         return self._make(*self._draw(gen))
@@ -323,8 +337,108 @@ class QuantLayer(nn.Module):
         self._mc_index = index
 
     def sampled_int8_weight(self) -> Tensor:
-        """One fresh int8 weight sample (global generator) as a per-channel quantized tensor; for tests."""
-        return self._sample(None)[0]
+        """One fresh int8 weight sample (global generator) as a per-channel quantized tensor; for tests.
+
+        With the in-place kernel (after a first forward) the sample is written to the packed weight and
+        read back, so it is exactly what that path computes with.
+        """
+        if self._sampler is None:
+            return self._sample(None)[0]
+        offset, negate, _ = self._draw(None)
+        q = self._sampler.unpacked(self._sampler.sample(offset, negate), tuple(self.mu_q.shape))
+        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0)
+
+    @property
+    def inplace_capable(self) -> bool:
+        """True when fresh samples can be written into oneDNN-packed weights (checked again on first use)."""
+        return (
+            self.bayesian
+            and self.sampling == "fresh"
+            and self.fresh_kernel == "auto"
+            and self.kind in ("conv2d", "linear")
+            and self.backend in ("x86", "onednn")
+            and self.mu_q.shape[0] <= torch.iinfo(torch.int16).max
+            and native.available()
+        )
+
+    def _inplace_sampler(self, x: Tensor) -> inplace.PackedSampler | None:
+        """The in-place sampler, built on the first sampled forward (it needs the input's shape and qparams)."""
+        if self._sampler is None and self._fresh is not None and self.inplace_capable:
+            c, shape, x_shape = self.config, tuple(self.mu_q.shape), list(x.shape)
+            ws = self._w_scale.float()
+            if self.kind == "linear":
+
+                def pack(w: Tensor) -> Tensor:
+                    return torch.ops.onednn.qlinear_prepack(w, x_shape)
+            else:
+
+                def pack(w: Tensor) -> Tensor:
+                    return torch.ops.onednn.qconv_prepack(
+                        w,
+                        ws,
+                        x.q_scale(),
+                        x.q_zero_point(),
+                        c["stride"],
+                        c["padding"],
+                        c["dilation"],
+                        c["groups"],
+                        x_shape,
+                    )
+
+            layout = inplace.discover_layout(pack, shape)
+            if layout is None:
+                self.fresh_kernel = "prepack"  # this layer's packed format is not a plain permutation
+                return None
+            mu32, sg32, _ = self._fresh
+            pool = noise.noise_pool(self.seed, layout.data_bytes)
+            self._sampler = inplace.PackedSampler(pack, layout, mu32, sg32, pool)
+            self._w_zp = torch.zeros(shape[0], dtype=torch.int32)
+        return self._sampler
+
+    def _inplace_forward(self, x: Tensor, sampler: inplace.PackedSampler, draws: tuple) -> Tensor:
+        offset, negate, eps_b = draws
+        w = sampler.sample(offset, negate)
+        post = "relu" if self.relu else "none"
+        xu = torch.ops.qbdl.as_uint8(x)
+        ws, bias = self._w_scale.float(), self._bias(eps_b)
+        if self.kind == "linear":
+            y = torch.ops.onednn.qlinear_pointwise(
+                xu,
+                x.q_scale(),
+                x.q_zero_point(),
+                w,
+                ws,
+                self._w_zp,
+                bias,
+                self.out_scale,
+                self.out_zp,
+                torch.uint8,
+                post,
+                [],
+                "",
+            )
+        else:
+            c = self.config
+            y = torch.ops.onednn.qconv2d_pointwise(
+                xu,
+                x.q_scale(),
+                x.q_zero_point(),
+                w,
+                ws,
+                self._w_zp,
+                bias,
+                c["stride"],
+                c["padding"],
+                c["dilation"],
+                c["groups"],
+                self.out_scale,
+                self.out_zp,
+                torch.uint8,
+                post,
+                [],
+                "",
+            )
+        return torch.ops.qbdl.as_quint8(y, self.out_scale, self.out_zp)
 
     def forward(self, x: Tensor) -> Tensor:
         # Kernels run whatever engine packed the weights; only packing reads the global engine.
@@ -334,6 +448,13 @@ class QuantLayer(nn.Module):
             i = self._mc_index
             i = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
             packed = self._bank[i]
+        elif self._pending_draws is not None or self.inplace_capable:
+            draws, self._pending_draws = self._pending_draws, None
+            draws = self._draw(None) if draws is None else draws
+            sampler = self._inplace_sampler(x)
+            if sampler is not None:
+                return self._inplace_forward(x, sampler, draws)
+            packed = self._pack(*self._make(*draws))  # layout check failed: same draws, re-packed
         elif self._pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
             packed, self._pending = self._pending.result(), None
         else:
@@ -430,7 +551,11 @@ def _prefetch_hook(model: nn.Module, args) -> None:
     for m in layers:
         if m._pending is not None:
             m._pending.cancel()
-        m._pending = ex.submit(m.fresh_job())
+            m._pending = None
+        if m.inplace_capable:  # sampled into its packed weight right before its kernel: nothing to prefetch
+            m._pending_draws = m._draw(None)
+        else:
+            m._pending = ex.submit(m.fresh_job())
 
 
 def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:

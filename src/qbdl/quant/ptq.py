@@ -24,6 +24,7 @@ from . import noise
 from .backend import check_backend, set_backend
 from .fold import fold_bn
 from .layers import (
+    FRESH_KERNELS,
     SAMPLINGS,
     DeQuantize,
     DeQuantMarker,
@@ -295,15 +296,20 @@ def convert(
     seed: int = 0,
     backend: str | None = None,
     pack_workers: int = 2,
+    fresh_kernel: str = "auto",
 ) -> fx.GraphModule:
     """Turn a calibrated prepared model into a CPU INT8 model (QBNN, or QDNN without Bayesian layers).
 
     mode: 'fresh' (new int8 weights every forward) or 'bank' (bank_size samples packed once from `seed`).
     Forward takes float x, returns float logits. pack_workers: threads that sample and pack fresh weights
     while the forward runs (0: sequentially inside each layer; outputs are identical either way).
+    fresh_kernel: 'auto' writes fresh samples straight into oneDNN-packed weights (x86/onednn backends,
+    conv2d/linear; see inplace.py), 'prepack' re-packs every sample through the public prepack ops.
     """
     if mode not in SAMPLINGS:
         raise ValueError(f"unknown mode {mode!r}; choose one of {SAMPLINGS}")
+    if fresh_kernel not in FRESH_KERNELS:
+        raise ValueError(f"unknown fresh_kernel {fresh_kernel!r}; choose one of {FRESH_KERNELS}")
     if bank_size < 1:
         raise ValueError(f"bank_size must be >= 1, got {bank_size}")
     backend = backend or getattr(prepared, "qbdl_config", {}).get("backend", "x86")
@@ -322,6 +328,7 @@ def convert(
                 "bank_size": bank_size,
                 "seed": seed,
                 "index": index,
+                "fresh_kernel": fresh_kernel,
             }
             if mod.bayesian:
                 config["mode"] = mod.layer.mode
@@ -373,13 +380,16 @@ def quantize_bnn(
     mc_samples: int = 4,
     observer: str = "minmax",
     seed: int = 0,
+    fresh_kernel: str = "auto",
 ) -> fx.GraphModule:
     """prepare -> calibrate (first calib_batches of `batches`, training data) -> convert; input untouched."""
     prepared = prepare(model, backend=backend, observer=observer)
     if calib_batches is not None:
         batches = itertools.islice(batches, calib_batches)
     calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)
-    return convert(prepared, mode=mode, bank_size=bank_size, seed=seed, backend=backend)
+    return convert(
+        prepared, mode=mode, bank_size=bank_size, seed=seed, backend=backend, fresh_kernel=fresh_kernel
+    )
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:

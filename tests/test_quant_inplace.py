@@ -1,0 +1,146 @@
+"""Fresh INT8 samples written into oneDNN-packed weights (qbdl.quant.inplace) against the re-packing path."""
+
+import pytest
+import torch
+from torch import nn
+
+from qbdl.bayes import dnn_to_bnn, mc_predict, sampling
+from qbdl.models import resnet20
+from qbdl.quant import calibrate, convert, native, prepare, quant_layers
+from qbdl.quant.inplace import discover_layout, expected_bytes
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    torch.manual_seed(0)
+    bnn = dnn_to_bnn(resnet20(num_classes=10, in_chans=3).eval(), moped_delta=0.1).eval()
+    calib = [torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))]
+    return calibrate(prepare(bnn, backend="x86"), calib, mc_samples=1, seed=0)
+
+
+def _x(n=4, seed=5):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_native_ops_build_here():
+    # CI has g++ and ninja (a project dependency): the fast path must not silently fall back there
+    assert native.available()
+
+
+def _conv_pack(shape, x_zp, x_shape):
+    ws = torch.rand(shape[0], generator=torch.Generator().manual_seed(0)) * 0.01 + 1e-3
+
+    def pack(w):
+        return torch.ops.onednn.qconv_prepack(w, ws, 0.05, x_zp, [1, 1], [1, 1], [1, 1], 1, x_shape)
+
+    return pack
+
+
+@pytest.mark.parametrize(
+    "shape, x_zp", [((64, 3, 7, 7), 10), ((10, 16, 3, 3), 10), ((32, 32, 3, 3), 0), ((100, 64, 1, 1), 3)]
+)
+def test_layout_is_measured_and_predicts_packed_bytes(shape, x_zp):
+    pack = _conv_pack(shape, x_zp, [8, shape[1], 12, 12])
+    layout = discover_layout(pack, shape)
+    assert layout is not None
+    # padding (input channels 3 -> 4, output channels 10 -> 16) is zero, every weight appears once
+    n = torch.tensor(shape).prod().item()
+    assert layout.data_bytes >= n and int((layout.src >= 0).sum()) == n
+    assert layout.n_comp >= shape[0] if x_zp else layout.n_comp in (0, *range(shape[0], 4 * shape[0]))
+    for seed in range(3):
+        w = torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.ops.qbdl.packed_bytes(pack(w)), expected_bytes(layout, w))
+
+
+def test_layout_rejects_packings_that_are_not_permutations():
+    shape = (16, 8, 3, 3)
+    pack = _conv_pack(shape, 5, [2, 8, 6, 6])
+    assert discover_layout(lambda w: pack((w // 2).to(torch.int8)), shape) is None  # values changed
+    assert discover_layout(lambda w: pack(torch.ones_like(w)), shape) is None  # ignores the weight
+
+
+def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
+    """Every layer: the in-place forward equals quantized::conv2d / linear run on the int8 sample it wrote."""
+    q = convert(prepared, mode="fresh", seed=3)
+    layers = quant_layers(q)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for m in layers]
+    with torch.no_grad():
+        q(_x())
+    for h in hooks:
+        h.remove()
+    assert all(m._sampler is not None for m in layers), "every conv2d/linear layer takes the in-place path"
+    assert any(x.q_zero_point() != 0 for x in inputs.values())  # the compensation bytes matter
+    torch.backends.quantized.engine = "x86"
+    for m in layers:
+        x = inputs[m]
+        torch.manual_seed(7)
+        with torch.no_grad():
+            y = m(x)
+        torch.manual_seed(7)
+        _, _, eps_b = m._draw(None)
+        w = m._sampler.unpacked(m._sampler.packed, tuple(m.mu_q.shape))
+        qw = torch._make_per_channel_quantized_tensor(w, m._w_scale64, m._zeros, 0)
+        ref = m._pack(qw, m._bias(eps_b))
+        op = f"{m.kind}_relu" if m.relu else m.kind
+        expected = getattr(torch.ops.quantized, op)(x, ref, m.out_scale, m.out_zp)
+        assert torch.equal(y.int_repr(), expected.int_repr()), m
+        assert y.q_scale() == expected.q_scale() and y.q_zero_point() == expected.q_zero_point()
+
+
+def test_inplace_spread_matches_sigma():
+    torch.manual_seed(0)
+    b = dnn_to_bnn(nn.Sequential(nn.Conv2d(32, 32, 3, bias=False), nn.ReLU()), moped_delta=0.05)
+    prep = calibrate(prepare(b), [torch.randn(4, 32, 6, 6)], mc_samples=1)
+    q = convert(prep, mode="fresh", seed=0)
+    with torch.no_grad():
+        q(torch.randn(2, 32, 6, 6))
+    layer = quant_layers(q)[0]
+    assert layer._sampler is not None
+    torch.manual_seed(123)
+    samples = torch.stack([layer.sampled_int8_weight().dequantize() for _ in range(600)])
+    sigma, mu = b[0].sigma_weight.detach(), b[0].mu_weight.detach()
+    ratio = samples.std(0).pow(2).mean().sqrt() / sigma.pow(2).mean().sqrt()
+    assert abs(ratio - 1) < 0.05, ratio
+    step = layer.weight_scale().view(-1, 1, 1, 1)
+    assert ((samples.mean(0) - mu).abs() / step).mean() < 0.35
+
+
+def test_inplace_and_prepack_kernels_agree_in_distribution(prepared):
+    """Same model, both fresh kernels: MC mean predictions agree (the noise order differs, not its law)."""
+    x = _x(16, seed=9)
+    fast = convert(prepared, mode="fresh", seed=3)
+    slow = convert(prepared, mode="fresh", seed=3, fresh_kernel="prepack")
+    with torch.no_grad():
+        pf = mc_predict(fast, x, 64, seed=1).softmax(-1).mean(0)
+        ps = mc_predict(slow, x, 64, seed=1).softmax(-1).mean(0)
+        with sampling(fast, "mean"):
+            pm = fast(x).softmax(-1)
+    assert all(m._sampler is not None for m in quant_layers(fast))
+    assert all(m._sampler is None for m in quant_layers(slow))
+    gap = (pf - ps).abs().max()
+    assert gap < 0.08, gap
+    # and they sample: MC means differ from the mean-weight prediction by far more than from each other
+    assert (pf - pm).abs().max() > gap
+
+
+def test_copy_and_reseed_rebuild_the_sampler(prepared):
+    import copy
+
+    q = convert(prepared, mode="fresh", seed=3)
+    x = _x()
+    with torch.no_grad():
+        q(x)
+        c = copy.deepcopy(q)
+        torch.manual_seed(1)
+        a = q(x)
+        torch.manual_seed(1)
+        b = c(x)
+    assert torch.equal(a, b)
+
+
+def test_bad_fresh_kernel():
+    with pytest.raises(ValueError, match="fresh_kernel"):
+        convert(nn.Module(), fresh_kernel="jit")
