@@ -17,8 +17,8 @@ _LOADED: dict[str, bool] = {}
 def available() -> bool:
     """True when the C++ ops are loaded; builds them the first time (False, with one warning, if that fails).
 
-    QBDL_NATIVE=0 turns them off. Without them fresh INT8 sampling re-packs weights every forward (slower,
-    same distribution).
+    QBDL_NATIVE=0 turns them off; QBDL_BUILD_DIR moves the build (default ~/.cache/qbdl). Without them,
+    fresh INT8 sampling re-packs weights every forward (slower, same distribution).
     """
     if "ok" in _LOADED:
         return _LOADED["ok"]
@@ -29,9 +29,15 @@ def available() -> bool:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
 
+            # one build per torch version: a library built against another torch's headers must never load
+            build = Path(os.environ.get("QBDL_BUILD_DIR", Path.home() / ".cache" / "qbdl")) / (
+                f"torch-{torch.__version__}"
+            )
+            build.mkdir(parents=True, exist_ok=True)
             load(
                 name="qbdl_inplace",
                 sources=[str(SOURCE)],
+                build_directory=str(build),
                 extra_cflags=["-O3"],
                 is_python_module=False,
                 verbose=False,
