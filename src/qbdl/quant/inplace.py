@@ -4,7 +4,7 @@ Why: re-packing ResNet-50's sampled weights through the public prepack ops costs
 more than a third of a batch-32 INT8 forward. Packing is a fixed permutation (plus zero padding and an
 int32 per-channel compensation), and the weight noise is iid, so the noise can be laid out in packed
 order directly: data[p] = round(mu[src(p)]/S + sigma[src(p)]/S * z[offset + p]) has the same distribution
-as sampling in the original order and packing. The permutation is not read from oneDNN's internal
+as sampling in the original order and packing (int16 operands, noise.fixed_point16). The permutation is not read from oneDNN's internal
 format description: it is *measured* by packing weights whose bytes encode their own index, then
 checked on a random weight (data and compensation); a layout that does not check out is not used.
 """
@@ -95,27 +95,28 @@ class PackedSampler:
     """A oneDNN-packed int8 weight overwritten in place with a fresh sample (pool noise, see noise.py)."""
 
     def __init__(
-        self, pack: Callable[[Tensor], Tensor], layout: PackedLayout, mu32: Tensor, sg32: Tensor, pool: Tensor
+        self, pack: Callable[[Tensor], Tensor], layout: PackedLayout, mu16: Tensor, sg16: Tensor, pool: Tensor
     ) -> None:
         src = layout.src
         pad = src < 0
         s = src.clamp_min(0)
         self.pack = pack
-        self.packed = pack(torch.zeros(mu32.shape, dtype=torch.int8))
+        self.packed = pack(torch.zeros(mu16.shape, dtype=torch.int8))
         self.n_comp = layout.n_comp
         self.pool = pool
-        # padding: mu = half (the shift's rounding term, so it stays 0), sigma 0
-        self.mu = torch.where(pad, 1 << (noise.SHIFT - 1), mu32.reshape(-1)[s]).to(torch.int32).contiguous()
-        self.sg = torch.where(pad, 0, sg32.reshape(-1)[s]).to(torch.int32).contiguous()
-        self.oc = (s // mu32[0].numel()).to(torch.int16).contiguous()
+        zero = torch.zeros((), dtype=torch.int16)
+        self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
+        self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
+        self.oc = (s // mu16[0].numel()).to(torch.int16).contiguous()
         if layout.n_comp and int(self.oc.max()) >= layout.n_comp:  # the C++ loop indexes the sums by it
-            raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu32.shape[0]} channels")
+            raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels")
 
     def sample(self, offset: int, negate: bool) -> Tensor:
         """Write the sample of pool window `offset` (and sign) into the packed weight; returns it."""
         torch.ops.qbdl.sample_packed(
-            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.pool, offset, negate, noise.SHIFT
-        )
+            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.pool, offset, negate,
+            noise.MU16_SHIFT, noise.SHIFT16,
+        )  # fmt: skip
         return self.packed
 
     def unpacked(self, packed: Tensor, shape: tuple[int, ...]) -> Tensor:

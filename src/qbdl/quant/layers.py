@@ -276,11 +276,8 @@ class QuantLayer(nn.Module):
         self.mean_packed()  # eager: forward never packs on the main thread while workers pack
         if not self.bayesian:
             return
-        mu32, sg32 = noise.fixed_point(
-            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
-        )
-        pool = noise.noise_pool(self.seed, mu32.numel())
-        self._fresh = (mu32, sg32, pool)
+        if not self.inplace_capable:  # else built on demand: the in-place sampler has its own operands
+            self._operands()
         if self.sampling == "bank":
             gen = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1)
@@ -303,8 +300,17 @@ class QuantLayer(nn.Module):
             b = b + self.bias_sigma_q.float() * eps_b
         return b * self._bias_scale
 
+    def _operands(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(mu32, sg32, pool) of the re-packing path (noise.fixed_point), cached."""
+        if self._fresh is None:
+            mu32, sg32 = noise.fixed_point(
+                self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
+            )
+            self._fresh = (mu32, sg32, noise.noise_pool(self.seed, mu32.numel()))
+        return self._fresh
+
     def _make(self, offset: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        mu32, sg32, pool = self._fresh
+        mu32, sg32, pool = self._operands()
         q = noise.sample_int8(mu32, sg32, pool, offset, negate)
         return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), self._bias(eps_b)
 
@@ -363,7 +369,7 @@ class QuantLayer(nn.Module):
 
     def _inplace_sampler(self, x: Tensor) -> inplace.PackedSampler | None:
         """The in-place sampler, built on the first sampled forward (it needs the input's shape and qparams)."""
-        if self._sampler is None and self._fresh is not None and self.inplace_capable:
+        if self._sampler is None and self.inplace_capable:
             c, shape, x_shape = self.config, tuple(self.mu_q.shape), list(x.shape)
             ws = self._w_scale.float()
             if self.kind == "linear":
@@ -389,9 +395,11 @@ class QuantLayer(nn.Module):
             if layout is None:
                 self.fresh_kernel = "prepack"  # this layer's packed format is not a plain permutation
                 return None
-            mu32, sg32, _ = self._fresh
+            mu16, sg16 = noise.fixed_point16(
+                self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
+            )
             pool = noise.noise_pool(self.seed, layout.data_bytes)
-            self._sampler = inplace.PackedSampler(pack, layout, mu32, sg32, pool)
+            self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool)
             self._w_zp = torch.zeros(shape[0], dtype=torch.int32)
         return self._sampler
 

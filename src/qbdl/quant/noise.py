@@ -23,6 +23,11 @@ Z_BITS = 6  # pool values are round(z * 2^6), int16
 SIG_BITS = 12  # sigma / S in fixed point 2^-12
 SHIFT = Z_BITS + SIG_BITS
 CLAMP_Z = 4.0
+# In-place kernel (inplace.py), 7 bytes read per weight: mu/S and sigma/S as int16, mu in 2^-8, sigma in 2^-9
+# of the int8 step (|mu/S| <= 127, sigma/S <= 127/3 by construction of S: both fit, products fit in int32).
+MU16_BITS, SIG16_BITS = 8, 9
+SHIFT16 = Z_BITS + SIG16_BITS
+MU16_SHIFT = SHIFT16 - MU16_BITS
 SAMPLE_HEADROOM = 3.0  # S = max(|mu| + 3 sigma) / 127 per output channel: clipping is rare
 
 _POOLS: dict[tuple[int, int], Tensor] = {}
@@ -52,6 +57,14 @@ def fixed_point(mu: Tensor, sigma: Tensor, scale: Tensor) -> tuple[Tensor, Tenso
     mu32 = (mu.double() / s * 2**SHIFT).round() + 2 ** (SHIFT - 1)  # + half: the shift then rounds
     sg32 = (sigma.double() / s * 2**SIG_BITS).round()
     return mu32.to(torch.int32).contiguous(), sg32.to(torch.int32).contiguous()
+
+
+def fixed_point16(mu: Tensor, sigma: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """int16 (mu/S * 2^MU16_BITS, sigma/S * 2^SIG16_BITS): the operands of the in-place kernel."""
+    s = scale.view(-1, *[1] * (mu.dim() - 1)).double()
+    mu16 = (mu.double() / s * 2**MU16_BITS).round().clamp(-(2**15), 2**15 - 1)
+    sg16 = (sigma.double() / s * 2**SIG16_BITS).round().clamp(0, 2**15 - 1)
+    return mu16.to(torch.int16).contiguous(), sg16.to(torch.int16).contiguous()
 
 
 def sample_int8(mu32: Tensor, sg32: Tensor, pool: Tensor, offset: int, negate: bool) -> Tensor:
