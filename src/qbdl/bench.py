@@ -98,18 +98,25 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
     if "bnn_fp32_bank" in want:
         out["bnn_fp32_bank"] = WeightBank(bnn, cfg.bank_size, seed=cfg.seed)
         sizes["bnn_fp32_bank"] = state_dict_bytes(bnn)  # the bank is redrawn from the seed, not stored
-    if want & {"qbnn_int8_fresh", "qbnn_int8_bank"}:
+    qbnns = {  # name: (sampling, fresh_kernel); fresh_prepack: the re-packing path, for comparison
+        "qbnn_int8_fresh": ("fresh", "auto"),
+        "qbnn_int8_fresh_prepack": ("fresh", "prepack"),
+        "qbnn_int8_bank": ("bank", "auto"),
+    }
+    if want & set(qbnns):
         prep = calibrate(prepare(bnn, backend=cfg.backend), calib, mc_samples=1, seed=cfg.seed)
-        for mode in ("fresh", "bank"):
-            name = f"qbnn_int8_{mode}"
+        for name, (mode, kernel) in qbnns.items():
             if name in want:
-                q = convert(prep, mode=mode, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend)
+                q = convert(
+                    prep, mode=mode, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend,
+                    fresh_kernel=kernel,
+                )  # fmt: skip
                 out[name], sizes[name] = q, _int8_size(q)
     unknown = want - set(out)
     if unknown:
         raise ValueError(
             f"unknown variants {sorted(unknown)}; known: dnn_fp32, dnn_bf16, dnn_int8, bnn_fp32, "
-            "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_bank"
+            "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_fresh_prepack, qbnn_int8_bank"
         )
     return out, sizes
 
