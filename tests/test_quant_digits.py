@@ -50,7 +50,9 @@ def digits():
     return bnn, train, xte, yte
 
 
-@pytest.mark.parametrize("mode,observer", [("fresh", "minmax"), ("bank", "percentile")])
+@pytest.mark.parametrize(
+    "mode,observer", [("fresh", "minmax"), ("bank", "percentile"), ("flipout", "histogram")]
+)
 def test_qbnn_agrees_with_fp32_bnn(digits, mode, observer):
     bnn, train, xte, yte = digits
     # calibration on training data only

@@ -102,9 +102,12 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
         "qbnn_int8_fresh": ("fresh", "auto"),
         "qbnn_int8_fresh_prepack": ("fresh", "prepack"),
         "qbnn_int8_bank": ("bank", "auto"),
+        "qbnn_int8_flipout": ("flipout", "auto"),
     }
     if want & set(qbnns):
-        prep = calibrate(prepare(bnn, backend=cfg.backend), calib, mc_samples=1, seed=cfg.seed)
+        per_example = "qbnn_int8_flipout" in want
+        prep = prepare(bnn, backend=cfg.backend, per_example=per_example)
+        prep = calibrate(prep, calib, mc_samples=1, seed=cfg.seed)
         for name, (mode, kernel) in qbnns.items():
             if name in want:
                 q = convert(
@@ -116,7 +119,7 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
     if unknown:
         raise ValueError(
             f"unknown variants {sorted(unknown)}; known: dnn_fp32, dnn_bf16, dnn_int8, bnn_fp32, "
-            "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_fresh_prepack, qbnn_int8_bank"
+            "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_fresh_prepack, qbnn_int8_bank, qbnn_int8_flipout"
         )
     return out, sizes
 

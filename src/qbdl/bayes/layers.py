@@ -106,8 +106,8 @@ class BayesianLayer(nn.Module):
         # perturbation gives each example its own, identically distributed, weight sample.
         out = self._op(x, self.mu_weight, self.mu_bias)
         delta_w = self.sigma_weight * torch.randn_like(self.mu_weight)
-        pert = self._op(x * _random_signs(x, self._channel_dim), delta_w, None)
-        out = out + pert * _random_signs(pert, self._channel_dim)
+        pert = self._op(x * random_signs(x, self._channel_dim), delta_w, None)
+        out = out + pert * random_signs(pert, self._channel_dim)
         if self.mu_bias is not None:
             eps_b = self.sigma_bias * torch.randn_like(self.mu_bias)
             shape = [1] * out.dim()
@@ -140,7 +140,7 @@ class BayesianLayer(nn.Module):
         return f"{super().extra_repr()}, estimator={self.estimator}"
 
 
-def _random_signs(t: Tensor, channel_dim: int) -> Tensor:
+def random_signs(t: Tensor, channel_dim: int) -> Tensor:
     """Random +-1 of shape [B, C] broadcastable to t (one sign per example and channel)."""
     shape = [1] * t.dim()
     shape[0] = t.shape[0]

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bayes.layers import MODES, BayesianLayer
+from ..bayes.layers import MODES, BayesianLayer, random_signs
 from . import inplace, native, noise
 from .backend import set_backend
 from .observers import ActObserver, fake_quant_act, fake_quant_weight, symmetric_scale
 
-SAMPLINGS = ("fresh", "bank")
+SAMPLINGS = ("fresh", "bank", "flipout")
 FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 
 
@@ -43,15 +43,32 @@ class PreparedLayer(_Observed):
 
     fq_bits=None: FP32 forward (calibration). fq_bits=b: fake-quantized forward (QAT / simulate): mu, sigma
     and the sampled weight per-channel symmetric b-bit, the output unsigned b-bit, straight-through grads.
+    per_example (Bayesian layers): calibration also records the ranges of INT8 Flipout's two terms, the
+    mean-weight output (before bias noise and ReLU) and the sign-flipped perturbation.
     """
 
-    def __init__(self, layer: nn.Module, det_bias: Tensor | None, relu: bool, observer: str) -> None:
+    def __init__(
+        self, layer: nn.Module, det_bias: Tensor | None, relu: bool, observer: str, per_example: bool = False
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.register_buffer("det_bias", det_bias)
         self.relu = relu
         self.obs = ActObserver(observer)
         self.fq_bits: int | None = None
+        per_example = per_example and isinstance(layer, BayesianLayer)
+        self.obs_mean = ActObserver(observer) if per_example else None
+        self.obs_pert = ActObserver(observer) if per_example else None
+
+    def _observe_flipout(self, x: Tensor) -> None:
+        layer = self.layer
+        y = layer._op(x, layer.mu_weight, layer.mu_bias)
+        if self.det_bias is not None:
+            y = y + _chan_view(self.det_bias, layer._channel_dim, y.dim())
+        delta = layer.sigma_weight * torch.randn_like(layer.mu_weight)
+        pert = layer._op(x * random_signs(x, layer._channel_dim), delta, None)
+        self.obs_mean(y)
+        self.obs_pert(pert * random_signs(pert, layer._channel_dim))
 
     @property
     def bayesian(self) -> bool:
@@ -88,6 +105,13 @@ class PreparedLayer(_Observed):
         return self._op(x, w, b)
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.obs_mean is not None
+            and self.fq_bits is None
+            and self.obs.enabled
+            and self.layer.mode == "sample"
+        ):
+            self._observe_flipout(x)
         y = self.layer(x) if self.fq_bits is None else self._fq_forward(x)
         if self.det_bias is not None:
             ch = (
@@ -244,7 +268,7 @@ class QuantLayer(nn.Module):
     def __getstate__(self) -> dict:
         # oneDNN-packed tensors cannot be copied or pickled; a copy builds its own sampler on first use
         state = self.__dict__.copy()
-        state["_sampler"] = state["_pending_draws"] = None
+        state["_sampler"] = state["_pending_draws"] = state["_flip"] = None
         return state
 
     # -- derived state (never saved: rebuilt from the int8 tensors and the seed)
@@ -272,9 +296,25 @@ class QuantLayer(nn.Module):
         self._zeros = torch.zeros(self.mu_q.shape[0], dtype=torch.long)
         self._w_scale64 = self._w_scale.double()
         self._mean_packed = None
-        self._bank, self._fresh, self._sampler = [], None, None
+        self._bank, self._fresh, self._sampler, self._flip = [], None, None, None
         self.mean_packed()  # eager: forward never packs on the main thread while workers pack
         if not self.bayesian:
+            return
+        if self.sampling == "flipout":
+            self._check_flipout()
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1)
+            )
+            sigma = self._deq(self.sigma_q, self.sigma_scale)
+            # fixed per-channel scale: 4 sigma_max covers all but ~6e-5 of the N(0,1) draws
+            self._pert_w_scale = (4 * sigma.flatten(1).amax(1) / 127).clamp_min(1e-12)
+            s = self._pert_w_scale.view(-1, *[1] * (sigma.dim() - 1))
+            self._pert_q = [
+                torch.round(sigma * torch.randn(sigma.shape, generator=gen) / s)
+                .clamp_(-127, 127)
+                .to(torch.int8)
+                for _ in range(self.bank_size)
+            ]
             return
         if not self.inplace_capable:  # else built on demand: the in-place sampler has its own operands
             self._operands()
@@ -337,6 +377,80 @@ class QuantLayer(nn.Module):
             bias = None if self.bias_q is None else self.bias_q.float() * self._bias_scale
             self._mean_packed = self._pack(qw, bias)
         return self._mean_packed
+
+    def _check_flipout(self) -> None:
+        if "pert_scale" not in self.config:
+            raise ValueError(
+                "sampling='flipout' needs the calibrated ranges of INT8 Flipout's two terms: quantize with "
+                "quantize_bnn(..., mode='flipout') or prepare(..., per_example=True) + calibrate + convert"
+            )
+        if not (
+            self.backend in ("x86", "onednn") and self.kind in ("conv2d", "linear") and native.available()
+        ):
+            raise ValueError(
+                f"sampling='flipout' runs on oneDNN kernels: it needs backend x86 or onednn (got "
+                f"{self.backend!r}), conv2d/linear layers (got {self.kind}) and qbdl's C++ ops "
+                f"(available: {native.available()}); use 'fresh' or 'bank' otherwise"
+            )
+
+    def _flipout_packed(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(packed int8 mu, packed perturbations), packed for x's qparams on the first sampled forward."""
+        if self._flip is None:
+            c, shape = self.config, list(x.shape)
+            if self.kind == "linear":
+                mu = torch.ops.onednn.qlinear_prepack(self.mu_q, shape)
+                pert = [torch.ops.onednn.qlinear_prepack(w, shape) for w in self._pert_q]
+            else:
+
+                def pack(w: Tensor, scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
+                    return torch.ops.onednn.qconv_prepack(
+                        w, scale, x_scale, x_zp, c["stride"], c["padding"], c["dilation"], c["groups"], shape
+                    )
+
+                mu = pack(self.mu_q, self.mu_scale.float(), x.q_scale(), x.q_zero_point())
+                pert = [pack(w, self._pert_w_scale, 2 * x.q_scale(), 128) for w in self._pert_q]
+            self._flip = (mu, pert)
+            self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)
+        return self._flip
+
+    def _onednn(
+        self, xu: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, os: float, oz: int
+    ) -> Tensor:
+        if self.kind == "linear":
+            return torch.ops.onednn.qlinear_pointwise(
+                xu, xs, xz, w, ws, self._w_zp, bias, os, oz, torch.uint8, "none", [], ""
+            )
+        c = self.config
+        return torch.ops.onednn.qconv2d_pointwise(
+            xu, xs, xz, w, ws, self._w_zp, bias, c["stride"], c["padding"], c["dilation"], c["groups"],
+            os, oz, torch.uint8, "none", [], "",
+        )  # fmt: skip
+
+    def _flipout_forward(self, x: Tensor) -> Tensor:
+        """y = conv(x, mu) + s_out * conv(x * s_in, delta_k): per-example, per-channel signs (Wen et al. 2018)."""
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        mu, pert = self._flipout_packed(x)
+        i = self._mc_index
+        k = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
+        batch, c_out = x.shape[0], self.mu_q.shape[0]
+        s_in = torch.randint(0, 2, (batch, x.shape[1]), dtype=torch.int8).mul_(2).sub_(1)
+        s_out = torch.randint(0, 2, (batch, c_out), dtype=torch.int8).mul_(2).sub_(1)
+        _, _, eps_b = self._draw(None)
+        c = self.config
+        xs, xz = x.q_scale(), x.q_zero_point()
+        xu = torch.ops.qbdl.as_uint8(x)
+        y1 = self._onednn(
+            xu, xs, xz, mu, self.mu_scale.float(), self._bias(eps_b), c["mean_scale"], c["mean_zp"]
+        )
+        # x * s_in needs signs: uint8 with zero point 128 at twice the scale (one bit of the input lost)
+        xf = torch.ops.qbdl.flip_requant(xu, s_in, xz, 0.5, 128)
+        y2 = self._onednn(xf, 2 * xs, 128, pert[k], self._pert_w_scale, None, c["pert_scale"], 128)
+        out = torch.ops.qbdl.signed_add(
+            y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, self.out_scale, self.out_zp,
+            self.relu,
+        )  # fmt: skip
+        return torch.ops.qbdl.as_quint8(out, self.out_scale, self.out_zp)
 
     def set_mc_index(self, index: int | None) -> None:
         """Select bank entry index mod K for the following forwards (None: a random entry per forward)."""
@@ -452,6 +566,8 @@ class QuantLayer(nn.Module):
         # Kernels run whatever engine packed the weights; only packing reads the global engine.
         if not self.bayesian or self.mode == "mean":
             packed = self.mean_packed()
+        elif self.sampling == "flipout":
+            return self._flipout_forward(x)
         elif self.sampling == "bank":
             i = self._mc_index
             i = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size

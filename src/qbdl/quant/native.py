@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
-OPS = ("packed_bytes", "sample_packed", "as_uint8", "as_quint8")
+OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "as_uint8", "as_quint8")
 _LOADED: dict[str, bool] = {}
 
 
@@ -33,7 +33,7 @@ def available() -> bool:
             # them and it runs ~4x slower. One build per torch version and CPU capability: a library built
             # against another torch's headers or for another CPU must never load.
             cap = torch.backends.cpu.get_cpu_capability()
-            flags = ["-O3"] + (["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else [])
+            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else [])
             build = Path(os.environ.get("QBDL_BUILD_DIR", Path.home() / ".cache" / "qbdl")) / (
                 f"torch-{torch.__version__}-{cap.lower()}"
             )

@@ -73,11 +73,17 @@ def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def prepare(
-    model: nn.Module, backend: str | None = "x86", observer: str = "minmax", fuse_relu: bool = True
+    model: nn.Module,
+    backend: str | None = "x86",
+    observer: str = "minmax",
+    fuse_relu: bool = True,
+    per_example: bool = False,
 ) -> fx.GraphModule:
     """Copy `model`, fold BN exactly into the preceding (Bayesian) conv/linear, fuse ReLU, insert observers.
 
     The result runs in FP32 (sample or mean mode as the Bayesian layers say); calibrate() then convert().
+    per_example: also calibrate the ranges convert(mode='flipout') needs (two more FP32 convs per Bayesian
+    layer and calibration pass).
     """
     if backend is not None:  # None: fake-quant only (simulate), any device
         check_backend(backend)
@@ -125,7 +131,7 @@ def prepare(
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 removed.add(user)
-            _set_module(gm, node.target, PreparedLayer(mod, det_bias, relu, observer))
+            _set_module(gm, node.target, PreparedLayer(mod, det_bias, relu, observer, per_example))
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             raise NotImplementedError(
                 f"{node.target}: BatchNorm that does not follow a conv/linear cannot be folded"
@@ -174,10 +180,12 @@ def prepare(
             src = _module(gm, node.args[0])
             if isinstance(src, (PreparedLayer, ObservedAdd)):
                 src.obs = ActObserver("minmax")
+                if getattr(src, "obs_mean", None) is not None:
+                    src.obs_mean, src.obs_pert = ActObserver("minmax"), ActObserver("minmax")
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.qbdl_config = {"backend": backend or "x86", "observer": observer}
+    gm.qbdl_config = {"backend": backend or "x86", "observer": observer, "per_example": per_example}
     return gm.to(device)
 
 
@@ -300,7 +308,9 @@ def convert(
 ) -> fx.GraphModule:
     """Turn a calibrated prepared model into a CPU INT8 model (QBNN, or QDNN without Bayesian layers).
 
-    mode: 'fresh' (new int8 weights every forward) or 'bank' (bank_size samples packed once from `seed`).
+    mode: 'fresh' (new int8 weights every forward), 'bank' (bank_size samples packed once from `seed`) or
+    'flipout' (each example its own weight sample: Flipout signs over bank_size banked int8 perturbations,
+    two INT8 convs per layer; needs prepare(..., per_example=True), the x86/onednn backend, qbdl's C++ ops).
     Forward takes float x, returns float logits. pack_workers: threads that sample and pack fresh weights
     while the forward runs (0: sequentially inside each layer; outputs are identical either way).
     fresh_kernel: 'auto' writes fresh samples straight into oneDNN-packed weights (x86/onednn backends,
@@ -333,6 +343,16 @@ def convert(
             if mod.bayesian:
                 config["mode"] = mod.layer.mode
                 bayes = True
+                if mod.obs_mean is not None and mod.obs_mean.initialized:
+                    config["mean_scale"], config["mean_zp"] = mod.obs_mean.qparams()
+                    lo, hi = mod.obs_pert.range()
+                    config["pert_scale"] = max(abs(lo), abs(hi), 1e-8) / 127  # zero point 128: symmetric
+                elif mode == "flipout":
+                    raise ValueError(
+                        f"{node.target}: mode='flipout' needs the ranges of INT8 Flipout's two terms; prepare "
+                        "the model with prepare(..., per_example=True) (quantize_bnn does this for "
+                        "mode='flipout') and calibrate it again"
+                    )
             new_modules[node.target] = _quantize_layer(mod, in_scale, config)
             index += 1
         elif isinstance(mod, ObservedQuant):
@@ -383,7 +403,7 @@ def quantize_bnn(
     fresh_kernel: str = "auto",
 ) -> fx.GraphModule:
     """prepare -> calibrate (first calib_batches of `batches`, training data) -> convert; input untouched."""
-    prepared = prepare(model, backend=backend, observer=observer)
+    prepared = prepare(model, backend=backend, observer=observer, per_example=mode == "flipout")
     if calib_batches is not None:
         batches = itertools.islice(batches, calib_batches)
     calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)

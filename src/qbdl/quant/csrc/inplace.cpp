@@ -1,4 +1,5 @@
-// In-place INT8 weight sampling into oneDNN-packed weights, and zero-copy quint8 <-> uint8 views.
+// In-place INT8 weight sampling into oneDNN-packed weights, the elementwise ops of INT8 Flipout, and
+// zero-copy quint8 <-> uint8 views.
 // Built on first use by qbdl.quant.native (torch.utils.cpp_extension); registered as torch.ops.qbdl.*.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -7,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -108,12 +110,104 @@ at::Tensor as_quint8(const at::Tensor& u, double scale, int64_t zero_point) {
   return at::Tensor(std::move(impl));
 }
 
+// [N, P, C] view of a uint8 activation whose channels are innermost (2-D [N, C] or channels-last N-D).
+int64_t channels_inner(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kByte, op, ": expected uint8 activations");
+  const bool ok = x.dim() == 2 ? x.is_contiguous()
+                  : x.dim() == 4 ? x.is_contiguous(at::MemoryFormat::ChannelsLast)
+                  : x.dim() == 5 ? x.is_contiguous(at::MemoryFormat::ChannelsLast3d)
+                                 : false;
+  TORCH_CHECK(ok, op, ": activations must be [N, C] or channels-last (channels innermost)");
+  return x.size(1);
+}
+
+// Row kernels with unaliased pointers (uint8 may alias anything), so the compiler vectorizes them;
+// nearbyint rounds half to even like torch.round (built with -fno-math-errno: one instruction).
+void row_flip(const uint8_t* __restrict__ q, uint8_t* __restrict__ o, const float* __restrict__ mult, int64_t C,
+              float in_zp, float out_zp) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = std::nearbyint(mult[c] * (static_cast<float>(q[c]) - in_zp)) + out_zp;
+    o[c] = static_cast<uint8_t>(static_cast<int32_t>(std::min(255.f, std::max(0.f, v))));
+  }
+}
+
+void row_add(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8_t* __restrict__ o,
+             const float* __restrict__ mult, int64_t C, float ka, float za, float zb, float zo, float lo) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float v =
+        std::nearbyint(ka * (static_cast<float>(a[c]) - za) + mult[c] * (static_cast<float>(b[c]) - zb)) + zo;
+    o[c] = static_cast<uint8_t>(static_cast<int32_t>(std::min(255.f, std::max(lo, v))));
+  }
+}
+
+// Per-example, per-channel sign flip of a uint8 activation, requantized: Flipout's x * s_in.
+//   out = clamp(round(sign[n, c] * (q - in_zp) * ratio) + out_zp, 0, 255)
+at::Tensor flip_requant(const at::Tensor& x, const at::Tensor& signs, int64_t in_zp, double ratio, int64_t out_zp) {
+  const int64_t C = channels_inner(x, "qbdl::flip_requant"), N = x.size(0);
+  TORCH_CHECK(signs.scalar_type() == at::kChar && signs.is_contiguous() && signs.numel() == N * C,
+              "qbdl::flip_requant: signs must be contiguous int8 [N, C]");
+  const int64_t P = x.numel() / (N * C);
+  auto out = at::empty_like(x);
+  const uint8_t* __restrict__ q = x.data_ptr<uint8_t>();
+  uint8_t* __restrict__ o = out.data_ptr<uint8_t>();
+  const int8_t* sg = signs.data_ptr<int8_t>();
+  const float r = static_cast<float>(ratio);
+  at::parallel_for(0, N * P, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> mult(C);
+    int64_t n_cur = -1;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / P;
+      if (n != n_cur) {
+        for (int64_t c = 0; c < C; ++c) mult[c] = r * sg[n * C + c];
+        n_cur = n;
+      }
+      row_flip(q + row * C, o + row * C, mult.data(), C, static_cast<float>(in_zp), static_cast<float>(out_zp));
+    }
+  });
+  return out;
+}
+
+// Flipout's output: out = requant(s1 * (q1 - z1) + sign[n, c] * s2 * (q2 - z2)) (+ ReLU), uint8.
+at::Tensor signed_add(const at::Tensor& a, double sa, int64_t za, const at::Tensor& b, double sb, int64_t zb,
+                      const at::Tensor& signs, double so, int64_t zo, bool relu) {
+  const int64_t C = channels_inner(a, "qbdl::signed_add"), N = a.size(0);
+  channels_inner(b, "qbdl::signed_add");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides(), "qbdl::signed_add: a and b differ in shape");
+  TORCH_CHECK(signs.scalar_type() == at::kChar && signs.is_contiguous() && signs.numel() == N * C,
+              "qbdl::signed_add: signs must be contiguous int8 [N, C]");
+  const int64_t P = a.numel() / (N * C);
+  auto out = at::empty_like(a);
+  const uint8_t* __restrict__ qa = a.data_ptr<uint8_t>();
+  const uint8_t* __restrict__ qb = b.data_ptr<uint8_t>();
+  uint8_t* __restrict__ o = out.data_ptr<uint8_t>();
+  const int8_t* sg = signs.data_ptr<int8_t>();
+  const float ka = static_cast<float>(sa / so), kb = static_cast<float>(sb / so);
+  const float lo = relu ? static_cast<float>(zo) : 0.f;
+  at::parallel_for(0, N * P, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> mult(C);
+    int64_t n_cur = -1;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / P;
+      if (n != n_cur) {
+        for (int64_t c = 0; c < C; ++c) mult[c] = kb * sg[n * C + c];
+        n_cur = n;
+      }
+      row_add(qa + row * C, qb + row * C, o + row * C, mult.data(), C, ka, static_cast<float>(za),
+              static_cast<float>(zb), static_cast<float>(zo), lo);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qbdl, m) {
   m.def("packed_bytes(Tensor packed) -> Tensor", &packed_bytes);
   m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, Tensor pool, int offset, bool negate, int mu_shift, int shift) -> ()",
         &sample_packed);
+  m.def("flip_requant(Tensor x, Tensor signs, int in_zp, float ratio, int out_zp) -> Tensor", &flip_requant);
+  m.def("signed_add(Tensor a, float sa, int za, Tensor b, float sb, int zb, Tensor signs, float so, int zo, bool relu) -> Tensor",
+        &signed_add);
   m.def("as_uint8(Tensor q) -> Tensor", &as_uint8);
   m.def("as_quint8(Tensor u, float scale, int zero_point) -> Tensor", &as_quint8);
 }
