@@ -295,6 +295,7 @@ class QuantLayer(nn.Module):
         self._bias_scale = self.in_scale * self._w_scale
         self._zeros = torch.zeros(self.mu_q.shape[0], dtype=torch.long)
         self._w_scale64 = self._w_scale.double()
+        self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
         self._mean_packed = None
         self._bank, self._fresh, self._sampler, self._flip = [], None, None, None
         self.mean_packed()  # eager: forward never packs on the main thread while workers pack
@@ -302,9 +303,7 @@ class QuantLayer(nn.Module):
             return
         if self.sampling == "flipout":
             self._check_flipout()
-            gen = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1)
-            )
+            gen = self._bank_generator()
             sigma = self._deq(self.sigma_q, self.sigma_scale)
             # fixed per-channel scale: 4 sigma_max covers all but ~6e-5 of the N(0,1) draws
             self._pert_w_scale = (4 * sigma.flatten(1).amax(1) / 127).clamp_min(1e-12)
@@ -319,10 +318,12 @@ class QuantLayer(nn.Module):
         if not self.inplace_capable:  # else built on demand: the in-place sampler has its own operands
             self._operands()
         if self.sampling == "bank":
-            gen = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1)
-            )
+            gen = self._bank_generator()
             self._bank = [self._pack(*self._sample(gen)) for _ in range(self.bank_size)]
+
+    def _bank_generator(self) -> torch.Generator:
+        """The generator of this layer's banked samples: from the model seed and the layer's index."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1))
 
     def _draw(self, gen: torch.Generator | None) -> tuple[int, bool, Tensor | None]:
         """The random numbers of one weight sample, in a fixed order (offset, sign, bias noise)."""
@@ -410,20 +411,29 @@ class QuantLayer(nn.Module):
                 mu = pack(self.mu_q, self.mu_scale.float(), x.q_scale(), x.q_zero_point())
                 pert = [pack(w, self._pert_w_scale, 2 * x.q_scale(), 128) for w in self._pert_q]
             self._flip = (mu, pert)
-            self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)
         return self._flip
 
     def _onednn(
-        self, xu: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, os: float, oz: int
+        self,
+        xu: Tensor,
+        xs: float,
+        xz: int,
+        w: Tensor,
+        ws: Tensor,
+        bias,
+        os: float,
+        oz: int,
+        post: str = "none",
     ) -> Tensor:
+        """oneDNN INT8 conv2d/linear on plain uint8 activations (x: scale xs, zero point xz) -> uint8."""
         if self.kind == "linear":
             return torch.ops.onednn.qlinear_pointwise(
-                xu, xs, xz, w, ws, self._w_zp, bias, os, oz, torch.uint8, "none", [], ""
+                xu, xs, xz, w, ws, self._w_zp, bias, os, oz, torch.uint8, post, [], ""
             )
         c = self.config
         return torch.ops.onednn.qconv2d_pointwise(
             xu, xs, xz, w, ws, self._w_zp, bias, c["stride"], c["padding"], c["dilation"], c["groups"],
-            os, oz, torch.uint8, "none", [], "",
+            os, oz, torch.uint8, post, [], "",
         )  # fmt: skip
 
     def _flipout_forward(self, x: Tensor) -> Tensor:
@@ -494,16 +504,9 @@ class QuantLayer(nn.Module):
 
                 def pack(w: Tensor) -> Tensor:
                     return torch.ops.onednn.qconv_prepack(
-                        w,
-                        ws,
-                        x.q_scale(),
-                        x.q_zero_point(),
-                        c["stride"],
-                        c["padding"],
-                        c["dilation"],
-                        c["groups"],
-                        x_shape,
-                    )
+                        w, ws, x.q_scale(), x.q_zero_point(), c["stride"], c["padding"], c["dilation"],
+                        c["groups"], x_shape,
+                    )  # fmt: skip
 
             layout = inplace.discover_layout(pack, shape)
             if layout is None:
@@ -514,52 +517,15 @@ class QuantLayer(nn.Module):
             )
             pool = noise.noise_pool(self.seed, layout.data_bytes)
             self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool)
-            self._w_zp = torch.zeros(shape[0], dtype=torch.int32)
         return self._sampler
 
     def _inplace_forward(self, x: Tensor, sampler: inplace.PackedSampler, draws: tuple) -> Tensor:
         offset, negate, eps_b = draws
         w = sampler.sample(offset, negate)
-        post = "relu" if self.relu else "none"
-        xu = torch.ops.qbdl.as_uint8(x)
-        ws, bias = self._w_scale.float(), self._bias(eps_b)
-        if self.kind == "linear":
-            y = torch.ops.onednn.qlinear_pointwise(
-                xu,
-                x.q_scale(),
-                x.q_zero_point(),
-                w,
-                ws,
-                self._w_zp,
-                bias,
-                self.out_scale,
-                self.out_zp,
-                torch.uint8,
-                post,
-                [],
-                "",
-            )
-        else:
-            c = self.config
-            y = torch.ops.onednn.qconv2d_pointwise(
-                xu,
-                x.q_scale(),
-                x.q_zero_point(),
-                w,
-                ws,
-                self._w_zp,
-                bias,
-                c["stride"],
-                c["padding"],
-                c["dilation"],
-                c["groups"],
-                self.out_scale,
-                self.out_zp,
-                torch.uint8,
-                post,
-                [],
-                "",
-            )
+        y = self._onednn(
+            torch.ops.qbdl.as_uint8(x), x.q_scale(), x.q_zero_point(), w, self._w_scale.float(),
+            self._bias(eps_b), self.out_scale, self.out_zp, "relu" if self.relu else "none",
+        )  # fmt: skip
         return torch.ops.qbdl.as_quint8(y, self.out_scale, self.out_zp)
 
     def forward(self, x: Tensor) -> Tensor:
