@@ -144,3 +144,57 @@ def test_copy_and_reseed_rebuild_the_sampler(prepared):
 def test_bad_fresh_kernel():
     with pytest.raises(ValueError, match="fresh_kernel"):
         convert(nn.Module(), fresh_kernel="jit")
+
+
+_SUBPROCESS = """
+import torch
+from qbdl.bayes import dnn_to_bnn
+from qbdl.models import resnet20
+from qbdl.quant import calibrate, convert, native, prepare, quant_layers
+torch.manual_seed(0)
+bnn = dnn_to_bnn(resnet20(num_classes=10, in_chans=3).eval(), moped_delta=0.1).eval()
+prep = calibrate(prepare(bnn, per_example=True), [torch.randn(4, 3, 16, 16)], mc_samples=1)
+q = convert(prep, mode="fresh")
+with torch.no_grad():
+    y = q(torch.randn(2, 3, 16, 16))
+print("native", native.available(), "inplace", sum(m._sampler is not None for m in quant_layers(q)), y.shape[1])
+try:
+    convert(prep, mode="flipout")
+except ValueError as e:
+    print("flipout refused:", "C++ ops" in str(e))
+"""
+
+
+def _run_subprocess(env_extra: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    out = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout + out.stderr
+
+
+def test_without_native_ops_fresh_sampling_falls_back_and_flipout_is_refused():
+    text = _run_subprocess({"QBDL_NATIVE": "0"})
+    assert "native False inplace 0 10" in text and "flipout refused: True" in text
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block(tmp_path):
+    """A build killed mid-way leaves its lock file; the next start must not wait on it (torch holds an OS
+    advisory lock on that file, which dies with the process)."""
+    import os
+    import shutil
+
+    assert native.available()
+    built = native.build_dir()
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)  # keeps mtimes: ninja finds the library up to date, nothing recompiles
+    lock = copy / "lock"
+    lock.touch()
+    os.utime(lock, (1, 1))
+    text = _run_subprocess({"QBDL_BUILD_DIR": str(tmp_path)})
+    assert "native True inplace 22 10" in text

@@ -14,6 +14,13 @@ OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "as_uint8"
 _LOADED: dict[str, bool] = {}
 
 
+def build_dir() -> Path:
+    """Where the ops are built: one directory per torch version and CPU capability (a library built against
+    another torch's headers, or for another CPU, must never load)."""
+    root = Path(os.environ.get("QBDL_BUILD_DIR", Path.home() / ".cache" / "qbdl"))
+    return root / f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 def available() -> bool:
     """True when the C++ ops are loaded; builds them the first time (False, with one warning, if that fails).
 
@@ -30,13 +37,10 @@ def available() -> bool:
             from torch.utils.cpp_extension import load
 
             # The sampling loop is int32 multiply / min / max: without AVX2 (SSE2 only) the compiler emulates
-            # them and it runs ~4x slower. One build per torch version and CPU capability: a library built
-            # against another torch's headers or for another CPU must never load.
-            cap = torch.backends.cpu.get_cpu_capability()
-            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else [])
-            build = Path(os.environ.get("QBDL_BUILD_DIR", Path.home() / ".cache" / "qbdl")) / (
-                f"torch-{torch.__version__}-{cap.lower()}"
-            )
+            # them and it runs ~4x slower.
+            avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if avx2 else [])
+            build = build_dir()
             build.mkdir(parents=True, exist_ok=True)
             load(
                 name="qbdl_inplace",
@@ -50,9 +54,9 @@ def available() -> bool:
         except Exception as e:  # a missing compiler / ninja must not stop a run: the slow path is exact too
             warnings.warn(
                 f"qbdl could not build its C++ ops ({type(e).__name__}: {str(e).strip()[:300]}). Fresh INT8 "
-                "sampling falls back to re-packing every weight each forward (same results' distribution, "
-                "~3-5x slower at batch 1). Fix: install a C++ compiler (g++) and `pip install ninja`, or set "
-                "QBDL_NATIVE=0 to silence this.",
+                "sampling falls back to re-packing every weight each forward (same distribution, ~3x slower "
+                "at batch 1) and sampling='flipout' is unavailable. Fix: install a C++ compiler (g++) and "
+                "`pip install ninja`, or set QBDL_NATIVE=0 to silence this.",
                 RuntimeWarning,
                 stacklevel=2,
             )
