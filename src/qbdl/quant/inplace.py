@@ -1,12 +1,13 @@
 """Fresh INT8 weight samples written straight into oneDNN-packed weights: no re-packing per forward.
 
 Why: re-packing ResNet-50's sampled weights through the public prepack ops costs ~70 ms per forward here,
-more than a third of a batch-32 INT8 forward. Packing is a fixed permutation (plus zero padding and an
-int32 per-channel compensation), and the weight noise is iid, so the noise can be laid out in packed
-order directly: data[p] = round(mu[src(p)]/S + sigma[src(p)]/S * z[offset + p]) has the same distribution
-as sampling in the original order and packing (int16 operands, noise.fixed_point16). The permutation is not read from oneDNN's internal
-format description: it is *measured* by packing weights whose bytes encode their own index, then
-checked on a random weight (data and compensation); a layout that does not check out is not used.
+more than a third of a batch-32 INT8 forward; writing them in place costs 8 ms. Packing is a fixed
+permutation (plus zero padding and an int32 per-channel compensation), and the weight noise is iid, so
+the noise can be laid out in packed order directly: data[p] = round(mu[src(p)]/S + sigma[src(p)]/S *
+z[offset + p]) has the same distribution as sampling in the original order and packing (int16 operands,
+noise.fixed_point16). The permutation is not read from oneDNN's internal format description: it is
+*measured* by packing weights whose bytes encode their own index, then checked on a random weight (data
+and compensation); a layout that does not check out is not used.
 """
 
 from __future__ import annotations
