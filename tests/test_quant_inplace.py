@@ -71,7 +71,7 @@ def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
     torch.backends.quantized.engine = "x86"
     for batch in (4, 9):
         inputs = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for m in layers]
+        hooks = [m.register_forward_pre_hook(lambda mod, a, d=inputs: d.__setitem__(mod, a[0])) for m in layers]
         with torch.no_grad():
             q(_x(batch))
         for h in hooks:
