@@ -61,19 +61,15 @@ def test_layout_rejects_packings_that_are_not_permutations():
     assert discover_layout(lambda w: pack(torch.ones_like(w)), shape) is None  # ignores the weight
 
 
-def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
-    """Every layer: the in-place forward equals quantized::conv2d / linear run on the int8 sample it wrote.
-
-    The layout is measured on the first batch (4); a later batch of another size (9) must stay exact.
-    """
-    q = convert(prepared, mode="fresh", seed=3)
+def _assert_every_layer_exact(q: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Every layer: the in-place forward equals quantized::conv2d / linear run on the int8 sample it wrote."""
     layers = quant_layers(q)
     torch.backends.quantized.engine = "x86"
-    for batch in (4, 9):
+    for xb in batches:
         inputs = {}
         hooks = [m.register_forward_pre_hook(lambda mod, a, d=inputs: d.__setitem__(mod, a[0])) for m in layers]
         with torch.no_grad():
-            q(_x(batch))
+            q(xb)
         for h in hooks:
             h.remove()
         assert all(m._sampler is not None for m in layers), "every conv2d/linear layer takes the in-place path"
@@ -90,8 +86,25 @@ def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
             ref = m._pack(qw, m._bias(eps_b))
             op = f"{m.kind}_relu" if m.relu else m.kind
             expected = getattr(torch.ops.quantized, op)(x, ref, m.out_scale, m.out_zp)
-            assert torch.equal(y.int_repr(), expected.int_repr()), (batch, m)
+            assert torch.equal(y.int_repr(), expected.int_repr()), (xb.shape, m)
             assert y.q_scale() == expected.q_scale() and y.q_zero_point() == expected.q_zero_point()
+
+
+def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
+    # the layout is measured on the first batch (4); a later batch of another size (9) must stay exact
+    _assert_every_layer_exact(convert(prepared, mode="fresh", seed=3), [_x(4), _x(9)])
+
+
+def test_inplace_exact_on_grouped_depthwise_strided_dilated_convs():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 24, 1, stride=2), nn.ReLU(),
+        nn.Conv2d(24, 8, 3, dilation=2, padding=2),
+    ).eval()  # fmt: skip
+    prep = calibrate(prepare(dnn_to_bnn(net, moped_delta=0.1).eval()), [torch.randn(4, 8, 10, 10)], mc_samples=1)
+    _assert_every_layer_exact(convert(prep, mode="fresh"), [torch.randn(3, 8, 10, 10)])
 
 
 def test_inplace_spread_matches_sigma():
