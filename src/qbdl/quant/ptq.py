@@ -185,7 +185,7 @@ def prepare(
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.qbdl_config = {"backend": backend or "x86", "observer": observer, "per_example": per_example}
+    gm.qbdl_config = {"backend": backend or "x86", "observer": observer}
     return gm.to(device)
 
 
