@@ -119,6 +119,13 @@ def test_flipout_needs_its_calibration_and_a_onednn_backend(bnn):
             convert(prep, mode="flipout")
 
 
+def test_qat_model_does_not_convert_to_flipout(bnn):
+    from qbdl.quant import convert_qat, prepare_qat
+
+    with pytest.raises(ValueError, match="post-training mode"):
+        convert_qat(prepare_qat(bnn), mode="flipout")
+
+
 def test_flipout_on_a_linear_net(tmp_path):
     torch.manual_seed(0)
     b = dnn_to_bnn(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), moped_delta=0.2).eval()

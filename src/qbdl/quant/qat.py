@@ -40,6 +40,12 @@ def convert_qat(
     prepared: fx.GraphModule, mode: str = "fresh", bank_size: int = 16, seed: int = 0
 ) -> fx.GraphModule:
     """INT8 QBNN from a QAT model (the same conversion as PTQ, using the trained weights and ranges)."""
+    if mode == "flipout":
+        raise ValueError(
+            "convert_qat: QAT fine-tunes one shared weight sample per pass, so it converts with mode 'fresh' or "
+            "'bank'; per-example INT8 Flipout is a post-training mode: quantize_bnn(bnn, train_batches, "
+            "mode='flipout') on the BNN"
+        )
     bits = next((m.fq_bits for m in prepared.modules() if isinstance(m, PreparedLayer)), 8)
     if bits not in (None, 8):
         raise ValueError(f"only 8-bit QAT models convert to INT8 kernels (this one uses {bits} bits)")
