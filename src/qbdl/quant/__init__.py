@@ -3,8 +3,9 @@
 from .backend import BACKENDS, check_backend, set_backend, supported_backends
 from .fold import bn_scale_shift, fold_bn
 from .io import load_qbnn, save_qbnn
-from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, PreparedLayer, QAdd, Quantize, QuantLayer
+from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer
 from .observers import OBSERVERS, ActObserver
+from .prepared import PreparedLayer
 from .ptq import calibrate, convert, prepare, quant_layers, quantize_bnn, set_sampling
 from .qat import convert_qat, prepare_qat, set_fake_quant, simulate
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .layers import DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
+from .ptq import attach_module
 
 FORMAT = "qbdl-qbnn/1"
 _QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd}
@@ -140,13 +141,7 @@ def load_qbnn(path: str) -> fx.GraphModule:
             m = getattr(nn, kind[3:])(**cfg)
         else:
             raise ValueError(f"{path!r}: unknown module type {kind!r}")
-        parts = target.split(".")
-        cur = root
-        for p in parts[:-1]:
-            if not hasattr(cur, p):
-                cur.add_module(p, nn.Module())
-            cur = getattr(cur, p)
-        cur.add_module(parts[-1], m)
+        attach_module(root, target, m)
     graph, env = fx.Graph(), {}
     for n in meta["nodes"]:
         target = _FUNCTIONS[n["target"]] if n["op"] == "call_function" else n["target"]

@@ -23,20 +23,9 @@ from ..bayes.predict import sample_seed, sampling
 from . import noise
 from .backend import check_backend, set_backend
 from .fold import fold_bn
-from .layers import (
-    FRESH_KERNELS,
-    SAMPLINGS,
-    DeQuantize,
-    DeQuantMarker,
-    ObservedAdd,
-    ObservedQuant,
-    PreparedLayer,
-    QAdd,
-    Quantize,
-    QuantLayer,
-    enable_prefetch,
-)
+from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
 from .observers import OBSERVERS, ActObserver
+from .prepared import DeQuantMarker, ObservedAdd, ObservedQuant, PreparedLayer
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, BayesianLayer)
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -366,7 +355,7 @@ def convert(
         if node.op == "call_module" and node.target not in new_modules:
             new_modules[node.target] = copy.deepcopy(gm.get_submodule(node.target)).cpu()
     for path, m in new_modules.items():
-        _attach(root, path, m)
+        attach_module(root, path, m)
     graph = copy.deepcopy(gm.graph)
     q = fx.GraphModule(root, graph, class_name="QBNN" if bayes else "QDNN")
     q.eval()
@@ -380,7 +369,8 @@ def convert(
     return enable_prefetch(q, pack_workers)
 
 
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+def attach_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Add `module` to `root` at dotted `path`, creating empty parent modules on the way."""
     parts = path.split(".")
     cur = root
     for p in parts[:-1]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch import fx, nn
 
-from .layers import ObservedAdd, ObservedQuant, PreparedLayer
+from .prepared import ObservedAdd, ObservedQuant, PreparedLayer
 from .ptq import calibrate, convert, prepare
 
 
