@@ -140,28 +140,25 @@ void row_add(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8
   }
 }
 
+// mult[n, c] = k * signs[n, c] as float: the per-example, per-channel factor of Flipout's sign terms.
+at::Tensor signed_multipliers(const at::Tensor& signs, int64_t N, int64_t C, double k, const char* op) {
+  TORCH_CHECK(signs.scalar_type() == at::kChar && signs.is_contiguous() && signs.numel() == N * C, op,
+              ": signs must be contiguous int8 [N, C]");
+  return signs.to(at::kFloat).mul_(k).contiguous();
+}
+
 // Per-example, per-channel sign flip of a uint8 activation, requantized: Flipout's x * s_in.
 //   out = clamp(round(sign[n, c] * (q - in_zp) * ratio) + out_zp, 0, 255)
 at::Tensor flip_requant(const at::Tensor& x, const at::Tensor& signs, int64_t in_zp, double ratio, int64_t out_zp) {
-  const int64_t C = channels_inner(x, "qbdl::flip_requant"), N = x.size(0);
-  TORCH_CHECK(signs.scalar_type() == at::kChar && signs.is_contiguous() && signs.numel() == N * C,
-              "qbdl::flip_requant: signs must be contiguous int8 [N, C]");
-  const int64_t P = x.numel() / (N * C);
+  const int64_t C = channels_inner(x, "qbdl::flip_requant"), N = x.size(0), P = x.numel() / (N * C);
+  const at::Tensor mult = signed_multipliers(signs, N, C, ratio, "qbdl::flip_requant");
   auto out = at::empty_like(x);
-  const uint8_t* __restrict__ q = x.data_ptr<uint8_t>();
-  uint8_t* __restrict__ o = out.data_ptr<uint8_t>();
-  const int8_t* sg = signs.data_ptr<int8_t>();
-  const float r = static_cast<float>(ratio);
+  const uint8_t* q = x.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const float* m = mult.data_ptr<float>();
   at::parallel_for(0, N * P, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(C);
-    int64_t n_cur = -1;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / P;
-      if (n != n_cur) {
-        for (int64_t c = 0; c < C; ++c) mult[c] = r * sg[n * C + c];
-        n_cur = n;
-      }
-      row_flip(q + row * C, o + row * C, mult.data(), C, static_cast<float>(in_zp), static_cast<float>(out_zp));
+      row_flip(q + row * C, o + row * C, m + (row / P) * C, C, static_cast<float>(in_zp), static_cast<float>(out_zp));
     }
   });
   return out;
@@ -170,29 +167,19 @@ at::Tensor flip_requant(const at::Tensor& x, const at::Tensor& signs, int64_t in
 // Flipout's output: out = requant(s1 * (q1 - z1) + sign[n, c] * s2 * (q2 - z2)) (+ ReLU), uint8.
 at::Tensor signed_add(const at::Tensor& a, double sa, int64_t za, const at::Tensor& b, double sb, int64_t zb,
                       const at::Tensor& signs, double so, int64_t zo, bool relu) {
-  const int64_t C = channels_inner(a, "qbdl::signed_add"), N = a.size(0);
+  const int64_t C = channels_inner(a, "qbdl::signed_add"), N = a.size(0), P = a.numel() / (N * C);
   channels_inner(b, "qbdl::signed_add");
   TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides(), "qbdl::signed_add: a and b differ in shape");
-  TORCH_CHECK(signs.scalar_type() == at::kChar && signs.is_contiguous() && signs.numel() == N * C,
-              "qbdl::signed_add: signs must be contiguous int8 [N, C]");
-  const int64_t P = a.numel() / (N * C);
+  const at::Tensor mult = signed_multipliers(signs, N, C, sb / so, "qbdl::signed_add");
   auto out = at::empty_like(a);
-  const uint8_t* __restrict__ qa = a.data_ptr<uint8_t>();
-  const uint8_t* __restrict__ qb = b.data_ptr<uint8_t>();
-  uint8_t* __restrict__ o = out.data_ptr<uint8_t>();
-  const int8_t* sg = signs.data_ptr<int8_t>();
-  const float ka = static_cast<float>(sa / so), kb = static_cast<float>(sb / so);
-  const float lo = relu ? static_cast<float>(zo) : 0.f;
+  const uint8_t* qa = a.data_ptr<uint8_t>();
+  const uint8_t* qb = b.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const float* m = mult.data_ptr<float>();
+  const float ka = static_cast<float>(sa / so), lo = relu ? static_cast<float>(zo) : 0.f;
   at::parallel_for(0, N * P, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(C);
-    int64_t n_cur = -1;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / P;
-      if (n != n_cur) {
-        for (int64_t c = 0; c < C; ++c) mult[c] = kb * sg[n * C + c];
-        n_cur = n;
-      }
-      row_add(qa + row * C, qb + row * C, o + row * C, mult.data(), C, ka, static_cast<float>(za),
+      row_add(qa + row * C, qb + row * C, o + row * C, m + (row / P) * C, C, ka, static_cast<float>(za),
               static_cast<float>(zb), static_cast<float>(zo), lo);
     }
   });
