@@ -2,51 +2,17 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from qbdl.bayes import BayesianLayer, dnn_to_bnn, elbo_loss, mc_predict, sampling
-from qbdl.models import resnet20
+from qbdl.bayes import BayesianLayer, elbo_loss, mc_predict, sampling
 from qbdl.quant import convert, convert_qat, prepare_qat, quant_layers, quantize_bnn, simulate
 
 S = 4  # MC samples
 SEED = 7
 
 
-def _batches(x, y, bs, seed):
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return [(x[perm[i : i + bs]], y[perm[i : i + bs]]) for i in range(0, len(x), bs)]
-
-
 @pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
-    x = (x - 0.3) / 0.4
-    y = torch.tensor(d.target)
-    itr, ite = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
-    xtr, ytr, xte, yte = x[itr], y[itr], x[ite], y[ite]
-    dnn = resnet20(num_classes=10, in_chans=1)
-    opt = torch.optim.Adam(dnn.parameters(), lr=3e-3)
-    dnn.train()
-    for epoch in range(3):
-        for xb, yb in _batches(xtr, ytr, 64, epoch):
-            opt.zero_grad()
-            F.cross_entropy(dnn(xb), yb).backward()
-            opt.step()
-    dnn.eval()
-    bnn = dnn_to_bnn(dnn, moped_delta=0.05, prior_sigma=0.1)
-    opt = torch.optim.Adam(bnn.parameters(), lr=1e-3)
-    bnn.train()
-    for xb, yb in _batches(xtr, ytr, 64, 100):
-        opt.zero_grad()
-        elbo_loss(bnn(xb), yb, bnn, len(xtr)).backward()
-        opt.step()
-    bnn.eval()
-    train = _batches(xtr, ytr, 128, 200)
+def digits(digits_nets):
+    _, bnn, train, xte, yte = digits_nets
     return bnn, train, xte, yte
 
 

@@ -99,7 +99,9 @@ def test_optuna_two_trials(tmp_path):
     )
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["name"] == "optuna" and "bayes.moped_delta" in best["best_params"]
-    values = [json.loads((tmp_path / j / "results.json").read_text())["validation"]["bnn/val/nll"] for j in "01"]
+    values = [
+        json.loads((tmp_path / j / "results.json").read_text())["validation"]["bnn/val/nll"] for j in "01"
+    ]
     assert best["best_value"] == pytest.approx(min(values))
     assert "Best" in (tmp_path / "sweep_summary.md").read_text()
     assert proc.returncode == 0

@@ -7,8 +7,6 @@ Writes bench.json, bench.md (the paper's Table 1 shape) and plots into out_dir.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,37 +21,12 @@ from torch import nn
 from qbdl.bayes import WeightBank, dnn_to_bnn, set_mc_index
 from qbdl.evaluation import state_dict_bytes
 from qbdl.io import atomic_write_bytes, atomic_write_json
+from qbdl.machine import machine_info
 from qbdl.quant import calibrate, convert, prepare, save_qbnn
+from qbdl.quant.backend import int8_summary
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 ARCHS = ("resnet20", "resnet18", "resnet50")
-
-
-def machine_info() -> dict:
-    """CPU model, ISA flags that matter for INT8/BF16, threads and library versions."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "avx_vnni", "fma")))
-    return {
-        "cpu": model,
-        "isa": isa,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "amx": any(f.startswith("amx") for f in flags),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "quantized_engine": torch.backends.quantized.engine,
-    }
 
 
 def _int8_size(model: nn.Module) -> int:
@@ -122,6 +95,14 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
             "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_fresh_prepack, qbnn_int8_bank, qbnn_int8_flipout"
         )
     return out, sizes
+
+
+def _int8_info(model: nn.Module) -> dict:
+    meta = getattr(model, "qbdl_meta", None)
+    if meta is None:
+        return {}
+    i = int8_summary(meta)
+    return {"kernel_families": i["kernel_families"], "reduced_range": i["reduced_range"]}
 
 
 def _clear_peak() -> bool:
@@ -211,6 +192,7 @@ def bench(cfg: DictConfig) -> dict:
                     "size_bytes": sizes[name],
                     "peak_mem_bytes": peak_memory(models[name], x, cfg.mc_samples),
                 }
+                | _int8_info(models[name])
             )
     by = {(r["variant"], r["batch_size"]): r for r in records}
     for r in records:
@@ -269,6 +251,12 @@ def markdown(report: dict) -> str:
         last = by[(v, batches[-1])]
         peak = "-" if last["peak_mem_bytes"] is None else f"{last['peak_mem_bytes'] / 2**20:.0f}"
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {last['size_bytes'] / 2**20:.1f} | {peak} |")
+    kernels = {v: by[(v, batches[-1])] for v in variants if "kernel_families" in by[(v, batches[-1])]}
+    if kernels:
+        lines += ["", "INT8 kernels: " + "; ".join(
+            f"{v} {', '.join(r['kernel_families'])}" + (" (activations 0..127, reduced range)" if r["reduced_range"] else "")
+            for v, r in kernels.items()
+        ) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

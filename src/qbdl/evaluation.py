@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from qbdl import metrics
 from qbdl.bayes import mc_predict
 from qbdl.io import atomic_write_bytes
+from qbdl.quant.backend import int8_summary
 
 
 @dataclass
@@ -132,6 +133,8 @@ def evaluate_variants(
             eval_seconds=secs,
             n_test=n,
         )
+        if getattr(v.model, "qbdl_meta", None) is not None:  # which kernels ran, on which activation range
+            res["int8"] = int8_summary(v.model.qbdl_meta)
         results[v.name] = res
         pbar = p.mean(0)
         ent = metrics.predictive_entropy(p)

@@ -27,6 +27,7 @@ from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
 from qbdl.io import atomic_write_json
 from qbdl.lit.callbacks import EVALUATION_FILE, EvaluationCallback, PTQCallback, find_callback
 from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
+from qbdl.machine import machine_info
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
 
@@ -190,6 +191,7 @@ def run(cfg: DictConfig) -> dict:
             "n_bad_files": len(getattr(dm, "bad_files", [])),
         },
         "config": _config_dict(cfg),
+        "machine": machine_info(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

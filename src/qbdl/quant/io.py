@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import operator
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .backend import FULL_QMAX, kernel_plan
 from .layers import DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
 from .ptq import attach_module
 
@@ -108,6 +110,55 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
     save_file(tensors, path, metadata={"qbdl": json.dumps(meta)})
 
 
+def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
+    """Move a model saved with full-range activations to 0..127 where this CPU's kernels need it (in place).
+
+    Same ranges on a grid half as fine: scales x 255/127, zero points and the int32 biases (units of the input
+    scale) rescaled and rounded; what the model would compute here otherwise saturates.
+    """
+    layers = {
+        t: (s["config"]["kind"], int(s["config"].get("groups", 1)), f"{t}.sigma_q" in tensors)
+        for t, s in meta["modules"].items()
+        if s["type"] == "QuantLayer"
+    }
+    if not layers:
+        return
+    backend = next(s["config"]["backend"] for s in meta["modules"].values() if s["type"] == "QuantLayer")
+    plan = kernel_plan(backend, layers)
+    saved = {
+        int(s["config"].get("qmax", FULL_QMAX)) for s in meta["modules"].values() if s["type"] in _QMODULES
+    }
+    saved.discard(int(plan.qmax))
+    if not saved or max(saved) <= plan.qmax:
+        return
+    old = max(saved)
+    r = old / plan.qmax
+    warnings.warn(
+        f"{path}: saved with INT8 activations in 0..{old}, but on this CPU {'; '.join(plan.why)}: moving them to "
+        f"0..{plan.qmax} (same ranges, half the resolution) so that every kernel stays exact. Re-quantize on this "
+        "machine (or use backend qnnpack) for full resolution.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    for target, spec in meta["modules"].items():
+        c = spec["config"]
+        if spec["type"] in ("Quantize", "QAdd"):
+            c["scale"], c["zero_point"], c["qmax"] = c["scale"] * r, round(c["zero_point"] / r), plan.qmax
+        elif spec["type"] == "QuantLayer":
+            c["in_scale"], c["out_scale"] = c["in_scale"] * r, c["out_scale"] * r
+            c["out_zp"], c["qmax"], c["small_batch_engine"] = (
+                round(c["out_zp"] / r),
+                plan.qmax,
+                plan.small_batch_engine,
+            )
+            for t in ("bias_q", "bias_sigma_q"):
+                if f"{target}.{t}" in tensors:
+                    tensors[f"{target}.{t}"] = torch.round(tensors[f"{target}.{t}"].double() / r).to(
+                        torch.int32
+                    )
+    meta.setdefault("meta", {}).update(plan.as_dict())
+
+
 def load_qbnn(path: str) -> fx.GraphModule:
     """Rebuild a QBNN/QDNN saved by save_qbnn; same seed -> same outputs (the bank is redrawn from the seed)."""
     from safetensors import safe_open
@@ -129,6 +180,7 @@ def load_qbnn(path: str) -> fx.GraphModule:
     meta = json.loads(header["qbdl"])
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+    _fit_activation_range(meta, tensors, str(path))
     root = nn.Module()
     for target, spec in meta["modules"].items():
         kind, cfg = spec["type"], spec["config"]

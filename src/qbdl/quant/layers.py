@@ -9,25 +9,36 @@ import torch
 from torch import Tensor, nn
 
 from . import inplace, native, noise
-from .backend import set_backend
+from .backend import FULL_QMAX, set_backend
 
 SAMPLINGS = ("fresh", "bank", "flipout")
 FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 
 
-class Quantize(nn.Module):
-    """FP32 -> quint8 per tensor with calibrated scale / zero point."""
+def clamp_qmax(y: Tensor, qmax: int) -> Tensor:
+    """Clamp a quint8 activation to 0..qmax in place (reduced range: the next kernel's int16 pairs stay exact)."""
+    if qmax >= FULL_QMAX:
+        return y
+    if native.available():
+        torch.ops.qbdl.as_uint8(y).clamp_(max=qmax)  # a view of y's storage: no copy
+        return y
+    return torch.clamp(y, max=(qmax - y.q_zero_point()) * y.q_scale())
 
-    def __init__(self, scale: float, zero_point: int) -> None:
+
+class Quantize(nn.Module):
+    """FP32 -> quint8 per tensor with calibrated scale / zero point (values 0..qmax)."""
+
+    def __init__(self, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:
         super().__init__()
-        self.scale, self.zero_point = float(scale), int(zero_point)
+        self.scale, self.zero_point, self.qmax = float(scale), int(zero_point), int(qmax)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.quantize_per_tensor(x.float(), self.scale, self.zero_point, torch.quint8)
+        q = torch.quantize_per_tensor(x.float(), self.scale, self.zero_point, torch.quint8)
+        return clamp_qmax(q, self.qmax)
 
     def spec(self) -> dict:
         """JSON-able constructor arguments."""
-        return {"scale": self.scale, "zero_point": self.zero_point}
+        return {"scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
 
 
 class DeQuantize(nn.Module):
@@ -44,17 +55,22 @@ class DeQuantize(nn.Module):
 class QAdd(nn.Module):
     """Quantized residual add (+ReLU) with calibrated output scale / zero point."""
 
-    def __init__(self, relu: bool, scale: float, zero_point: int) -> None:
+    def __init__(self, relu: bool, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:
         super().__init__()
-        self.relu, self.scale, self.zero_point = bool(relu), float(scale), int(zero_point)
+        self.relu, self.scale, self.zero_point, self.qmax = (
+            bool(relu),
+            float(scale),
+            int(zero_point),
+            int(qmax),
+        )
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
-        return op(a, b, self.scale, self.zero_point)
+        return clamp_qmax(op(a, b, self.scale, self.zero_point), self.qmax)
 
     def spec(self) -> dict:
         """JSON-able constructor arguments."""
-        return {"relu": self.relu, "scale": self.scale, "zero_point": self.zero_point}
+        return {"relu": self.relu, "scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
 
 
 class QuantLayer(nn.Module):
@@ -85,6 +101,8 @@ class QuantLayer(nn.Module):
         self.relu: bool = c["relu"]
         self.in_scale: float = c["in_scale"]
         self.out_scale, self.out_zp = float(c["out_scale"]), int(c["out_zp"])
+        # activations 0..qmax (in and out): 127 where a kernel of this model sums u8*s8 pairs in int16
+        self.qmax: int = int(c.get("qmax", FULL_QMAX))
         self.backend: str = c["backend"]
         self.sampling: str = c.get("sampling", "fresh")
         if self.sampling not in SAMPLINGS:
@@ -106,6 +124,9 @@ class QuantLayer(nn.Module):
         if self.bayesian:
             self.mode = c.get("mode", "sample")  # found by qbdl.bayes.sampling()
         self._mc_index: int | None = None
+        # a list: every kernel call appends what it computed with (int8 operands, uint8 in/out), for the
+        # exactness tests against an integer reference (tests/test_quant_isa.py)
+        self.trace: list[dict] | None = None
         self._pending: Future | None = None
         self._pending_draws: tuple | None = None
         self._sampler: inplace.PackedSampler | None = None
@@ -258,7 +279,7 @@ class QuantLayer(nn.Module):
                     )
 
                 mu = pack(self.mu_q, self.mu_scale.float(), x.q_scale(), x.q_zero_point())
-                pert = [pack(w, self._pert_w_scale, 2 * x.q_scale(), 128) for w in self._pert_q]
+                pert = [pack(w, self._pert_w_scale, 2 * x.q_scale(), self._flip_zp) for w in self._pert_q]
             self._flip = (mu, pert)
         return self._flip
 
@@ -285,6 +306,15 @@ class QuantLayer(nn.Module):
             os, oz, torch.uint8, post, [], "",
         )  # fmt: skip
 
+    def _record(self, x: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, y: Tensor, os: float, oz: int,
+                relu: bool, qmax: int) -> None:  # fmt: skip
+        if self.trace is not None:
+            self.trace.append({
+                "x": x.clone(), "xs": xs, "xz": xz, "w": w.clone(), "ws": ws.clone(),
+                "bias": None if bias is None else bias.clone(), "y": y.clone(), "os": os, "oz": oz,
+                "relu": relu, "qmax": qmax, "kind": self.kind, "config": dict(self.config),
+            })  # fmt: skip
+
     def _flipout_forward(self, x: Tensor) -> Tensor:
         """y = conv(x, mu) + s_out * conv(x * s_in, delta_k): per-example, per-channel signs (Wen et al. 2018)."""
         if x.dim() == 4:
@@ -299,17 +329,26 @@ class QuantLayer(nn.Module):
         c = self.config
         xs, xz = x.q_scale(), x.q_zero_point()
         xu = torch.ops.qbdl.as_uint8(x)
-        y1 = self._onednn(
-            xu, xs, xz, mu, self.mu_scale.float(), self._bias(eps_b), c["mean_scale"], c["mean_zp"]
+        bias = self._bias(eps_b)
+        y1 = self._onednn(xu, xs, xz, mu, self.mu_scale.float(), bias, c["mean_scale"], c["mean_zp"])
+        self._record(
+            xu, xs, xz, self.mu_q, self.mu_scale, bias, y1, c["mean_scale"], c["mean_zp"], False, 255
         )
-        # x * s_in needs signs: uint8 with zero point 128 at twice the scale (one bit of the input lost)
-        xf = torch.ops.qbdl.flip_requant(xu, s_in, xz, 0.5, 128)
-        y2 = self._onednn(xf, 2 * xs, 128, pert[k], self._pert_w_scale, None, c["pert_scale"], 128)
+        # x * s_in needs signs: uint8 with zero point (qmax+1)/2 at twice the scale (one bit of the input lost;
+        # reduced range: 0..128 at most, whose int16 pair sums 2 * 128 * 127 still fit)
+        xf = torch.ops.qbdl.flip_requant(xu, s_in, xz, 0.5, self._flip_zp)
+        y2 = self._onednn(xf, 2 * xs, self._flip_zp, pert[k], self._pert_w_scale, None, c["pert_scale"], 128)
+        self._record(xf, 2 * xs, self._flip_zp, self._pert_q[k], self._pert_w_scale, None, y2, c["pert_scale"],
+                     128, False, 255)  # fmt: skip
         out = torch.ops.qbdl.signed_add(
             y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, self.out_scale, self.out_zp,
             self.relu,
         )  # fmt: skip
-        return torch.ops.qbdl.as_quint8(out, self.out_scale, self.out_zp)
+        return clamp_qmax(torch.ops.qbdl.as_quint8(out, self.out_scale, self.out_zp), self.qmax)
+
+    @property
+    def _flip_zp(self) -> int:
+        return (self.qmax + 1) // 2
 
     def set_mc_index(self, index: int | None) -> None:
         """Select bank entry index mod K for the following forwards (None: a random entry per forward)."""
@@ -370,12 +409,18 @@ class QuantLayer(nn.Module):
 
     def _inplace_forward(self, x: Tensor, sampler: inplace.PackedSampler, draws: tuple) -> Tensor:
         offset, negate, eps_b = draws
-        w = sampler.sample(offset, negate)
+        w, bias = sampler.sample(offset, negate), self._bias(eps_b)
+        xu = torch.ops.qbdl.as_uint8(x)
         y = self._onednn(
-            torch.ops.qbdl.as_uint8(x), x.q_scale(), x.q_zero_point(), w, self._w_scale.float(),
-            self._bias(eps_b), self.out_scale, self.out_zp, "relu" if self.relu else "none",
+            xu, x.q_scale(), x.q_zero_point(), w, self._w_scale.float(),
+            bias, self.out_scale, self.out_zp, "relu" if self.relu else "none",
         )  # fmt: skip
-        return torch.ops.qbdl.as_quint8(y, self.out_scale, self.out_zp)
+        y = clamp_qmax(torch.ops.qbdl.as_quint8(y, self.out_scale, self.out_zp), self.qmax)
+        if self.trace is not None:
+            wq = sampler.unpacked(w, tuple(self.mu_q.shape))
+            self._record(xu, x.q_scale(), x.q_zero_point(), wq, self._w_scale, bias, torch.ops.qbdl.as_uint8(y),
+                         self.out_scale, self.out_zp, self.relu, self.qmax)  # fmt: skip
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         # Kernels run whatever engine packed the weights; only packing reads the global engine.
@@ -398,7 +443,7 @@ class QuantLayer(nn.Module):
             packed, self._pending = self._pending.result(), None
         else:
             engine = torch.backends.quantized.engine
-            torch.backends.quantized.engine = fresh_pack_engine(self.backend, x.shape[0])
+            torch.backends.quantized.engine = fresh_pack_engine(self, x.shape[0])
             try:
                 packed = self._pack(*self._sample(None))
             finally:
@@ -407,7 +452,12 @@ class QuantLayer(nn.Module):
             op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
         else:
             op = getattr(torch.ops.quantized, f"{self.kind}_relu" if self.relu else self.kind)
-        return op(x, packed, self.out_scale, self.out_zp)
+        y = clamp_qmax(op(x, packed, self.out_scale, self.out_zp), self.qmax)
+        if self.trace is not None:
+            w, bias = packed.unpack()
+            self._record(x.int_repr(), x.q_scale(), x.q_zero_point(), w.int_repr(), w.q_per_channel_scales(), bias,
+                         y.int_repr(), self.out_scale, self.out_zp, self.relu, self.qmax)  # fmt: skip
+        return y
 
     def set_sampling(self, sampling: str, bank_size: int | None = None, seed: int | None = None) -> None:
         """Switch between 'fresh' and 'bank' (rebuilds the bank)."""
@@ -449,20 +499,15 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 SMALL_BATCH = 4
 
 
-def fresh_pack_engine(backend: str, batch: int) -> str:
-    """Engine that packs fresh samples: fbgemm for x86/onednn at batch <= SMALL_BATCH, else `backend`.
+def fresh_pack_engine(layer: QuantLayer, batch: int) -> str:
+    """Engine that packs fresh samples: the plan's small-batch engine (fbgemm where it is exact) at batch <=
+    SMALL_BATCH, else the layer's backend.
 
     Why: at small batch re-packing dominates a fresh forward and fbgemm packs ~1.3-2x faster than
     oneDNN here; at large batch oneDNN's faster kernels matter more. Packed params carry their own
     kernels, so the layers of one model may mix engines. Depends only on the batch size: deterministic.
     """
-    if (
-        backend in ("x86", "onednn")
-        and batch <= SMALL_BATCH
-        and "fbgemm" in torch.backends.quantized.supported_engines
-    ):
-        return "fbgemm"
-    return backend
+    return layer.config.get("small_batch_engine", layer.backend) if batch <= SMALL_BATCH else layer.backend
 
 
 def _prefetch_hook(model: nn.Module, args) -> None:
@@ -477,7 +522,7 @@ def _prefetch_hook(model: nn.Module, args) -> None:
     batch = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() > 0 else 1
     # set once, before the workers start, restored by the post-hook: no thread switches it mid-forward
     model._qbdl_engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = fresh_pack_engine(layers[0].backend, batch)
+    torch.backends.quantized.engine = fresh_pack_engine(layers[0], batch)
     # Draw every layer's random numbers now, in layer order (exactly what the sequential path draws), then
     # sample + pack in worker threads while the forward runs: packing is the dominant cost at small batch.
     for m in layers:

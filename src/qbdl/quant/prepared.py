@@ -20,6 +20,10 @@ def _chan_view(t: Tensor, dim: int, ndim: int) -> Tensor:
 class _Observed(nn.Module):
     obs: ActObserver
     fq_bits: int | None
+    act_qmax: int = 255  # the INT8 graph's activation range (kernel plan): fake quant uses the same grid
+
+    def _fq_act(self, y: Tensor) -> Tensor:
+        return fake_quant_act(y, self.obs, min(self.fq_bits, self.act_qmax.bit_length()))
 
     def _observe(self, y: Tensor) -> Tensor:
         # Ranges move during calibration (FP32) and QAT training, never while evaluating a fake-quant model.
@@ -113,7 +117,7 @@ class PreparedLayer(_Observed):
         if self.relu:
             y = F.relu(y)
         y = self._observe(y)
-        return y if self.fq_bits is None else fake_quant_act(y, self.obs, self.fq_bits)
+        return y if self.fq_bits is None else self._fq_act(y)
 
 
 class ObservedQuant(_Observed):
@@ -126,7 +130,7 @@ class ObservedQuant(_Observed):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._observe(x)
-        return x if self.fq_bits is None else fake_quant_act(x, self.obs, self.fq_bits)
+        return x if self.fq_bits is None else self._fq_act(x)
 
 
 class ObservedAdd(_Observed):
@@ -143,7 +147,7 @@ class ObservedAdd(_Observed):
         if self.relu:
             y = F.relu(y)
         y = self._observe(y)
-        return y if self.fq_bits is None else fake_quant_act(y, self.obs, self.fq_bits)
+        return y if self.fq_bits is None else self._fq_act(y)
 
 
 class DeQuantMarker(nn.Module):

@@ -21,7 +21,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from ..bayes.layers import BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianLayer, BayesianLinear
 from ..bayes.predict import sample_seed, sampling
 from . import noise
-from .backend import check_backend, set_backend
+from .backend import KernelPlan, check_backend, kernel_plan, set_backend
 from .fold import fold_bn
 from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
 from .observers import OBSERVERS, ActObserver
@@ -175,6 +175,11 @@ def prepare(
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.qbdl_config = {"backend": backend or "x86", "observer": observer}
+    if backend is not None:  # QAT fake-quantizes activations on the grid the INT8 kernels will use
+        qmax = plan_for(gm, backend).qmax
+        for m in _observers(gm):
+            m.act_qmax = qmax
+        gm.qbdl_config["activation_qmax"] = qmax
     return gm.to(device)
 
 
@@ -215,13 +220,30 @@ def calibrate(prepared: nn.Module, batches: Iterable, mc_samples: int = 4, seed:
     return prepared
 
 
-def _input_qparams(gm: fx.GraphModule, node: fx.Node) -> tuple[float, int]:
+def _layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, (BayesianLinear, nn.Linear)):
+        return "linear"
+    nd = {BayesianConv1d: 1, BayesianConv2d: 2, BayesianConv3d: 3, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+    return f"conv{next(v for k, v in nd.items() if isinstance(layer, k))}d"
+
+
+def plan_for(prepared: nn.Module, backend: str) -> KernelPlan:
+    """The kernel plan (activation range, kernel families per layer) of a prepared model on `backend`."""
+    layers = {
+        name: (_layer_kind(m.layer), int(getattr(m.layer, "groups", 1)), m.bayesian)
+        for name, m in prepared.named_modules()
+        if isinstance(m, PreparedLayer)
+    }
+    return kernel_plan(backend, layers)
+
+
+def _input_qparams(gm: fx.GraphModule, node: fx.Node, bits: int = 8) -> tuple[float, int]:
     """qparams of the activation feeding `node`: walk back through shape/pool ops to an observed producer."""
     src = node.args[0]
     while isinstance(src, fx.Node):
         mod = _module(gm, src)
         if isinstance(mod, (PreparedLayer, ObservedQuant, ObservedAdd)):
-            return mod.obs.qparams()
+            return mod.obs.qparams(bits=bits)
         nxt = [a for a in src.args if isinstance(a, fx.Node)]
         if not nxt:
             break
@@ -236,25 +258,15 @@ def _deq(q: Tensor, scale: Tensor) -> Tensor:
 @torch.no_grad()
 def _quantize_layer(prep: PreparedLayer, in_scale: float, config: dict) -> QuantLayer:
     layer = prep.layer
-    if isinstance(layer, (BayesianLinear, nn.Linear)):
-        kind = "linear"
-    else:
-        nd = {
-            BayesianConv1d: 1,
-            BayesianConv2d: 2,
-            BayesianConv3d: 3,
-            nn.Conv1d: 1,
-            nn.Conv2d: 2,
-            nn.Conv3d: 3,
-        }
-        kind = f"conv{next(v for k, v in nd.items() if isinstance(layer, k))}d"
+    kind = _layer_kind(layer)
+    if kind != "linear":
         config.update(
             stride=list(layer.stride),
             padding=list(layer.padding),
             dilation=list(layer.dilation),
             groups=layer.groups,
         )
-    out_scale, out_zp = prep.obs.qparams()
+    out_scale, out_zp = prep.obs.qparams(bits=config["qmax"].bit_length())
     config.update(kind=kind, relu=prep.relu, in_scale=in_scale, out_scale=out_scale, out_zp=out_zp)
     bayes = isinstance(layer, BayesianLayer)
     mu = (layer.mu_weight if bayes else layer.weight).detach().float().cpu()
@@ -314,14 +326,18 @@ def convert(
     backend = backend or getattr(prepared, "qbdl_config", {}).get("backend", "x86")
     set_backend(backend)
     gm = prepared
+    plan = plan_for(gm, backend)
+    qmax, bits = plan.qmax, plan.qmax.bit_length()
     new_modules: dict[str, nn.Module] = {}
     index = 0
     bayes = False
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if isinstance(mod, PreparedLayer):
-            in_scale, _ = _input_qparams(gm, node)
+            in_scale, _ = _input_qparams(gm, node, bits)
             config = {
+                "qmax": qmax,
+                "small_batch_engine": plan.small_batch_engine,
                 "backend": backend,
                 "sampling": mode,
                 "bank_size": bank_size,
@@ -333,7 +349,7 @@ def convert(
                 config["mode"] = mod.layer.mode
                 bayes = True
                 if mod.obs_mean is not None and mod.obs_mean.initialized:
-                    config["mean_scale"], config["mean_zp"] = mod.obs_mean.qparams()
+                    config["mean_scale"], config["mean_zp"] = mod.obs_mean.qparams()  # an output: full range
                     lo, hi = mod.obs_pert.range()
                     config["pert_scale"] = max(abs(lo), abs(hi), 1e-8) / 127  # zero point 128: symmetric
                 elif mode == "flipout":
@@ -345,9 +361,9 @@ def convert(
             new_modules[node.target] = _quantize_layer(mod, in_scale, config)
             index += 1
         elif isinstance(mod, ObservedQuant):
-            new_modules[node.target] = Quantize(*mod.obs.qparams())
+            new_modules[node.target] = Quantize(*mod.obs.qparams(bits=bits), qmax=qmax)
         elif isinstance(mod, ObservedAdd):
-            new_modules[node.target] = QAdd(mod.relu, *mod.obs.qparams())
+            new_modules[node.target] = QAdd(mod.relu, *mod.obs.qparams(bits=bits), qmax=qmax)
         elif isinstance(mod, DeQuantMarker):
             new_modules[node.target] = DeQuantize()
     root = nn.Module()
@@ -365,6 +381,7 @@ def convert(
         "bank_size": bank_size,
         "seed": seed,
         "backend": backend,
+        **plan.as_dict(),
     }
     return enable_prefetch(q, pack_workers)
 

@@ -38,7 +38,17 @@ def format_table(variants: dict, target: float | None = None) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    return "\n".join([sep, line(header), sep, *map(line, rows), sep])
+    return "\n".join([sep, line(header), sep, *map(line, rows), sep, *int8_notes(variants)])
+
+
+def int8_notes(variants: dict) -> list[str]:
+    """One line per INT8 variant whose activations use the reduced 0..127 range, saying why."""
+    return [
+        f"{name}: INT8 activations in 0..127 (reduced range) on {', '.join(r['int8']['kernel_families'])}: "
+        + "; ".join(r["int8"]["why"])
+        for name, r in variants.items()
+        if isinstance(r.get("int8"), dict) and r["int8"].get("reduced_range")
+    ]
 
 
 def markdown_table(variants: dict, target: float | None = None) -> str:
