@@ -9,7 +9,6 @@ from helpers_run import compose_config
 from qbdl.run import run
 
 RESNET50_TINY = [
-    "model.weights=null",
     "data.image_size=32",
     "data.batch_size=8",
     "data.num_workers=0",
@@ -30,7 +29,26 @@ def _check(out, variants, ood_sets, num_classes):
     return res
 
 
-def test_imagenet_ptq(tmp_path):
+RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+
+
+@pytest.fixture
+def weights_download(monkeypatch):
+    """The one call replaced: torchvision's download of pretrained weights (records the URLs asked for)."""
+    import torchvision
+    import torchvision.models._api as api
+
+    calls = []
+
+    def fake(url, *args, **kwargs):
+        calls.append(url)
+        return torchvision.models.resnet50().state_dict()  # real keys and shapes, random values
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", fake)
+    return calls
+
+
+def test_imagenet_ptq(tmp_path, weights_download):
     root = make_imagenet(tmp_path / "imagenet", n_classes=3, n_per_class=6, n_val_per_class=3)
     cfg = compose_config(
         tmp_path / "run",
@@ -44,9 +62,57 @@ def test_imagenet_ptq(tmp_path):
     )
     assert cfg.bnn.optimizer.lr == 1e-4 and cfg.bnn.optimizer.momentum == 0.9
     assert cfg.bnn.max_epochs == 1 and cfg.model._target_.endswith("resnet50")
+    assert cfg.model.weights == "IMAGENET1K_V1"  # as the experiment file says
     run(cfg)
+    assert weights_download == [RESNET50_URL]
     res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], [], 3)
     assert res["variants"]["qbnn"]["size_bytes"] < 0.27 * res["variants"]["bnn"]["size_bytes"]
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V1", "DEFAULT"])
+def test_weights_names_resolve_against_the_architecture(name, weights_download):
+    from qbdl.models import resnet50
+
+    resnet50(num_classes=3, weights=name)
+    assert weights_download == [RESNET50_URL if name != "DEFAULT" else weights_download[0]]
+    assert weights_download[0].startswith("https://download.pytorch.org/models/resnet50-")
+
+
+def test_unknown_weights_name_lists_the_valid_ones():
+    from qbdl.models import resnet18
+
+    with pytest.raises(ValueError, match=r"'IMAGENET1K_V1', 'DEFAULT'.*model.weights_path"):
+        resnet18(weights="IMAGENET1K_V2")
+
+
+_OFFLINE = """
+import sys
+from urllib.error import URLError
+import torchvision.models._api as api
+
+def offline(url, *args, **kwargs):  # the one call replaced: what urllib raises with no network
+    raise URLError("[Errno -3] Temporary failure in name resolution")
+
+api.load_state_dict_from_url = offline
+from qbdl.run import main
+sys.argv = ["qbdl.run", *sys.argv[1:]]
+main()
+"""
+
+
+def test_offline_imagenet_ptq_names_the_file_and_weights_path(tmp_path):
+    import subprocess
+    import sys
+
+    root = make_imagenet(tmp_path / "imagenet", n_classes=2, n_per_class=2, n_val_per_class=1)
+    args = ["+experiment=imagenet_ptq", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _OFFLINE, *args], capture_output=True, text=True, timeout=300
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert "resnet50-0676ba61.pth" in text and RESNET50_URL in text and "model.weights_path" in text
+    assert "Traceback" not in text
 
 
 def test_colorectal_ptq_with_camelyon17_ood(tmp_path):

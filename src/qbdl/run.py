@@ -28,6 +28,7 @@ from qbdl.io import atomic_write_json
 from qbdl.lit.callbacks import EVALUATION_FILE, EvaluationCallback, PTQCallback, find_callback
 from qbdl.lit.module import BayesianClassifier, NonFiniteLossError
 from qbdl.machine import machine_info
+from qbdl.models.resnet import WeightsUnavailableError
 from qbdl.report.table import format_table
 from qbdl.stages import build_ood_loaders, load_state, save_state
 
@@ -35,6 +36,7 @@ log = logging.getLogger("qbdl")
 # Errors that describe bad input or configuration (their messages say what to fix).
 USER_ERRORS = (
     DataNotFoundError,
+    WeightsUnavailableError,
     BadImageError,
     DataLeakError,
     FileNotFoundError,

@@ -100,10 +100,7 @@ def _torchvision_resnet(
         if isinstance(block, tvq.resnet.QuantizableBottleneck):
             block.relu1, block.relu2 = nn.ReLU(), nn.ReLU()
     if weights:
-        from torchvision.models import get_weight
-
-        state = get_weight(weights).get_state_dict(progress=False, check_hash=True)
-        model.load_state_dict(state)
+        model.load_state_dict(download_weights(resolve_weights(arch, weights)))
     elif weights_path:
         load_weights(model, weights_path)
     if in_chans != 3:
@@ -111,6 +108,42 @@ def _torchvision_resnet(
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
+
+
+def resolve_weights(arch: str, name: str):
+    """torchvision weights of `arch` named `name`: 'IMAGENET1K_V1', 'DEFAULT' or 'ResNet50_Weights.IMAGENET1K_V1'."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    valid = [w.name for w in enum] + ["DEFAULT"]
+    prefix, _, short = str(name).rpartition(".")
+    if prefix in ("", enum.__name__) and short in valid:
+        return enum.DEFAULT if short == "DEFAULT" else enum[short]
+    raise ValueError(
+        f"unknown torchvision weights {name!r} for {arch}: valid names are {valid} (or "
+        f"{enum.__name__}.<name>). Set model.weights to one of them, or model.weights=null "
+        "model.weights_path=/path/to/weights.pth to load a local file."
+    )
+
+
+def download_weights(weights) -> dict:
+    """The state dict of torchvision `weights` (torch hub cache, else a download); offline: a clear error."""
+    from torch.hub import get_dir
+
+    file = weights.url.rsplit("/", 1)[-1]
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as exc:  # URLError, socket errors: no network here
+        raise WeightsUnavailableError(
+            f"cannot download the pretrained weights {type(weights).__name__}.{weights.name} "
+            f"({type(exc).__name__}: {exc}). Offline, download {file} from {weights.url} on a machine with "
+            f"internet and either put it in {os.path.join(get_dir(), 'checkpoints')} (torch's hub cache) or "
+            f"run with model.weights=null model.weights_path=/path/to/{file}."
+        ) from exc
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (offline) and no local file was given."""
 
 
 def resnet18(
