@@ -15,7 +15,7 @@ from qbdl.data import DigitsDataModule, ImageSpec, SpecTransform, check_no_leak,
 from qbdl.data.base import TransformSubset, match_channels, seeded_subset
 from qbdl.data.errors import DataLeakError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[1] / "src" / "qbdl" / "conf" / "data"
 NAMES = ["digits", "imagenet", "colorectal", "camelyon17", "mnist", "fashion_mnist", "cifar10", "svhn"]
 
 

@@ -115,7 +115,7 @@ def test_offline_imagenet_ptq_names_the_file_and_weights_path(tmp_path):
     assert "Traceback" not in text
 
 
-def test_colorectal_ptq_with_camelyon17_ood(tmp_path):
+def test_colorectal_ptq_with_camelyon17_ood(tmp_path, weights_download):
     root = make_colorectal(tmp_path / "colorectal", n_per_class=10, size=48, as_zip=True)
     wilds_root = make_camelyon17(tmp_path / "wilds", n_per_split=8, size=96)
     cfg = compose_config(
@@ -129,6 +129,7 @@ def test_colorectal_ptq_with_camelyon17_ood(tmp_path):
         ],
     )
     run(cfg)
+    assert weights_download == [RESNET50_URL]  # ImageNet-pretrained, as the experiment file says
     res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["camelyon17"], 8)
     assert res["config"]["eval"]["target_accuracy"] == 0.995
     assert res["variants"]["bnn"]["ood_auroc"] == res["variants"]["bnn"]["ood"]["camelyon17"]["auroc"]
@@ -186,3 +187,29 @@ def test_missing_data_root_names_layout_and_source(tmp_path, name):
     assert proc.returncode == 2 and time.time() - t0 < 60
     assert "/no/such/dir" in text and "Expected layout" in text and "How to get it" in text
     assert "Traceback" not in text
+
+
+def test_digits32_runs_at_its_own_size(tmp_path):
+    from helpers_run import TINY
+
+    cfg = compose_config(
+        tmp_path / "run",
+        [*[o for o in TINY if not o.startswith("data.image_size")], "+experiment=digits32"],
+        tiny=False,
+    )
+    assert cfg.data.image_size == 32
+    run(cfg)
+    _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["photos", "rotated"], 10)
+
+
+def test_every_experiment_file_has_a_test():
+    from pathlib import Path
+
+    from qbdl.run import CONF_DIR
+
+    names = {p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")}
+    text = Path(__file__).read_text() + (Path(__file__).parent / "test_sweeps.py").read_text()
+    missing = sorted(
+        n for n in names if f"experiment={n}" not in text
+    )  # test_sweeps: {_plus(...)}experiment=
+    assert names and not missing, missing

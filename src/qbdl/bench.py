@@ -25,7 +25,7 @@ from qbdl.machine import machine_info
 from qbdl.quant import calibrate, convert, prepare, save_qbnn
 from qbdl.quant.backend import int8_summary
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: wheels carry it
 ARCHS = ("resnet20", "resnet18", "resnet50")
 
 

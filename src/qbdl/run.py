@@ -43,7 +43,7 @@ USER_ERRORS = (
     NonFiniteLossError,
     ValueError,
 )
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: wheels carry it
 
 
 def _sync_csv_header(logger) -> None:

@@ -1,0 +1,307 @@
+"""Throughput and memory benchmark: python -m qbdl.bench [arch=resnet50] ['batch_sizes=[1,8,32]'] ...
+
+Variants side by side in one process, interleaved, medians of repeated timings: deterministic FP32 and
+INT8, FP32 BNN (fresh samples; bank of pre-drawn samples), INT8 QBNN (fresh; bank), optionally BF16.
+Writes bench.json, bench.md (the paper's Table 1 shape) and plots into out_dir.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qbdl.bayes import WeightBank, dnn_to_bnn, set_mc_index
+from qbdl.evaluation import state_dict_bytes
+from qbdl.io import atomic_write_bytes, atomic_write_json
+from qbdl.machine import machine_info
+from qbdl.quant import calibrate, convert, prepare, save_qbnn
+from qbdl.quant.backend import int8_summary
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: wheels carry it
+ARCHS = ("resnet20", "resnet18", "resnet50")
+
+
+def _int8_size(model: nn.Module) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.qbdl"
+        save_qbnn(model, str(path))
+        return path.stat().st_size
+
+
+class _BF16(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x)
+
+
+def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """The requested variants of one random-weight network, and their model sizes on disk."""
+    from qbdl import models
+
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {ARCHS}")
+    torch.manual_seed(cfg.seed)
+    dnn = getattr(models, cfg.arch)(num_classes=cfg.num_classes, in_chans=cfg.in_chans).eval()
+    calib = [torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size) for _ in range(cfg.calib_batches)]
+    want = set(cfg.variants) | ({"dnn_bf16"} if cfg.bf16 else set())
+    out: dict[str, nn.Module] = {}
+    sizes: dict[str, int] = {}
+    if "dnn_fp32" in want:
+        out["dnn_fp32"], sizes["dnn_fp32"] = dnn, state_dict_bytes(dnn)
+    if "dnn_bf16" in want:
+        out["dnn_bf16"], sizes["dnn_bf16"] = _BF16(dnn), state_dict_bytes(dnn) // 2
+    if "dnn_int8" in want:
+        q = convert(calibrate(prepare(dnn, backend=cfg.backend), calib, mc_samples=1), backend=cfg.backend)
+        out["dnn_int8"], sizes["dnn_int8"] = q, _int8_size(q)
+    bnn = dnn_to_bnn(dnn, moped_delta=cfg.moped_delta).eval()
+    if "bnn_fp32" in want:
+        out["bnn_fp32"], sizes["bnn_fp32"] = bnn, state_dict_bytes(bnn)
+    if "bnn_fp32_bank" in want:
+        out["bnn_fp32_bank"] = WeightBank(bnn, cfg.bank_size, seed=cfg.seed)
+        sizes["bnn_fp32_bank"] = state_dict_bytes(bnn)  # the bank is redrawn from the seed, not stored
+    qbnns = {  # name: (sampling, fresh_kernel); fresh_prepack: the re-packing path, for comparison
+        "qbnn_int8_fresh": ("fresh", "auto"),
+        "qbnn_int8_fresh_prepack": ("fresh", "prepack"),
+        "qbnn_int8_bank": ("bank", "auto"),
+        "qbnn_int8_flipout": ("flipout", "auto"),
+    }
+    if want & set(qbnns):
+        per_example = "qbnn_int8_flipout" in want
+        prep = prepare(bnn, backend=cfg.backend, per_example=per_example)
+        prep = calibrate(prep, calib, mc_samples=1, seed=cfg.seed)
+        for name, (mode, kernel) in qbnns.items():
+            if name in want:
+                q = convert(
+                    prep, mode=mode, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend,
+                    fresh_kernel=kernel,
+                )  # fmt: skip
+                out[name], sizes[name] = q, _int8_size(q)
+    unknown = want - set(out)
+    if unknown:
+        raise ValueError(
+            f"unknown variants {sorted(unknown)}; known: dnn_fp32, dnn_bf16, dnn_int8, bnn_fp32, "
+            "bnn_fp32_bank, qbnn_int8_fresh, qbnn_int8_fresh_prepack, qbnn_int8_bank, qbnn_int8_flipout"
+        )
+    return out, sizes
+
+
+def _int8_info(model: nn.Module) -> dict:
+    meta = getattr(model, "qbdl_meta", None)
+    if meta is None:
+        return {}
+    i = int8_summary(meta)
+    return {"kernel_families": i["kernel_families"], "reduced_range": i["reduced_range"]}
+
+
+def _clear_peak() -> bool:
+    try:  # "5" resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@torch.no_grad()
+def _mc_forward(model: nn.Module, x: torch.Tensor, samples: int) -> None:
+    for s in range(samples):
+        set_mc_index(model, s)
+        model(x)
+    set_mc_index(model, None)
+
+
+@torch.no_grad()
+def peak_memory(model: nn.Module, x: torch.Tensor, samples: int) -> int | None:
+    """Peak resident memory above the pre-call level during one MC prediction (bytes; None if unknown)."""
+    if not _clear_peak():
+        return None
+    before = _rss("VmRSS")
+    _mc_forward(model, x, samples)
+    peak = _rss("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+@torch.no_grad()
+def time_interleaved(
+    models: dict[str, nn.Module], x: torch.Tensor, samples: int, reps: int, warmup: int, budget_s: float
+) -> dict[str, list[float]]:
+    """Seconds per MC prediction of each model, repetitions interleaved across models."""
+    for m in models.values():
+        for _ in range(warmup):
+            _mc_forward(m, x, samples)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    t_end = time.perf_counter() + budget_s
+    for r in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            _mc_forward(m, x, samples)
+            times[k].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() > t_end:
+            break
+    return times
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Run the benchmark; returns (and writes) the bench.json content."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    t0 = time.perf_counter()
+    models, sizes = build_variants(cfg)
+    build_s = time.perf_counter() - t0
+    records = []
+    for b in cfg.batch_sizes:
+        x = torch.randn(b, cfg.in_chans, cfg.image_size, cfg.image_size)
+        times = time_interleaved(
+            models, x, cfg.mc_samples, cfg.reps, cfg.warmup, cfg.budget_s / len(cfg.batch_sizes)
+        )
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            records.append(
+                {
+                    "variant": name,
+                    "batch_size": b,
+                    "mc_samples": cfg.mc_samples,
+                    "images_per_s": b / med,
+                    "median_s": med,
+                    "min_s": min(ts),
+                    "max_s": max(ts),
+                    "reps": len(ts),
+                    "size_bytes": sizes[name],
+                    "peak_mem_bytes": peak_memory(models[name], x, cfg.mc_samples),
+                }
+                | _int8_info(models[name])
+            )
+    by = {(r["variant"], r["batch_size"]): r for r in records}
+    for r in records:
+        for ref in ("bnn_fp32", "dnn_int8"):
+            if (ref, r["batch_size"]) in by:
+                r[f"speedup_vs_{ref}"] = r["images_per_s"] / by[(ref, r["batch_size"])]["images_per_s"]
+    report = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "machine": machine_info(),
+        "build_s": build_s,
+        "results": records,
+    }
+    atomic_write_json(out_dir / "bench.json", report)
+    atomic_write_bytes(out_dir / "bench.md", markdown(report).encode())
+    plot(report, out_dir)
+    return report
+
+
+def markdown(report: dict) -> str:
+    """Table 1 shape (batch, BNN FP32, QBNN INT8, speedup) and the full table of every variant."""
+    res = report["results"]
+    by = {(r["variant"], r["batch_size"]): r for r in res}
+    batches = sorted({r["batch_size"] for r in res})
+    variants = list(dict.fromkeys(r["variant"] for r in res))
+    m = report["machine"]
+    lines = [
+        f"# qbdl bench: {report['config']['arch']} {report['config']['image_size']}x{report['config']['image_size']}, "
+        f"{report['config']['mc_samples']} MC sample(s), {m['threads']} threads, {m['cpu']}",
+        "",
+        f"ISA: {', '.join(m['isa'])}; torch {m['torch']}; INT8 backend {report['config']['backend']}. "
+        "Images/s are medians of interleaved repetitions.",
+        "",
+    ]
+    for fp, q in (("bnn_fp32", "qbnn_int8_fresh"), ("bnn_fp32_bank", "qbnn_int8_bank")):
+        if any((fp, b) in by and (q, b) in by for b in batches):
+            lines += [
+                f"| batch size | BNN FP32 ({fp}) img/s | QBNN INT8 ({q}) img/s | speedup |",
+                "|---|---|---|---|",
+            ]
+            for b in batches:
+                if (fp, b) in by and (q, b) in by:
+                    f, i = by[(fp, b)]["images_per_s"], by[(q, b)]["images_per_s"]
+                    lines.append(f"| {b} | {f:.1f} | {i:.1f} | {i / f:.2f}x |")
+            lines.append("")
+    lines += [
+        "| variant | " + " | ".join(f"b={b} img/s (vs int8)" for b in batches) + " | size MiB | peak MiB |",
+        "|---|" + "---|" * (len(batches) + 2),
+    ]
+    for v in variants:
+        cells = []
+        for b in batches:
+            r = by.get((v, b))
+            cells.append(
+                "-" if r is None else f"{r['images_per_s']:.1f} ({r.get('speedup_vs_dnn_int8', 0):.2f}x)"
+            )
+        last = by[(v, batches[-1])]
+        peak = "-" if last["peak_mem_bytes"] is None else f"{last['peak_mem_bytes'] / 2**20:.0f}"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {last['size_bytes'] / 2**20:.1f} | {peak} |")
+    kernels = {v: by[(v, batches[-1])] for v in variants if "kernel_families" in by[(v, batches[-1])]}
+    if kernels:
+        lines += ["", "INT8 kernels: " + "; ".join(
+            f"{v} {', '.join(r['kernel_families'])}" + (" (activations 0..127, reduced range)" if r["reduced_range"] else "")
+            for v, r in kernels.items()
+        ) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out_dir: Path) -> None:
+    """Throughput vs batch size, and speedup bars of the QBNN over the FP32 BNN (paper fig. 5)."""
+    from matplotlib.figure import Figure
+
+    from qbdl.report.plots import save_figure
+
+    res = report["results"]
+    variants = list(dict.fromkeys(r["variant"] for r in res))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for v in variants:
+        pts = sorted((r["batch_size"], r["images_per_s"]) for r in res if r["variant"] == v)
+        ax.plot(*zip(*pts), marker="o", label=v)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images/s", title="Throughput")
+    ax.legend(fontsize="small")
+    save_figure(fig, out_dir / "throughput.png")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    pairs = [("qbnn_int8_fresh", "fresh"), ("qbnn_int8_bank", "bank")]
+    batches = sorted({r["batch_size"] for r in res})
+    width = 0.8 / len(pairs)
+    for i, (v, label) in enumerate(pairs):
+        sp = [
+            next((r.get("speedup_vs_bnn_fp32") for r in res if r["variant"] == v and r["batch_size"] == b), 0)
+            or 0
+            for b in batches
+        ]
+        ax.bar([j + i * width for j in range(len(batches))], sp, width, label=f"QBNN INT8 {label}")
+    ax.set_xticks([j + width / 2 for j in range(len(batches))], [str(b) for b in batches])
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(xlabel="batch size", ylabel="speedup vs FP32 BNN", title="INT8 QBNN speedup")
+    ax.legend(fontsize="small")
+    save_figure(fig, out_dir / "speedup.png")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    report = bench(cfg)
+    print(markdown(report))
+    print(f"written: {Path(cfg.out_dir) / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

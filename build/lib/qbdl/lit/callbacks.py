@@ -1,0 +1,216 @@
+"""Callbacks run after the BNN fit: post-training quantization, then uncertainty evaluation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from torch import nn
+from tqdm.auto import tqdm
+
+from qbdl import quant
+from qbdl.bayes import sampling
+from qbdl.evaluation import Variant, evaluate_variants, save_plots, save_predictions, state_dict_bytes
+from qbdl.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+EVALUATION_FILE = "evaluation.json"  # the evaluation callback's results, written by rank 0
+
+
+def find_callback(callbacks: list, cls: type):
+    """The first callback of type `cls`, or None."""
+    return next((c for c in callbacks if isinstance(c, cls)), None)
+
+
+class MeanWeights(nn.Module):
+    """The BNN run on its posterior-mean weights: the control for 'Bayesian averaging vs extra training'."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with sampling(self.model, "mean"):
+            return self.model(x)
+
+
+class PTQCallback(L.Callback):
+    """After fit: prepare -> calibrate on training batches -> convert, for the BNN (qbnn) and the DNN (qdnn)."""
+
+    def __init__(
+        self,
+        backend: str,
+        mode: str,
+        bank_size: int,
+        fresh_kernel: str,
+        calib_batches: int,
+        calib_batch_size: int | None,
+        mc_samples: int,
+        observer: str,
+        seed: int,
+        quantize_dnn: bool,
+        out_dir: str,
+    ) -> None:
+        # Fail at start-up, not after hours of training: the options are only used once the fit ends.
+        quant.check_backend(backend)
+        for name, value, allowed in (
+            ("mode", mode, quant.SAMPLINGS),
+            ("fresh_kernel", fresh_kernel, quant.FRESH_KERNELS),
+            ("observer", observer, quant.OBSERVERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown quant.{name} {value!r}; choose one of {list(allowed)}")
+        if calib_batches is not None and calib_batches < 1:
+            raise ValueError(
+                f"quant.calib_batches must be >= 1, got {calib_batches} (calibration needs data)"
+            )
+        self.cfg = dict(
+            backend=backend,
+            mode=mode,
+            bank_size=bank_size,
+            fresh_kernel=fresh_kernel,
+            calib_batches=calib_batches,
+            mc_samples=mc_samples,
+            observer=observer,
+            seed=seed,
+        )
+        self.calib_batch_size = calib_batch_size
+        self.quantize_dnn = quantize_dnn
+        self.out_dir = Path(out_dir)
+        self.models: dict[str, nn.Module] = {}
+        self.reference: nn.Module | None = None
+        self.seconds: dict[str, float] = {}
+
+    def attach_reference(self, dnn: nn.Module) -> None:
+        """The stage-1 DNN, quantized too (qdnn) when quantize_dnn is set."""
+        self.reference = dnn
+
+    def _quantize(self, name: str, model: nn.Module, calib) -> None:
+        path = self.out_dir / f"{name}.qbdl"
+        if (
+            path.exists()
+        ):  # a resumed run: the quantized model of the interrupted one is complete (atomic write)
+            log.info("loading %s from %s (already quantized)", name, path)
+            self.models[name] = quant.load_qbnn(path)
+            return
+        t0 = time.perf_counter()
+        cpu_model = copy.deepcopy(model).cpu().eval()
+        n = len(calib) if self.cfg["calib_batches"] is None else min(len(calib), self.cfg["calib_batches"])
+        calib = tqdm(calib, total=n, desc=f"calibrate {name}", leave=False, dynamic_ncols=True)
+        self.models[name] = quant.quantize_bnn(cpu_model, calib, **self.cfg)
+        self.seconds[name] = time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        quant.save_qbnn(self.models[name], path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        # Calibration reads training images only (DESIGN: never test data).
+        calib = trainer.datamodule.calib_dataloader(self.calib_batch_size)
+        self._quantize("qbnn", pl_module.model, calib)
+        if self.quantize_dnn and self.reference is not None:
+            self._quantize("qdnn", self.reference, calib)
+
+
+class EvaluationCallback(L.Callback):
+    """After fit (and PTQ): evaluate dnn, bnn, bnn_mean, qbnn, qdnn on the test and OOD sets with the same seeds."""
+
+    def __init__(
+        self,
+        variants: list[str],
+        mc_samples: int,
+        seed: int,
+        target_accuracy: float,
+        n_bins: int,
+        score: str,
+        out_dir: str,
+    ) -> None:
+        self.variant_names = list(variants)
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.target_accuracy = target_accuracy
+        self.n_bins = n_bins
+        self.score = score
+        self.out_dir = Path(out_dir)
+        self.reference: nn.Module | None = None
+        self.ood_loaders: dict = {}
+        self.results: dict = {}
+        self.plots: dict[str, str] = {}
+
+    def attach_reference(self, dnn: nn.Module) -> None:
+        """The stage-1 DNN (variant 'dnn')."""
+        self.reference = dnn
+
+    def attach_ood(self, loaders: dict) -> None:
+        """OOD loaders {name: DataLoader}, transformed like the in-distribution data."""
+        self.ood_loaders = dict(loaders)
+
+    def _variants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Variant]:
+        ptq = find_callback(trainer.callbacks, PTQCallback)
+        quantized = ptq.models if ptq else {}
+        bnn = pl_module.model.eval()
+        device = str(pl_module.device)
+        available: dict[str, Variant] = {
+            "bnn": Variant("bnn", bnn, self.mc_samples, state_dict_bytes(bnn), device),
+            "bnn_mean": Variant("bnn_mean", MeanWeights(bnn), 1, state_dict_bytes(bnn), device),
+        }
+        if self.reference is not None:
+            ref = self.reference.eval()
+            available["dnn"] = Variant("dnn", ref, 1, state_dict_bytes(ref), device)
+        for name, model in quantized.items():
+            size = (ptq.out_dir / f"{name}.qbdl").stat().st_size
+            available[name] = Variant(name, model, self.mc_samples if name == "qbnn" else 1, size, "cpu")
+        missing = [n for n in self.variant_names if n not in available]
+        if missing:
+            raise ValueError(
+                f"eval.variants asks for {missing}, which this run does not produce (it has {sorted(available)}). "
+                "'dnn' needs the DNN stage, 'qbnn'/'qdnn' the quant callback (quant.quantize_dnn for qdnn)."
+            )
+        return [available[n] for n in self.variant_names]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        test_loader = dm.test_dataloader()
+        results, predictions, curves = evaluate_variants(
+            self._variants(trainer, pl_module),
+            test_loader,
+            self.ood_loaders,
+            seed=self.seed,
+            target_accuracy=self.target_accuracy,
+            n_bins=self.n_bins,
+            score=self.score,
+            cache_dir=self.out_dir / "eval_cache",
+        )
+        self.results = results
+        save_predictions(predictions, self.out_dir / "predictions.npz")
+        self.plots = save_plots(curves, self.out_dir / "plots", self.target_accuracy)
+        # Under ddp_spawn this runs in the rank-0 worker: run() in the main process reads this file back.
+        ptq = find_callback(trainer.callbacks, PTQCallback)
+        state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
+        atomic_write_json(self.out_dir / EVALUATION_FILE, state)
+        log_to_logger(trainer, results, self.plots)
+
+
+def log_to_logger(trainer: L.Trainer, results: dict, plots: dict[str, str]) -> None:
+    """Every metric of every variant as '<variant>/<metric>' (nested OOD keys flattened), plus tables and images."""
+    flat = {}
+    for v, res in results.items():
+        for k, val in res.items():
+            if isinstance(val, dict):
+                for ood_name, d in val.items():
+                    for kk, vv in d.items() if isinstance(d, dict) else ():
+                        if isinstance(vv, int | float):
+                            flat[f"{v}/ood/{ood_name}/{kk}"] = vv
+            elif isinstance(val, int | float):
+                flat[f"{v}/{k}"] = val
+    for logger in trainer.loggers:
+        logger.log_metrics(flat, step=trainer.global_step)
+        if type(logger).__name__ == "WandbLogger":
+            from qbdl.report.wandb_log import log_wandb_extras
+
+            log_wandb_extras(logger, results, plots)

@@ -1,0 +1,40 @@
+"""INT8 quantization of Bayesian (and plain) networks: PTQ, QAT, fake-quant simulation, save/load."""
+
+from .backend import BACKENDS, check_backend, set_backend, supported_backends
+from .fold import bn_scale_shift, fold_bn
+from .io import load_qbnn, save_qbnn
+from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer
+from .observers import OBSERVERS, ActObserver
+from .prepared import PreparedLayer
+from .ptq import calibrate, convert, prepare, quant_layers, quantize_bnn, set_sampling
+from .qat import convert_qat, prepare_qat, set_fake_quant, simulate
+
+__all__ = [
+    "BACKENDS",
+    "FRESH_KERNELS",
+    "OBSERVERS",
+    "SAMPLINGS",
+    "ActObserver",
+    "DeQuantize",
+    "PreparedLayer",
+    "QAdd",
+    "QuantLayer",
+    "Quantize",
+    "bn_scale_shift",
+    "calibrate",
+    "check_backend",
+    "convert",
+    "convert_qat",
+    "fold_bn",
+    "load_qbnn",
+    "prepare",
+    "prepare_qat",
+    "quant_layers",
+    "quantize_bnn",
+    "save_qbnn",
+    "set_backend",
+    "set_fake_quant",
+    "set_sampling",
+    "simulate",
+    "supported_backends",
+]

@@ -1,0 +1,208 @@
+"""Save / load a QBNN without pickling code: safetensors tensors + a JSON description of graph and modules."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .backend import FULL_QMAX, kernel_plan
+from .layers import DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
+from .ptq import attach_module
+
+FORMAT = "qbdl-qbnn/1"
+_QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd}
+_TENSORS = ("mu_q", "mu_scale", "sigma_q", "sigma_scale", "bias_q", "bias_sigma_q")
+# call_function targets a saved graph may use (anything else is refused at save time)
+_FUNCTIONS = {
+    "torch.flatten": torch.flatten,
+    "torch.relu": torch.relu,
+    "torch.cat": torch.cat,
+    "torch.mean": torch.mean,
+    "F.relu": F.relu,
+    "F.adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "F.avg_pool2d": F.avg_pool2d,
+    "F.max_pool2d": F.max_pool2d,
+    "operator.getitem": operator.getitem,
+}
+_FN_NAMES = {id(v): k for k, v in _FUNCTIONS.items()}
+
+
+def _enc(a):
+    if isinstance(a, fx.Node):
+        return {"node": a.name}
+    if isinstance(a, tuple):
+        return {"tuple": [_enc(x) for x in a]}
+    if isinstance(a, list):
+        return [_enc(x) for x in a]
+    if isinstance(a, slice):
+        return {"slice": [_enc(a.start), _enc(a.stop), _enc(a.step)]}
+    if isinstance(a, dict):
+        return {"dict": {k: _enc(v) for k, v in a.items()}}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    raise TypeError(f"cannot save graph argument of type {type(a).__name__}")
+
+
+def _dec(a, env: dict):
+    if isinstance(a, list):
+        return [_dec(x, env) for x in a]
+    if isinstance(a, dict):
+        if "node" in a:
+            return env[a["node"]]
+        if "tuple" in a:
+            return tuple(_dec(x, env) for x in a["tuple"])
+        if "slice" in a:
+            return slice(*(_dec(x, env) for x in a["slice"]))
+        return {k: _dec(v, env) for k, v in a["dict"].items()}
+    return a
+
+
+def _module_spec(m: nn.Module) -> dict:
+    name = type(m).__name__
+    if name in _QMODULES and isinstance(m, _QMODULES[name]):
+        return {"type": name, "config": m.spec()}
+    # Parameter-free torch.nn leaves (pooling, ReLU, flatten, dropout, identity): rebuilt from __constants__.
+    if type(m).__module__.startswith("torch.nn") and getattr(nn, name, None) is type(m):
+        if any(True for _ in m.parameters()) or any(b is not None for b in m.buffers()):
+            raise TypeError(f"cannot save {name} with parameters in a QBNN file")
+        kw = {k: getattr(m, k) for k in getattr(m, "__constants__", []) if hasattr(m, k)}
+        return {"type": f"nn.{name}", "config": json.loads(json.dumps(kw))}
+    raise TypeError(f"cannot save module of type {name}")
+
+
+def save_qbnn(model: fx.GraphModule, path: str) -> None:
+    """Write a converted QBNN/QDNN to `path` (safetensors: int8/int32 tensors + JSON metadata; no pickle)."""
+    from safetensors.torch import save_file
+
+    nodes, modules, tensors = [], {}, {}
+    for n in model.graph.nodes:
+        target = n.target
+        if n.op == "call_function":
+            if id(target) not in _FN_NAMES:
+                raise TypeError(f"cannot save graph function {target}")
+            target = _FN_NAMES[id(target)]
+        elif n.op == "call_module":
+            m = model.get_submodule(target)
+            modules[target] = _module_spec(m)
+            if isinstance(m, QuantLayer):
+                for t in _TENSORS:
+                    v = getattr(m, t)
+                    if v is not None:
+                        tensors[f"{target}.{t}"] = v.contiguous()
+        elif n.op == "get_attr":
+            raise TypeError("graphs with get_attr nodes cannot be saved")
+        nodes.append(
+            {"name": n.name, "op": n.op, "target": target, "args": _enc(n.args), "kwargs": _enc(n.kwargs)}
+        )
+    meta = {
+        "format": FORMAT,
+        "class_name": type(model).__name__,
+        "meta": getattr(model, "qbdl_meta", {}),
+        "nodes": nodes,
+        "modules": modules,
+    }
+    save_file(tensors, path, metadata={"qbdl": json.dumps(meta)})
+
+
+def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
+    """Move a model saved with full-range activations to 0..127 where this CPU's kernels need it (in place).
+
+    Same ranges on a grid half as fine: scales x 255/127, zero points and the int32 biases (units of the input
+    scale) rescaled and rounded; what the model would compute here otherwise saturates.
+    """
+    layers = {
+        t: (s["config"]["kind"], int(s["config"].get("groups", 1)), f"{t}.sigma_q" in tensors)
+        for t, s in meta["modules"].items()
+        if s["type"] == "QuantLayer"
+    }
+    if not layers:
+        return
+    backend = next(s["config"]["backend"] for s in meta["modules"].values() if s["type"] == "QuantLayer")
+    plan = kernel_plan(backend, layers)
+    saved = {
+        int(s["config"].get("qmax", FULL_QMAX)) for s in meta["modules"].values() if s["type"] in _QMODULES
+    }
+    saved.discard(int(plan.qmax))
+    if not saved or max(saved) <= plan.qmax:
+        return
+    old = max(saved)
+    r = old / plan.qmax
+    warnings.warn(
+        f"{path}: saved with INT8 activations in 0..{old}, but on this CPU {'; '.join(plan.why)}: moving them to "
+        f"0..{plan.qmax} (same ranges, half the resolution) so that every kernel stays exact. Re-quantize on this "
+        "machine (or use backend qnnpack) for full resolution.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    for target, spec in meta["modules"].items():
+        c = spec["config"]
+        if spec["type"] in ("Quantize", "QAdd"):
+            c["scale"], c["zero_point"], c["qmax"] = c["scale"] * r, round(c["zero_point"] / r), plan.qmax
+        elif spec["type"] == "QuantLayer":
+            c["in_scale"], c["out_scale"] = c["in_scale"] * r, c["out_scale"] * r
+            c["out_zp"], c["qmax"], c["small_batch_engine"] = (
+                round(c["out_zp"] / r),
+                plan.qmax,
+                plan.small_batch_engine,
+            )
+            for t in ("bias_q", "bias_sigma_q"):
+                if f"{target}.{t}" in tensors:
+                    tensors[f"{target}.{t}"] = torch.round(tensors[f"{target}.{t}"].double() / r).to(
+                        torch.int32
+                    )
+    meta.setdefault("meta", {}).update(plan.as_dict())
+
+
+def load_qbnn(path: str) -> fx.GraphModule:
+    """Rebuild a QBNN/QDNN saved by save_qbnn; same seed -> same outputs (the bank is redrawn from the seed)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"QBNN file {str(path)!r} does not exist; save one with qbdl.quant.save_qbnn")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(
+            f"cannot load {str(path)!r} as a qbdl QBNN ({type(exc).__name__}: {exc}): the file is truncated, "
+            "corrupt or not a safetensors file (e.g. a pickle renamed, which qbdl never unpickles). "
+            "Re-create it with qbdl.quant.save_qbnn."
+        ) from exc
+    if "qbdl" not in header:
+        raise ValueError(f"{path!r} is not a qbdl QBNN file (no qbdl metadata)")
+    meta = json.loads(header["qbdl"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+    _fit_activation_range(meta, tensors, str(path))
+    root = nn.Module()
+    for target, spec in meta["modules"].items():
+        kind, cfg = spec["type"], spec["config"]
+        if kind == "QuantLayer":
+            kw = {t: tensors.get(f"{target}.{t}") for t in _TENSORS}
+            m = QuantLayer(cfg, **kw)
+        elif kind in _QMODULES:
+            m = _QMODULES[kind](**cfg)
+        elif kind.startswith("nn.") and isinstance(getattr(nn, kind[3:], None), type):
+            m = getattr(nn, kind[3:])(**cfg)
+        else:
+            raise ValueError(f"{path!r}: unknown module type {kind!r}")
+        attach_module(root, target, m)
+    graph, env = fx.Graph(), {}
+    for n in meta["nodes"]:
+        target = _FUNCTIONS[n["target"]] if n["op"] == "call_function" else n["target"]
+        args, kwargs = _dec(n["args"], env), _dec(n["kwargs"], env)
+        if n["op"] == "output":
+            env[n["name"]] = graph.output(args[0])
+            continue
+        env[n["name"]] = graph.create_node(n["op"], target, tuple(args), kwargs, name=n["name"])
+    gm = fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN"))
+    gm.eval()
+    gm.qbdl_meta = meta.get("meta", {})
+    return enable_prefetch(gm)

@@ -1,0 +1,64 @@
+"""The qbdl C++ ops (torch.ops.qbdl.*), built on first use with torch.utils.cpp_extension (~10 s, cached)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
+OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "as_uint8", "as_quint8")
+_LOADED: dict[str, bool] = {}
+
+
+def build_dir() -> Path:
+    """Where the ops are built: one directory per torch version and CPU capability (a library built against
+    another torch's headers, or for another CPU, must never load)."""
+    root = Path(os.environ.get("QBDL_BUILD_DIR", Path.home() / ".cache" / "qbdl"))
+    return root / f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+def available() -> bool:
+    """True when the C++ ops are loaded; builds them the first time (False, with one warning, if that fails).
+
+    QBDL_NATIVE=0 turns them off; QBDL_BUILD_DIR moves the build (default ~/.cache/qbdl). Without them,
+    fresh INT8 sampling re-packs weights every forward (slower, same distribution).
+    """
+    if "ok" in _LOADED:
+        return _LOADED["ok"]
+    ok = False
+    if os.environ.get("QBDL_NATIVE", "1") != "0":
+        try:
+            # cpp_extension logs a CUDA_HOME notice on import; irrelevant to a CPU-only extension
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            from torch.utils.cpp_extension import load
+
+            # The sampling loop is int32 multiply / min / max: without AVX2 (SSE2 only) the compiler emulates
+            # them and it runs ~4x slower.
+            avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if avx2 else [])
+            build = build_dir()
+            build.mkdir(parents=True, exist_ok=True)
+            load(
+                name="qbdl_inplace",
+                sources=[str(SOURCE)],
+                build_directory=str(build),
+                extra_cflags=flags,
+                is_python_module=False,
+                verbose=False,
+            )
+            ok = all(hasattr(torch.ops.qbdl, op) for op in OPS)
+        except Exception as e:  # a missing compiler / ninja must not stop a run: the slow path is exact too
+            warnings.warn(
+                f"qbdl could not build its C++ ops ({type(e).__name__}: {str(e).strip()[:300]}). Fresh INT8 "
+                "sampling falls back to re-packing every weight each forward (same distribution, ~3x slower "
+                "at batch 1) and sampling='flipout' is unavailable. Fix: install a C++ compiler (g++) and "
+                "`pip install ninja`, or set QBDL_NATIVE=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    _LOADED["ok"] = ok
+    return ok

@@ -1,0 +1,1 @@
+"""Reporting helpers (figures) for qbdl experiments."""
