@@ -41,7 +41,7 @@ def test_digits_yaml_instantiates_and_runs() -> None:
     dm = instantiate(cfg)
     assert isinstance(dm, DigitsDataModule)
     dm.setup()
-    assert dm.spec.mean == (0.3053,) and next(iter(dm.test_dataloader()))[0].shape[1:] == (1, 32, 32)
+    assert dm.spec.mean == (0.3053,) and next(iter(dm.test_dataloader()))[0].shape[1:] == (1, 16, 16)
 
 
 def test_stratified_split_partition_and_seed() -> None:

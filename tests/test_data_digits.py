@@ -23,12 +23,12 @@ def test_sizes_shapes_and_dtypes(dm: DigitsDataModule) -> None:
     assert sum(sizes.values()) == 1797
     assert 480 <= sizes["test"] <= 540 and sizes["val"] > 100
     assert dm.num_classes == 10 and dm.class_names == [str(i) for i in range(10)]
-    assert dm.spec == ImageSpec(32, 1, (0.3053,), (0.3760,))
+    assert dm.spec == ImageSpec(16, 1, (0.3053,), (0.3760,))
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (64, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert x.shape == (64, 1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         xb, yb = next(iter(loader))
-        assert xb.shape[1:] == (1, 32, 32) and yb.dtype == torch.long
+        assert xb.shape[1:] == (1, 16, 16) and yb.dtype == torch.long
     # normalised with the configured statistics of the digits: about zero mean, unit std
     allx = torch.stack([dm.dataset("train")[i][0] for i in range(len(dm.dataset("train")))])
     assert abs(allx.mean().item()) < 0.1 and 0.7 < allx.std().item() < 1.1
@@ -82,7 +82,7 @@ def test_photo_patches_textured_and_in_digit_range(dm: DigitsDataModule) -> None
     ood = dm.ood_datasets()
     assert set(ood) == {"photos", "rotated"}
     x, y = next(iter(ood_dataloader(ood["photos"], batch_size=16)))
-    assert x.shape == (16, 1, 32, 32) and (y == -1).all() and y.dtype == torch.long
+    assert x.shape == (16, 1, 16, 16) and (y == -1).all() and y.dtype == torch.long
     # the same transform as the in-distribution data
     assert torch.allclose(ood["photos"][3][0], dm.transform_raw(photos[3:4])[0])
 

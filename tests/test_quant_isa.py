@@ -266,7 +266,13 @@ def test_digits_int8_keeps_accuracy(digits_nets, engine):
 def test_quant_suites_under_avx2_kernels(tmp_path):
     """Re-run the INT8 test files with oneDNN and fbgemm capped at AVX2 (a no-op cap on an AVX2 CPU)."""
     here = Path(__file__).parent
-    files = ["test_quant_isa.py", "test_quant_inplace.py", "test_quant_flipout.py", "test_quant_digits.py"]
+    files = [
+        "test_quant_isa.py",
+        "test_quant_inplace.py",
+        "test_quant_flipout.py",
+        "test_quant_digits.py",
+        "test_quant.py",
+    ]
     env = {**os.environ, **AVX2_ENV}
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *[str(here / f) for f in files]],

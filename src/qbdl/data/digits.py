@@ -64,7 +64,7 @@ class DigitsDataModule(ImageDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
-        image_size: int = 32,
+        image_size: int = 16,
         train_fraction: float = 0.6,
         val_fraction: float = 0.12,
         test_fraction: float = 0.28,

@@ -125,9 +125,8 @@ def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
         return
     backend = next(s["config"]["backend"] for s in meta["modules"].values() if s["type"] == "QuantLayer")
     plan = kernel_plan(backend, layers)
-    saved = {
-        int(s["config"].get("qmax", FULL_QMAX)) for s in meta["modules"].values() if s["type"] in _QMODULES
-    }
+    ranged = ("Quantize", "QAdd", "QuantLayer")  # the modules that produce activations (not DeQuantize)
+    saved = {int(s["config"].get("qmax", FULL_QMAX)) for s in meta["modules"].values() if s["type"] in ranged}
     saved.discard(int(plan.qmax))
     if not saved or max(saved) <= plan.qmax:
         return
