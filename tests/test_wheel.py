@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """qbdl built into a wheel and installed with --no-deps into a fresh target directory."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # a copy of the project's own files: setuptools writes build/ beside the sources, never into the checkout
+    src = tmp / "project"
+    skip = shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "outputs", "multirun"
+    )
+    shutil.copytree(ROOT, src, symlinks=True, ignore=skip)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(src)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]

@@ -57,12 +57,8 @@ class QAdd(nn.Module):
 
     def __init__(self, relu: bool, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:
         super().__init__()
-        self.relu, self.scale, self.zero_point, self.qmax = (
-            bool(relu),
-            float(scale),
-            int(zero_point),
-            int(qmax),
-        )
+        self.relu, self.scale, self.zero_point = bool(relu), float(scale), int(zero_point)
+        self.qmax = int(qmax)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add

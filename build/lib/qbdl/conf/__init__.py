@@ -1,1 +1,0 @@
-"""qbdl's Hydra configs, shipped inside the package (the repo's top-level conf/ links here)."""

@@ -1,1 +1,0 @@
-"""Reporting helpers (figures) for qbdl experiments."""
