@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
-FAMILIES = ("onednn", "fbgemm", "qnnpack")
 FULL_QMAX, REDUCED_QMAX = 255, 127
 # ONEDNN_MAX_CPU_ISA values whose int8 kernels accumulate u8*s8 in int32 (VNNI); the AVX2_VNNI ones need
 # the VEX AVX-VNNI instructions (flag avx_vnni), the AVX-512 ones avx512_vnni (or AMX).
@@ -191,7 +190,9 @@ def kernel_plan(
     def exact(fam: str, kind: str, groups: int) -> bool:
         ok = full_range_exact(fam, kind, groups, caps)
         if ok and probe and real and not probe_full_range(fam, kind, groups > 1 and kind != "linear"):
-            why.append(f"{fam} {kind} saturated on the all-255 probe though the CPU flags say VNNI")
+            msg = f"{fam} {kind} saturated on the all-255 probe though the CPU flags say VNNI"
+            if msg not in why:  # once per kernel, not once per layer
+                why.append(msg)
             return False
         return ok
 
