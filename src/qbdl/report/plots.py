@@ -160,7 +160,7 @@ def ood_roc_curves(curves: Mapping[str, Sequence[Any]], title: str | None = None
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Write ``fig`` as PNG atomically (temp file + ``os.replace``), creating parent dirs; closes the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
