@@ -161,3 +161,67 @@ def corrupt_zip_member(zip_path: str | Path, member_index: int = 0, keep: int = 
         for info, data in items:
             zf.writestr(info.filename, data[:keep] if info.filename == target else data)
     return target
+
+
+# --------------------------------------------------------------------------------------------- data shift
+
+
+def make_imagenet_c(
+    root: str | Path,
+    wnids: list[str],
+    corruptions: tuple[str, ...] = ("gaussian_noise", "fog"),
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    n_per_class: int = 2,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """ImageNet-C layout ``root/<corruption>/<severity>/<wnid>/*.JPEG`` (random size x size RGB JPEGs)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in corruptions:
+        for s in severities:
+            for w in wnids:
+                d = root / c / str(s) / w
+                d.mkdir(parents=True, exist_ok=True)
+                for i in range(n_per_class):
+                    _rgb(rng, size).save(d / f"ILSVRC2012_val_{i + 1:08d}.JPEG", format="JPEG", quality=85)
+    return root
+
+
+def make_cifar10_c(
+    root: str | Path,
+    corruptions: tuple[str, ...] = ("gaussian_noise", "fog"),
+    n_per_severity: int = 6,
+    seed: int = 0,
+) -> Path:
+    """CIFAR-10-C layout: ``root/<corruption>.npy`` uint8 [5n, 32, 32, 3] (severities 1..5 in order) and
+    ``root/labels.npy`` [5n]. Severity s's images are all filled with the value 10*s in channel 0, so a
+    test can tell which block was read."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n = n_per_severity
+    labels = np.tile(np.arange(n) % 10, 5).astype(np.uint8)
+    np.save(root / "labels.npy", labels)
+    for c in corruptions:
+        x = rng.integers(0, 256, size=(5 * n, 32, 32, 3), dtype=np.uint8)
+        for s in range(1, 6):
+            x[(s - 1) * n : s * n, :, :, 0] = 10 * s
+        np.save(root / f"{c}.npy", x)
+    return root
+
+
+def make_mnist_c(
+    root: str | Path, corruptions: tuple[str, ...] = ("shot_noise", "rotate"), n: int = 12, seed: int = 0
+) -> Path:
+    """MNIST-C layout: ``root/<corruption>/test_images.npy`` uint8 [n, 28, 28, 1] and ``test_labels.npy``."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in corruptions:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "test_images.npy", rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8))
+        np.save(d / "test_labels.npy", (np.arange(n) % 10).astype(np.uint8))
+        # the real set also ships train_*.npy; readers must not need them
+        np.save(d / "train_labels.npy", np.zeros(1, dtype=np.uint8))
+    return root

@@ -234,3 +234,69 @@ def test_weight_bank_entries_are_posterior_samples_and_follow_mc_index():
         expected = torch.softmax(F.linear(x, w, bank.bank[1]["0.mu_bias"]), -1)
     torch.testing.assert_close(p[1], expected)
     assert bnn[0].mode == "sample"
+
+
+def _copy_correlation(forward, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-output Pearson correlation, over n forwards, between the outputs of two copies of one input."""
+    with torch.no_grad():
+        ys = torch.stack([forward(x) for _ in range(n)]).double()  # [n, 2, K]
+    a, b = ys[:, 0] - ys[:, 0].mean(0), ys[:, 1] - ys[:, 1].mean(0)
+    return (a * b).mean(0) / (a.std(0, unbiased=False) * b.std(0, unbiased=False))
+
+
+def test_flipout_bias_noise_is_per_example():
+    # bias noise dominant: shared by the batch it correlates two copies of one input almost fully
+    torch.manual_seed(0)
+    layer = dnn_to_bnn(nn.Sequential(nn.Linear(6, 8)), moped_delta=0.05, estimator="flipout")[0]
+    layer.set_posterior(layer.mu_weight, layer.sigma_weight, layer.mu_bias, torch.full((8,), 0.5))
+    x = torch.randn(1, 6).repeat(2, 1)
+    n = 2000
+    r = _copy_correlation(layer, x, n)
+    # iid: each r ~ N(0, 1/n); 8 outputs, |r| < 4.5 / sqrt(n) fails with probability < 1e-4
+    assert r.abs().max() < 4.5 / n**0.5, r
+    with torch.no_grad():
+        sd = torch.stack([layer(x)[0] for _ in range(n)]).std(0)
+    # the bias noise is still there, at its full standard deviation (0.5, plus the small weight noise)
+    assert torch.all((sd > 0.5 * 0.93) & (sd < 0.5 * 1.15)), sd
+
+
+class SameConv(nn.Conv2d):
+    """TensorFlow-style 'same' padding computed from the input size."""
+
+    def forward(self, x):
+        pad = max(
+            (-(-x.shape[-1] // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - x.shape[-1], 0
+        )
+        return F.conv2d(F.pad(x, (pad // 2, pad - pad // 2) * 2), self.weight, self.bias, self.stride)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+class ScaledLinear(nn.Linear):
+    """A scaled weight."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * 0.5, self.bias)
+
+
+@pytest.mark.parametrize(
+    "layer", [SameConv(3, 4, 3, stride=2), StdConv(3, 4, 3, padding=1), ScaledLinear(3, 4)]
+)
+def test_subclasses_with_their_own_forward_are_refused_by_name(layer):
+    from qbdl.quant import prepare
+
+    net = nn.Sequential(nn.Identity(), layer)
+    with pytest.raises(NotImplementedError, match=r"dnn_to_bnn: layer '1' is a \w+, an nn\.\w+ subclass"):
+        dnn_to_bnn(net)
+    # excluded, the network converts and keeps its function exactly; quantization refuses by name
+    x = torch.randn(2, 3, 9, 9) if isinstance(layer, nn.Conv2d) else torch.randn(2, 3)
+    bnn = dnn_to_bnn(net, exclude=("1",)).eval()
+    assert torch.equal(bnn(x), net(x))
+    with pytest.raises(NotImplementedError, match=r"prepare: layer '1' is a"):
+        prepare(bnn)

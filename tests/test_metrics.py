@@ -80,15 +80,15 @@ def test_hand_referral():
     assert M.eaurc(P_HAND, Y_HAND) == pytest.approx((0.5 + 2 / 3 + 0.5) / 4 - (0.5 + 1 / 3) / 4)
 
 
-def test_referral_ties_use_stable_order():
-    # All rows identical -> equal scores; prediction is class 0 everywhere.
+def test_referral_ties_are_random_in_expectation():
+    # All rows identical -> equal scores; prediction is class 0 everywhere.  Every ordering of the tied
+    # points is equally likely, so each referred point removes the mean correctness 2/3.
     p = torch.tensor([[[0.6, 0.4]] * 3])
-    # y = [1, 0, 0]: correct [0, 1, 1]; stable order refers row 0 (the error) first.
-    acc = M.referral_curve(p, torch.tensor([1, 0, 0])).accuracy
-    torch.testing.assert_close(acc, torch.tensor([2 / 3, 1.0, 1.0], dtype=torch.float64))
-    # y = [0, 0, 1]: correct [1, 1, 0]; row 0 referred first, then row 1, leaving the error.
-    acc = M.referral_curve(p, torch.tensor([0, 0, 1])).accuracy
-    torch.testing.assert_close(acc, torch.tensor([2 / 3, 0.5, 0.0], dtype=torch.float64))
+    for y in ([1, 0, 0], [0, 0, 1], [0, 1, 0]):
+        acc = M.referral_curve(p, torch.tensor(y)).accuracy
+        torch.testing.assert_close(acc, torch.full((3,), 2 / 3, dtype=torch.float64))
+        assert M.aurc(p, torch.tensor(y)) == pytest.approx(1 / 3)
+        assert M.referral_rate_at_accuracy(p, torch.tensor(y), 0.7) == 1.0
 
 
 def test_referral_scores_mi_and_maxprob():
@@ -96,19 +96,16 @@ def test_referral_scores_mi_and_maxprob():
     # row 2 is confident (.9/.1 twice).  Targets make rows 0 and 2 correct (pbar argmax 0), row 1 wrong.
     p = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.9, 0.1]], [[0.0, 1.0], [0.5, 0.5], [0.9, 0.1]]])
     y = torch.tensor([0, 1, 0])
-    torch.testing.assert_close(
-        M.uncertainty_scores(p, "mi"), torch.tensor([math.log(2), 0.0, 0.0], dtype=torch.float64)
-    )
-    torch.testing.assert_close(
-        M.uncertainty_scores(p, "maxprob"), torch.tensor([0.5, 0.5, 0.1], dtype=torch.float64)
-    )
-    # mi order: row 0, then rows 1, 2 (tie, stable). correct = [1, 0, 1]
-    # k=0: 2/3; k=1: rows {1,2} -> 1/2; k=2: row {2} -> 1
+    torch.testing.assert_close(M.uncertainty_scores(p, "mi"), torch.tensor([math.log(2), 0.0, 0.0]))
+    torch.testing.assert_close(M.uncertainty_scores(p, "maxprob"), torch.tensor([0.5, 0.5, 0.1]))
+    # mi order: row 0, then rows 1, 2 tie (mean correctness 1/2 each). correct = [1, 0, 1]
+    # k=0: 2/3; k=1: rows {1,2} -> 1/2; k=2: one of rows 1, 2 at random -> 1/2 in expectation
     acc_mi = M.referral_curve(p, y, score="mi").accuracy
-    torch.testing.assert_close(acc_mi, torch.tensor([2 / 3, 0.5, 1.0], dtype=torch.float64))
-    # entropy: rows 0 and 1 tie at log 2 (row 0 first), then row 2 -> same sequence here
+    torch.testing.assert_close(acc_mi, torch.tensor([2 / 3, 0.5, 0.5], dtype=torch.float64))
+    # entropy: rows 0 and 1 tie at log 2 (mean correctness 1/2), then row 2:
+    # k=0: 2/3; k=1: expected (1 + 0.5) / 2 = 0.75; k=2: row {2} -> 1
     acc_h = M.referral_curve(p, y, score="entropy").accuracy
-    torch.testing.assert_close(acc_h, torch.tensor([2 / 3, 0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(acc_h, torch.tensor([2 / 3, 0.75, 1.0], dtype=torch.float64))
 
 
 def test_all_correct_and_all_wrong():
@@ -147,9 +144,27 @@ def test_entropy_decomposition_hand_cases():
     # disagreeing one-hot samples: H[pbar] = log 2, aleatoric 0, MI = log 2
     p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.5, 0.5]]])
     ln2 = math.log(2)
-    torch.testing.assert_close(M.predictive_entropy(p), torch.tensor([ln2, ln2], dtype=torch.float64))
-    torch.testing.assert_close(M.aleatoric_entropy(p), torch.tensor([0.0, ln2], dtype=torch.float64))
-    torch.testing.assert_close(M.mutual_information(p), torch.tensor([ln2, 0.0], dtype=torch.float64))
+    # float32 in -> float32 out (as torchmetrics' functional API)
+    torch.testing.assert_close(M.predictive_entropy(p), torch.tensor([ln2, ln2]))
+    torch.testing.assert_close(M.aleatoric_entropy(p), torch.tensor([0.0, ln2]))
+    torch.testing.assert_close(M.mutual_information(p), torch.tensor([ln2, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_per_point_quantities_keep_input_dtype(dtype):
+    g = torch.Generator().manual_seed(11)
+    p64 = torch.softmax(torch.randn(3, 20, 4, generator=g, dtype=torch.float64) * 2, -1)
+    p = p64.to(dtype)
+    for fn in (
+        M.predictive_entropy,
+        M.aleatoric_entropy,
+        M.mutual_information,
+        *(lambda q, s=s: M.uncertainty_scores(q, s) for s in ("entropy", "mi", "maxprob")),
+    ):
+        out = fn(p)
+        assert out.dtype == dtype and out.shape == (20,)
+        # internal maths in float64: the result is the float64 value of the (rounded) input, cast once
+        assert torch.equal(out, fn(p.double()).to(dtype))
 
 
 def test_entropy_and_mi_match_scipy():
@@ -267,7 +282,7 @@ def test_aurc_matches_naive_loop():
     for score in ("entropy", "mi", "maxprob"):
         s = M.uncertainty_scores(p, score).tolist()
         correct = (p.mean(0).argmax(-1) == y).tolist()
-        # convention: referral follows a stable descending sort of the score; retained sets are its suffixes
+        # continuous scores (no ties): referral follows the descending score; retained sets are its suffixes
         desc = sorted(range(80), key=lambda i: -s[i])
         risks = [1 - sum(correct[i] for i in desc[k:]) / (80 - k) for k in range(80)]
         assert M.aurc(p, y, score=score) == pytest.approx(sum(risks) / 80)

@@ -48,7 +48,8 @@ def test_sum_state_metrics_match_functional(discrete):
     for metric, fn in cases:
         assert float(_feed(metric, p, y).compute()) == pytest.approx(fn(p, y), rel=1e-12, abs=1e-12)
     mi = _feed(M.MeanMutualInformation(), p, y)
-    assert float(mi.compute()) == pytest.approx(float(M.mutual_information(p).mean()), rel=1e-12)
+    # the metric accumulates in float64; the functional returns p's dtype, so compare in float64
+    assert float(mi.compute()) == pytest.approx(float(M.mutual_information(p.double()).mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("n_bins", [15, 7])
@@ -137,3 +138,38 @@ def test_metric_classes_validate_input():
         M.ReferralRate(target=0.9, score="bogus")
     with pytest.raises(ValueError, match="is_ood"):
         M.OODAUROC().update(torch.full((1, 4, 3), 1 / 3), torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize(("discrete", "score"), [(False, "entropy"), (True, "entropy"), (True, "maxprob")])
+def test_selective_metric_classes_match_functional(discrete, score):
+    p, y = _data(6, discrete=discrete)
+    augrc = _feed(M.AUGRC(score=score), p, y)
+    assert float(augrc.compute()) == pytest.approx(M.augrc(p, y, score=score), abs=1e-12)
+    for cov in (0.8, 0.9, 0.95):
+        m = _feed(M.RiskAtCoverage(coverage=cov, score=score), p, y)
+        assert float(m.compute()) == pytest.approx(M.risk_at_coverage(p, y, cov, score=score), abs=1e-12)
+    for risk in (0.05, 0.2, 0.4):
+        m = _feed(M.CoverageAtRisk(risk=risk, score=score), p, y)
+        assert float(m.compute()) == pytest.approx(M.coverage_at_risk(p, y, risk, score=score), abs=1e-12)
+    # ties are random in expectation: the update order (e.g. a DDP gather order) does not matter
+    rev = M.AUGRC(score=score)
+    for sl in reversed(_batches(p.shape[1])):
+        rev.update(p[:, sl], y[sl])
+    assert float(rev.compute()) == pytest.approx(float(augrc.compute()), abs=1e-12)
+
+
+@pytest.mark.parametrize(("discrete", "n_bins"), [(False, 15), (True, 15), (False, 4)])
+def test_adaptive_calibration_class_matches_functional(discrete, n_bins):
+    p, y = _data(7, discrete=discrete)
+    ace = _feed(M.AdaptiveCalibrationError(n_bins=n_bins), p, y)
+    expected = M.adaptive_calibration_error(p, y, n_bins)
+    assert float(ace.compute()) == pytest.approx(expected, abs=1e-12)
+    rev = M.AdaptiveCalibrationError(n_bins=n_bins)
+    for sl in reversed(_batches(p.shape[1])):
+        rev.update(p[:, sl], y[sl])
+    assert float(rev.compute()) == pytest.approx(expected, abs=1e-12)
+    assert set(rev._defaults) == {"confidence", "correct"}
+    with pytest.raises(ValueError, match="coverage"):
+        M.RiskAtCoverage(coverage=0.0)
+    with pytest.raises(ValueError, match="risk"):
+        M.CoverageAtRisk(risk=1.5)

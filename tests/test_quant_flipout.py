@@ -142,3 +142,24 @@ def test_pipeline_runs_with_quant_flipout(tmp_path):
     q = results["variants"]["qbnn"]
     assert 0 <= q["accuracy"] <= 1 and q["mi_mean"] > 0
     assert results["config"]["quant"]["mode"] == "flipout"
+
+
+def test_int8_flipout_bias_noise_is_per_example():
+    # a linear net whose output noise is mostly bias noise: shared by the batch, two copies of one input
+    # would be correlated almost fully (the FP32 twin of this test is in test_bayes.py)
+    torch.manual_seed(0)
+    b = dnn_to_bnn(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 6)), moped_delta=0.05).eval()
+    last = b[2]
+    last.estimator = "flipout"
+    last.set_posterior(last.mu_weight, last.sigma_weight, last.mu_bias, torch.full((6,), 0.3))
+    prep = calibrate(prepare(b, per_example=True), [torch.randn(64, 12)], mc_samples=4)
+    q = convert(prep, mode="flipout", bank_size=64, seed=1)
+    x = torch.randn(1, 12).repeat(2, 1)
+    n = 1500
+    with torch.no_grad():
+        ys = torch.stack([q(x) for _ in range(n)]).double()
+    a, c = ys[:, 0] - ys[:, 0].mean(0), ys[:, 1] - ys[:, 1].mean(0)
+    r = (a * c).mean(0) / (a.std(0, unbiased=False) * c.std(0, unbiased=False))
+    # iid: r ~ N(0, 1/n) per output; |r| < 4.5 / sqrt(n) fails with probability < 1e-4 for 6 outputs
+    assert r.abs().max() < 4.5 / n**0.5, r
+    assert torch.all(ys[:, 0].std(0) > 0.2)  # the bias noise is there (sd 0.3 plus weight noise)

@@ -152,7 +152,7 @@ def test_ptq_callback_calibrates_on_training_items_only(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cb_mod.quant, "quantize_bnn", fake_quantize)
     monkeypatch.setattr(cb_mod.quant, "save_qbnn", lambda model, path: None)
-    ptq = cb_mod.PTQCallback("x86", "fresh", 2, "auto", 4, None, 1, "minmax", 0, False, str(tmp_path))
+    ptq = cb_mod.PTQCallback("x86", "fresh", 2, "auto", 16, 4, None, 1, "minmax", 0, False, str(tmp_path))
     trainer = SimpleNamespace(is_global_zero=True, datamodule=dm)
     ptq.on_fit_end(trainer, SimpleNamespace(model=torch.nn.Identity()))
     split = dm.split_indices()

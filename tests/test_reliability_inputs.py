@@ -280,7 +280,7 @@ def test_empty_calibration_set():
             bnn, [], backend="x86", mode="fresh", calib_batches=4, mc_samples=1, observer="minmax"
         )
     with pytest.raises(ValueError, match="calib_batches"):
-        PTQCallback("x86", "fresh", 2, "auto", 0, None, 1, "minmax", 0, False, "unused")
+        PTQCallback("x86", "fresh", 2, "auto", 16, 0, None, 1, "minmax", 0, False, "unused")
     record(
         "test_empty_calibration_set",
         "bad input",

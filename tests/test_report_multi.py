@@ -93,9 +93,68 @@ def test_paired_claims_with_t_interval(hand_made):
     assert cl["bnn", "dnn", "ood.photos.auroc"].mean == pytest.approx(0.2)
     assert ("bnn", "bnn_mean", "uce") in cl
     q = cl["qbnn", "bnn", "accuracy"]
-    assert q.mean == pytest.approx(-0.0101) and q.verdict == "supported (qbnn lower)"
-    assert cl["qbnn", "bnn", "nll"].verdict == "not supported"  # identical: d = 0 on every seed
+    # -1.01 pt on every seed: outside the 0.5 pt margin, and clearly not 0
+    assert q.mean == pytest.approx(-0.0101) and q.kind == "equivalence" and q.margin == 0.005
+    assert q.verdict == "different"
+    assert cl["qbnn", "bnn", "nll"].verdict == "equivalent within ±0.01"  # identical: d = 0 on every seed
+    assert cl["qbnn", "bnn", "size_bytes"].kind == "difference"  # no margin: the two-sided test only
     assert {m for a, b, m in cl if a == "qbnn"} == set(multi.METRICS)
+
+
+def _group(diffs, metric="accuracy", margin=None, devices=("cpu", "cpu")):
+    runs = []
+    for i, d in enumerate(diffs):
+        cfg = {"seed": i, "eval": {"equivalence": {} if margin is None else {metric: margin}}}
+        variants = {
+            "qbnn": {metric: 0.5 + d, "device": devices[0]},
+            "bnn": {metric: 0.5, "device": devices[1]},
+        }
+        runs.append(multi.Run(multi.Path(f"r{i}"), {"variants": variants, "config": cfg}))
+    return multi.Group(runs)
+
+
+def test_tost_equals_its_definition_and_the_90_percent_interval():
+    from scipy import stats
+
+    diffs = [0.001, -0.002, 0.0005, 0.002, -0.001]
+    m, sd, n = sum(diffs) / 5, multi.mean_std(diffs).std, 5
+    se = sd / math.sqrt(n)
+    want = max(stats.t.sf((m + 0.005) / se, n - 1), stats.t.cdf((m - 0.005) / se, n - 1))
+    assert multi.tost_p(diffs, 0.005) == pytest.approx(want, rel=1e-12)
+    # TOST at 0.05 <=> the 90% t interval lies inside the margin: check both sides of the boundary
+    half90 = stats.t.ppf(0.95, n - 1) * se
+    edge = abs(m) + half90
+    assert multi.tost_p(diffs, edge * 1.001) < 0.05 < multi.tost_p(diffs, edge * 0.999)
+    c = multi.paired_claim(_group(diffs), "qbnn", "bnn", "accuracy", better=None, margin=0.005)
+    assert c.verdict == "equivalent within ±0.5"
+    # the same mean with 4x the spread: a wide interval is "not shown equivalent", not "keeps"
+    wide = [4 * d for d in diffs]
+    c = multi.paired_claim(_group(wide), "qbnn", "bnn", "accuracy", better=None, margin=0.005)
+    assert c.verdict == "not shown equivalent" and c.p > 0.05
+
+
+def test_margins_come_from_the_config_and_holm_adjusts():
+    g = _group([0.011, 0.012, 0.009], metric="ece", margin=0.02)
+    assert multi.margins(g)["ece"] == 0.02 and multi.margins(g)["accuracy"] == 0.005
+    (c,) = [c for c in multi.claims(g) if c.metric == "ece"]
+    assert c.margin == 0.02 and c.verdict.startswith("equivalent within")
+    assert multi.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert multi.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    cl = multi.claims(g, holm_correction=True)
+    tested = [c for c in cl if c.p is not None]
+    assert all(c.p_adj >= c.p for c in tested) and max(c.p_adj for c in tested) <= 1.0
+    header, rows = multi.claim_rows(cl)
+    assert "p (Holm)" in header and len(rows) == len(cl)
+
+
+def test_speed_claims_across_devices_are_refused():
+    g = _group([10.0, 12.0, 11.0], metric="images_per_s", devices=("cpu", "cuda:0"))
+    c = multi.paired_claim(g, "qbnn", "bnn", "images_per_s", better=None)
+    assert c.verdict.startswith("not comparable (cpu vs cuda:0") and c.p is None
+    same = multi.paired_claim(
+        _group([10.0, 12.0, 11.0], metric="images_per_s"), "qbnn", "bnn", "images_per_s"
+    )
+    assert same.verdict == "supported"
 
 
 def test_single_seed_claims_are_insufficient(hand_made):
@@ -130,7 +189,7 @@ def test_cli_writes_html_and_markdown(hand_made, tmp_path):
     md = (out / "report.md").read_text()
     assert "Mean ± std over seeds" in md and "92 ± 2" in md
     assert "| bnn > dnn | OOD AUROC | 3 | 0.2 ± 0.1 |" in md and "not supported" in md
-    assert "contradicted" in md and "supported (qbnn lower)" in md
+    assert "contradicted" in md and "| qbnn ≡ bnn | accuracy % | 3 |" in md and "| different |" in md
     html = (out / "report.html").read_text()
     assert "<table>" in html and "not supported" in html and "bayes.moped_delta=0.2" in html
     summary = json.loads((out / "summary.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,21 +47,43 @@ def state_dict_bytes(model: nn.Module, skip_prefixes: tuple[str, ...] = ("prior_
 @torch.no_grad()
 def predict_loader(
     model: nn.Module, loader: Iterable, samples: int, seed: int, device: str = "cpu", desc: str = ""
-) -> tuple[Tensor, Tensor, float]:
-    """MC probabilities [S, N, C] over a loader, targets [N], and the wall time in seconds.
+) -> tuple[Tensor, Tensor, float, int]:
+    """MC probabilities [S, N, C] over a loader, targets [N], compute seconds and the images they cover.
 
     Every batch uses the same per-sample seeds, so MC sample s is one network applied to all the data.
+    The time covers the model's compute only (no data loading), and leaves out the first batch (warm-up:
+    weight packing, noise pools, allocator), unless it is the only one.
     """
     model.eval().to(device)
-    probs, targets = [], []
-    t0 = time.perf_counter()
+    probs, targets, times = [], [], []
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        probs.append(mc_predict(model, x.to(device), samples, seed=seed).cpu())
+        x = x.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        p = mc_predict(model, x, samples, seed=seed)
+        _sync(device)
+        times.append((time.perf_counter() - t0, x.shape[0]))
+        probs.append(p.cpu())
         targets.append(y)
-    seconds = time.perf_counter() - t0
     if not probs:
         raise ValueError(f"no data to evaluate {desc!r}: the loader is empty")
-    return torch.cat(probs, dim=1), torch.cat(targets), seconds
+    timed = times[1:] or times
+    return torch.cat(probs, dim=1), torch.cat(targets), sum(t for t, _ in timed), sum(n for _, n in timed)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def tensors_fingerprint(tensors: Iterable[Tensor]) -> str:
+    """SHA-256 of a sequence of tensors (shapes, dtypes, values)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -78,25 +101,47 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _predict_variant(v: Variant, test_loader, ood_loaders, seed: int, cache_dir: Path | None) -> tuple:
-    """Test and OOD predictions of one variant, reused from cache_dir when the same weights were evaluated."""
-    key = f"{v.name}-s{v.samples}-seed{seed}-{model_fingerprint(v.model)[:16]}"
+def _module_specs(model: nn.Module) -> list:
+    """The non-tensor settings that change a model's predictions: INT8 layer configs, sampling modes, meta."""
+    specs: list = [getattr(model, "qbdl_meta", None)]
+    for name, m in model.named_modules():
+        if hasattr(m, "spec"):
+            specs.append((name, m.spec()))
+        elif hasattr(m, "mode") or hasattr(m, "estimator"):
+            specs.append((name, getattr(m, "mode", None), getattr(m, "estimator", None)))
+    return specs
+
+
+def variant_fingerprint(v: Variant, seed: int, data_key: str) -> str:
+    """Everything that determines a variant's predictions: weights, settings, MC samples and seed, the data."""
+    h = hashlib.sha256(model_fingerprint(v.model).encode())
+    h.update(json.dumps(_module_specs(v.model), sort_keys=True, default=str).encode())
+    h.update(f"{type(v.model).__name__}|{v.samples}|{seed}|{data_key}".encode())
+    return h.hexdigest()
+
+
+def _predict_variant(
+    v: Variant, test_loader, ood_loaders, seed: int, cache_dir: Path | None, data_key: str
+) -> tuple:
+    """Test and OOD predictions of one variant, reused from cache_dir when the same variant saw the same data."""
+    key = f"{v.name}-{variant_fingerprint(v, seed, data_key)[:24]}"
     cached = cache_dir / f"{key}.safetensors" if cache_dir else None
     if cached is not None and cached.exists():
         t = load_file(str(cached))
         ood = {k[4:]: t[k] for k in t if k.startswith("ood/")}
         if set(ood) == set(ood_loaders):
-            return t["p"], t["y"], float(t["seconds"]), ood
-    p, y, secs = predict_loader(v.model, test_loader, v.samples, seed, v.device, desc=f"eval {v.name}")
+            return t["p"], t["y"], float(t["seconds"]), int(t["timed_images"]), ood
+    p, y, secs, timed = predict_loader(v.model, test_loader, v.samples, seed, v.device, desc=f"eval {v.name}")
     p_ood = {}
     for name, loader in ood_loaders.items():
-        p_ood[name], _, _ = predict_loader(
+        p_ood[name], _, _, _ = predict_loader(
             v.model, loader, v.samples, seed, v.device, desc=f"ood {name} {v.name}"
         )
     if cached is not None:
-        tensors = {"p": p, "y": y, "seconds": torch.tensor(secs)} | {f"ood/{k}": t for k, t in p_ood.items()}
+        tensors = {"p": p, "y": y, "seconds": torch.tensor(secs), "timed_images": torch.tensor(timed)}
+        tensors |= {f"ood/{k}": t for k, t in p_ood.items()}
         atomic_write_bytes(cached, save_tensors({k: t.contiguous() for k, t in tensors.items()}))
-    return p, y, secs, p_ood
+    return p, y, secs, timed, p_ood
 
 
 def evaluate_variants(
@@ -109,18 +154,19 @@ def evaluate_variants(
     n_bins: int,
     score: str,
     cache_dir: str | Path | None = None,
+    data_key: str = "",
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict]:
     """Metrics per variant, per-example predictions, and the curve data the plots need.
 
     With `cache_dir`, each variant's predictions are kept as they complete, so an interrupted evaluation
-    resumes without redoing finished variants.
+    resumes without redoing finished variants; `data_key` identifies the test and OOD data in the cache key.
     """
     results: dict = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     curves: dict = {}
     cache_dir = Path(cache_dir) if cache_dir else None
     for v in variants:
-        p, y, secs, p_ood = _predict_variant(v, test_loader, ood_loaders, seed, cache_dir)
+        p, y, secs, timed, p_ood = _predict_variant(v, test_loader, ood_loaders, seed, cache_dir, data_key)
         res = metrics.summarize(
             p, y, ood=p_ood or None, target_accuracy=target_accuracy, n_bins=n_bins, score=score
         )
@@ -128,9 +174,11 @@ def evaluate_variants(
         res.update(
             samples=v.samples,
             size_bytes=v.size_bytes,
-            images_per_s=n / secs,
-            forward_images_per_s=n * v.samples / secs,
+            images_per_s=timed / secs,  # model compute only, after the first batch, on `device`
+            forward_images_per_s=timed * v.samples / secs,
             eval_seconds=secs,
+            timed_images=timed,
+            device=v.device,
             n_test=n,
         )
         if getattr(v.model, "qbdl_meta", None) is not None:  # which kernels ran, on which activation range

@@ -14,6 +14,35 @@ PRIORS = ("moped", "normal")
 _CONV = {nn.Conv1d: BayesianConv1d, nn.Conv2d: BayesianConv2d, nn.Conv3d: BayesianConv3d}
 
 
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def custom_forward_base(layer: nn.Module) -> type[nn.Module] | None:
+    """The torch base class of a Conv/Linear subclass whose own forward (or _conv_forward) replaces the plain op."""
+    for base in _BASES:
+        if isinstance(layer, base):
+            cls = type(layer)
+            if cls.forward is not base.forward:
+                return base
+            if getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+                return base
+    return None
+
+
+def refuse_custom_forward(name: str, layer: nn.Module, what: str) -> None:
+    """Raise a clear error for a Conv/Linear subclass with its own forward (its twin would compute another function)."""
+    base = custom_forward_base(layer)
+    if base is None:
+        return
+    raise NotImplementedError(
+        f"{what}: layer {name!r} is a {type(layer).__name__}, an nn.{base.__name__} subclass with a forward of "
+        f"its own (e.g. 'same' padding from the input size, weight standardisation, a scaled weight); its "
+        f"replacement would run the plain nn.{base.__name__} op and compute a different function. Put "
+        f"{name!r} in exclude=(...) to keep it deterministic (dnn_to_bnn), or replace it by a plain "
+        f"nn.{base.__name__} whose weights give the same function before converting."
+    )
+
+
 def _bayesian_twin(layer: nn.Module, estimator: str) -> BayesianLayer | None:
     if isinstance(layer, nn.Linear):
         return BayesianLinear(layer.in_features, layer.out_features, layer.bias is not None, estimator)
@@ -72,6 +101,7 @@ def dnn_to_bnn(
         twin = _bayesian_twin(module, estimator)
         if twin is None:
             continue
+        refuse_custom_forward(name, module, "dnn_to_bnn")
         twin = twin.to(device=module.weight.device, dtype=module.weight.dtype)
         w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
         if prior == "moped":

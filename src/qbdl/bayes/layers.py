@@ -103,17 +103,18 @@ class BayesianLayer(nn.Module):
 
     def _flipout(self, x: Tensor) -> Tensor:
         # Signs are drawn per example and per channel (Wen et al. 2018): sign-flipping the shared
-        # perturbation gives each example its own, identically distributed, weight sample.
+        # perturbation gives each example its own, identically distributed, weight sample. The bias
+        # noise sits inside the sign-flipped term: added unflipped it would be one draw shared by the
+        # whole batch, correlating the outputs of different examples.
         out = self._op(x, self.mu_weight, self.mu_bias)
+        return out + self.flipout_perturbation(x)
+
+    def flipout_perturbation(self, x: Tensor) -> Tensor:
+        """Flipout's sign-flipped term s_out * op(x * s_in, delta_w, delta_b) of one forward."""
         delta_w = self.sigma_weight * torch.randn_like(self.mu_weight)
-        pert = self._op(x * random_signs(x, self._channel_dim), delta_w, None)
-        out = out + pert * random_signs(pert, self._channel_dim)
-        if self.mu_bias is not None:
-            eps_b = self.sigma_bias * torch.randn_like(self.mu_bias)
-            shape = [1] * out.dim()
-            shape[self._channel_dim] = -1
-            out = out + eps_b.view(shape)
-        return out
+        delta_b = None if self.mu_bias is None else self.sigma_bias * torch.randn_like(self.mu_bias)
+        pert = self._op(x * random_signs(x, self._channel_dim), delta_w, delta_b)
+        return pert * random_signs(pert, self._channel_dim)
 
     def set_prior(
         self, mu_weight: Tensor, sigma_weight: Tensor | float, mu_bias=None, sigma_bias=None

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -200,6 +201,16 @@ def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, top : top + size, left : left + size]
     return x
+
+
+class _SpecGeometry:
+    """Raw image -> float [C, S, S] in [0, 1] matching an ImageSpec's channels and size (no normalisation)."""
+
+    def __init__(self, spec: ImageSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        return resize_center(match_channels(to_float_image(img), self.spec.in_chans), self.spec.image_size)
 
 
 class SpecTransform:
@@ -459,3 +470,85 @@ class ImageDataModule(L.LightningDataModule):
         """Indices/ids of each split (saved with a run for reproducibility)."""
         self._need()
         return {k: list(v) for k, v in self._split_idx.items()}
+
+    # -- data shift (qbdl.data.shift): corruptions of the test split, applied before normalisation
+
+    def shift_source(self) -> tuple[Dataset, list[int]]:
+        """The test split's raw (image, label) items and their stable item ids (ids seed the corruptions).
+
+        Default: the test split's underlying items without its transform (PIL images for on-disk sets).
+        """
+        self._need()
+        test = self._datasets["test"]
+        if not isinstance(test, TransformSubset):  # pragma: no cover - every module uses TransformSubset
+            raise NotImplementedError(f"{self.name}: override shift_source() for data shift")
+        return TransformSubset(test.base, test.indices), list(test.indices)
+
+    def shift_preprocess(self, item: Any) -> torch.Tensor:
+        """A raw test image -> float [C, S, S] in [0, 1]: the test transform without its normalisation."""
+        self._need()
+        pre = getattr(self, "_shift_pre", None)
+        if pre is None:
+            t = getattr(self._datasets["test"], "transform", None)
+            if isinstance(t, T.Compose):
+                ops = [o for o in t.transforms if not isinstance(o, T.Normalize)]
+                if len(ops) == len(t.transforms):
+                    raise NotImplementedError(f"{self.name}: the test transform has no Normalize to strip")
+                pre = T.Compose(ops)
+            elif isinstance(t, SpecTransform):
+                pre = _SpecGeometry(t.spec)
+            else:  # pragma: no cover - every module's test transform is one of the above
+                raise NotImplementedError(f"{self.name}: override shift_preprocess() for data shift")
+            self._shift_pre = pre
+        x = pre(item)
+        x = x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        return x.float()
+
+    def shift_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float [C, S, S] in [0, 1] -> the test split's normalisation (spec mean/std)."""
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def shift_dataset(
+        self,
+        corruption: str,
+        severity: int,
+        seed: int = 0,
+        cache: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        max_items: int | None = None,
+    ) -> Dataset:
+        """The test split with ``corruption`` at ``severity`` applied on the fly; items (normalised x, label).
+
+        Deterministic per (seed, corruption, severity, item id). ``cache``: render every image once into
+        memory (and into ``cache_dir/<corruption>/<severity>.pt`` when given, re-used by a resumed run);
+        otherwise render on each access. ``max_items``: a seeded subset of the test split.
+        """
+        from qbdl.data.shift import build_shifted
+
+        raw, ids = self.shift_source()
+        if max_items is not None and max_items < len(ids):
+            pos = seeded_subset(np.arange(len(ids)), int(max_items), int(seed)).tolist()
+            raw, ids = TransformSubset(raw, pos), [ids[p] for p in pos]
+        return build_shifted(
+            raw,
+            ids,
+            self.shift_preprocess,
+            self.shift_normalize,
+            corruption,
+            severity,
+            seed,
+            datamodule_name=self.name,
+            image_size=self.spec.image_size,
+            channels=self.spec.in_chans,
+            materialize=cache,
+            cache_dir=cache_dir,
+            num_workers=self.num_workers,
+        )
+
+    def shift_reader(self, root: str | os.PathLike[str], corruption: str, severity: int) -> Dataset:
+        """An official pre-rendered corruption set (ImageNet-C, CIFAR-10-C, MNIST-C) under ``root``."""
+        from qbdl.data.shift_sets import official_reader
+
+        return official_reader(self, root, corruption, severity)

@@ -125,6 +125,20 @@ class DigitsDataModule(ImageDataModule):
         self._calib = TransformSubset(full, self._split_idx["train"])
         self._raw = {k: TransformSubset(raw, v) for k, v in self._split_idx.items()}
 
+    def shift_source(self) -> tuple[Dataset, list[int]]:
+        """Raw test digits ([1, 8, 8] in [0, 1]) and their indices into load_digits()."""
+        self._need()
+        return self._raw["test"], list(self._split_idx["test"])
+
+    def shift_preprocess(self, item: torch.Tensor) -> torch.Tensor:
+        """[1, 8, 8] in [0, 1] -> [1, S, S] by the bilinear upsampling of ``transform_raw``, not normalised."""
+        x = torch.as_tensor(item).float().reshape(1, 1, item.shape[-2], item.shape[-1])
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        return x[0]
+
     def ood_raw(self) -> dict[str, torch.Tensor]:
         """Untransformed OOD images on the digits' 0..16 scale: 'photos' [n, 8, 8], 'rotated' [n_test, 8, 8]."""
         self._need()

@@ -90,6 +90,15 @@ class TorchvisionDataModule(ImageDataModule):
         ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.spec.mean, self.spec.std)]
         return T.Compose(ops)
 
+    def shift_preprocess(self, item: Any) -> torch.Tensor:
+        """PIL test image -> float [C, S, S] in [0, 1]: the eval transform without Normalize (no setup needed)."""
+        pre = getattr(self, "_shift_pre", None)
+        if pre is None:
+            pre = self._shift_pre = T.Compose(
+                [o for o in self.transforms(False).transforms if not isinstance(o, T.Normalize)]
+            )
+        return pre(item).as_subclass(torch.Tensor).float()
+
     def _setup(self) -> None:
         if self.root is None:
             raise self._not_found()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +16,15 @@ from tqdm.auto import tqdm
 
 from qbdl import quant
 from qbdl.bayes import sampling
-from qbdl.evaluation import Variant, evaluate_variants, save_plots, save_predictions, state_dict_bytes
+from qbdl.evaluation import (
+    Variant,
+    evaluate_variants,
+    model_fingerprint,
+    save_plots,
+    save_predictions,
+    state_dict_bytes,
+    tensors_fingerprint,
+)
 from qbdl.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -46,6 +57,7 @@ class PTQCallback(L.Callback):
         mode: str,
         bank_size: int,
         fresh_kernel: str,
+        noise_slots: int,
         calib_batches: int,
         calib_batch_size: int | None,
         mc_samples: int,
@@ -72,6 +84,7 @@ class PTQCallback(L.Callback):
             mode=mode,
             bank_size=bank_size,
             fresh_kernel=fresh_kernel,
+            noise_slots=noise_slots,
             calib_batches=calib_batches,
             mc_samples=mc_samples,
             observer=observer,
@@ -88,28 +101,44 @@ class PTQCallback(L.Callback):
         """The stage-1 DNN, quantized too (qdnn) when quantize_dnn is set."""
         self.reference = dnn
 
-    def _quantize(self, name: str, model: nn.Module, calib) -> None:
+    def fingerprint(self, model: nn.Module, calib: list) -> str:
+        """What determines a quantized model: the options, the weights and the calibration batches."""
+        h = hashlib.sha256(json.dumps(self.cfg, sort_keys=True).encode())
+        h.update(model_fingerprint(model).encode())
+        h.update(tensors_fingerprint(b[0] if isinstance(b, (tuple, list)) else b for b in calib).encode())
+        return h.hexdigest()
+
+    def _quantize(self, name: str, model: nn.Module, calib: list) -> None:
         path = self.out_dir / f"{name}.qbdl"
-        if (
-            path.exists()
-        ):  # a resumed run: the quantized model of the interrupted one is complete (atomic write)
-            log.info("loading %s from %s (already quantized)", name, path)
-            self.models[name] = quant.load_qbnn(path)
-            return
+        fp = self.fingerprint(model, calib)
+        if path.exists():  # a resumed run: reused only if made from the same weights, batches and options
+            loaded = quant.load_qbnn(path)
+            if loaded.qbdl_meta.get("fingerprint") == fp:
+                log.info("loading %s from %s (already quantized)", name, path)
+                self.models[name] = loaded
+                return
+            log.info("%s: %s was made with other options, weights or data; quantizing again", name, path)
         t0 = time.perf_counter()
         cpu_model = copy.deepcopy(model).cpu().eval()
-        n = len(calib) if self.cfg["calib_batches"] is None else min(len(calib), self.cfg["calib_batches"])
-        calib = tqdm(calib, total=n, desc=f"calibrate {name}", leave=False, dynamic_ncols=True)
-        self.models[name] = quant.quantize_bnn(cpu_model, calib, **self.cfg)
+        batches = tqdm(calib, desc=f"calibrate {name}", leave=False, dynamic_ncols=True)
+        q = quant.quantize_bnn(cpu_model, batches, **self.cfg)
+        q.qbdl_meta = {**getattr(q, "qbdl_meta", {}), "fingerprint": fp}
+        self.models[name] = q
         self.seconds[name] = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         quant.save_qbnn(self.models[name], path)
+
+    def calibration_batches(self, trainer: L.Trainer) -> list:
+        """The calibration batches, drawn once: qbnn and qdnn are calibrated on the same images."""
+        loader = trainer.datamodule.calib_dataloader(self.calib_batch_size)
+        n = self.cfg["calib_batches"]
+        return list(loader if n is None else itertools.islice(loader, n))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         # Calibration reads training images only (DESIGN: never test data).
-        calib = trainer.datamodule.calib_dataloader(self.calib_batch_size)
+        calib = self.calibration_batches(trainer)
         self._quantize("qbnn", pl_module.model, calib)
         if self.quantize_dnn and self.reference is not None:
             self._quantize("qdnn", self.reference, calib)
@@ -171,6 +200,16 @@ class EvaluationCallback(L.Callback):
             )
         return [available[n] for n in self.variant_names]
 
+    def data_key(self, dm) -> str:
+        """The test and OOD data a prediction is made on: datamodule, its settings and splits, the OOD sets."""
+        parts = {
+            "datamodule": type(dm).__name__,
+            "spec": repr(getattr(dm, "spec", None)),
+            "splits": dm.split_indices() if hasattr(dm, "split_indices") else None,
+            "ood": {k: len(getattr(v, "dataset", ())) for k, v in self.ood_loaders.items()},
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -185,6 +224,7 @@ class EvaluationCallback(L.Callback):
             n_bins=self.n_bins,
             score=self.score,
             cache_dir=self.out_dir / "eval_cache",
+            data_key=self.data_key(dm),
         )
         self.results = results
         save_predictions(predictions, self.out_dir / "predictions.npz")

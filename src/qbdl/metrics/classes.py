@@ -3,8 +3,8 @@
 Every ``update`` takes MC probabilities ``p [S, B, C]`` (plus targets ``y [B]`` where relevant) and
 accumulates states registered with ``add_state``: sum states for the decomposable metrics and
 ``"cat"`` list states for the ranking metrics.  ``compute()`` over several batches equals the pure
-function applied to the concatenation of all batches (in update order, which fixes the tie order of
-the referral metrics).
+function applied to the concatenation of all batches; ties are broken at random in expectation, so
+the ranking metrics do not depend on the update (or DDP gather) order either.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from qbdl.metrics.functional import (
+    ReferralCurve,
+    _adaptive_bin_sums_from,
+    _augrc,
     _aurc,
     _brier_terms,
     _check_bins,
+    _check_fraction,
     _check_score,
     _confidence_bin_sums,
     _correct,
+    _coverage_at_risk,
     _eaurc,
     _ece_from_sums,
     _max_from_sums,
@@ -28,6 +33,7 @@ from qbdl.metrics.functional import (
     _nll_terms,
     _rate_at_accuracy,
     _referral_from_scores,
+    _risk_at_coverage,
     _scores,
     _uncertainty_bin_sums,
     validate_probs,
@@ -46,6 +52,10 @@ __all__ = [
     "MeanMutualInformation",
     "ReferralRate",
     "AURC",
+    "AUGRC",
+    "RiskAtCoverage",
+    "CoverageAtRisk",
+    "AdaptiveCalibrationError",
     "OODAUROC",
 ]
 
@@ -207,7 +217,7 @@ class _Ranking(Metric):
         self.scores.append(_scores(p64, self.score))
         self.correct.append(_correct(p64, y))
 
-    def _curve(self):
+    def _curve(self) -> ReferralCurve:
         return _referral_from_scores(dim_zero_cat(self.scores), dim_zero_cat(self.correct))
 
 
@@ -239,6 +249,71 @@ class AURC(_Ranking):
     def compute_excess(self) -> Tensor:
         """E-AURC = AURC - AURC of the oracle ranking."""
         return torch.tensor(_eaurc(self._curve()), dtype=torch.float64)
+
+
+class AUGRC(_Ranking):
+    """Area under the generalized risk-coverage curve (Traub et al. 2024), as a fraction."""
+
+    higher_is_better = False
+
+    def compute(self) -> Tensor:
+        """AUGRC of all points seen so far."""
+        return torch.tensor(_augrc(self._curve()), dtype=torch.float64)
+
+
+class RiskAtCoverage(_Ranking):
+    """Selective risk (error rate among accepted points) at a fixed coverage, e.g. 0.8."""
+
+    higher_is_better = False
+
+    def __init__(self, coverage: float = 0.8, score: str = "entropy", **kwargs) -> None:
+        super().__init__(score=score, **kwargs)
+        self.coverage = _check_fraction(coverage, "coverage", low_open=True)
+
+    def compute(self) -> Tensor:
+        """Selective risk at ``coverage``."""
+        return torch.tensor(_risk_at_coverage(self._curve(), self.coverage), dtype=torch.float64)
+
+
+class CoverageAtRisk(_Ranking):
+    """Largest coverage whose selective risk is ``<= risk`` (0 if none)."""
+
+    higher_is_better = True
+
+    def __init__(self, risk: float = 0.05, score: str = "entropy", **kwargs) -> None:
+        super().__init__(score=score, **kwargs)
+        self.risk = _check_fraction(risk, "risk")
+
+    def compute(self) -> Tensor:
+        """Coverage at ``risk``."""
+        return torch.tensor(_coverage_at_risk(self._curve(), self.risk), dtype=torch.float64)
+
+
+class AdaptiveCalibrationError(Metric):
+    """Adaptive (equal-mass bins) ECE of the predictive mean; stores confidences and correctness (``cat``)."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, n_bins: int = 15, **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_bins(n_bins)
+        self.n_bins = n_bins
+        self.add_state("confidence", default=[], dist_reduce_fx="cat")
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, p: Tensor, y: Tensor) -> None:
+        """Store ``max pbar`` and correctness of a batch ``p [S, B, C]``, ``y [B]``."""
+        p, y = _checked(p, y)
+        p64 = p.double()
+        self.confidence.append(p64.mean(0).max(-1).values)
+        self.correct.append(_correct(p64, y))
+
+    def compute(self) -> Tensor:
+        """Adaptive calibration error as a fraction in [0, 1]."""
+        sums = _adaptive_bin_sums_from(dim_zero_cat(self.confidence), dim_zero_cat(self.correct), self.n_bins)
+        return torch.tensor(_ece_from_sums(*sums), dtype=torch.float64)
 
 
 class OODAUROC(Metric):

@@ -11,6 +11,11 @@ Conventions
 * Calibration errors (ECE, MCE, UCE, MUCE) are **fractions in [0, 1]**; multiplying by 100 for
   reporting in percent is the caller's job.
 * Uncertainty scores are oriented so that *larger means more uncertain*.
+* Per-point quantities (entropies, MI, scores) are returned in the input's floating dtype, as in
+  torchmetrics' functional API; the maths inside runs in float64.
+* Ties in a ranking (equal scores or confidences) are broken *at random in expectation*: inside each
+  run of equal values every position gets the run's mean correctness, so referral / risk-coverage
+  curves are the expectation over all orderings of the tied points and do not depend on data order.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ __all__ = [
     "referral_auc",
     "aurc",
     "eaurc",
+    "augrc",
+    "risk_at_coverage",
+    "coverage_at_risk",
+    "adaptive_calibration_error",
 ]
 
 #: Probabilities are clamped at this value before taking ``log`` in the NLL.
@@ -166,23 +175,27 @@ def predictive_mean(p: Tensor) -> Tensor:
 
 
 def predictive_entropy(p: Tensor) -> Tensor:
-    """Per-point predictive (total) entropy ``H[pbar]`` in nats, shape ``[B]``."""
-    return _pred_entropy(validate_probs(p).double())
+    """Per-point predictive (total) entropy ``H[pbar]`` in nats, shape ``[B]``, in ``p``'s dtype."""
+    p = validate_probs(p)
+    return _pred_entropy(p.double()).to(p.dtype)
 
 
 def aleatoric_entropy(p: Tensor) -> Tensor:
-    """Per-point expected entropy ``mean_s H[p_s]`` (aleatoric part) in nats, shape ``[B]``."""
-    return _aleatoric(validate_probs(p).double())
+    """Per-point expected entropy ``mean_s H[p_s]`` (aleatoric part) in nats, shape ``[B]``, in ``p``'s dtype."""
+    p = validate_probs(p)
+    return _aleatoric(p.double()).to(p.dtype)
 
 
 def mutual_information(p: Tensor) -> Tensor:
-    """Per-point mutual information ``H[pbar] - mean_s H[p_s]`` (epistemic part, clamped >= 0), shape ``[B]``."""
-    return _mi(validate_probs(p).double())
+    """Per-point mutual information ``H[pbar] - mean_s H[p_s]`` (clamped >= 0), shape ``[B]``, in ``p``'s dtype."""
+    p = validate_probs(p)
+    return _mi(p.double()).to(p.dtype)
 
 
 def uncertainty_scores(p: Tensor, score: str = "entropy") -> Tensor:
-    """Per-point uncertainty score (larger = more uncertain): ``entropy`` H[pbar], ``mi``, or ``maxprob`` 1 - max pbar."""
-    return _scores(validate_probs(p).double(), score)
+    """Per-point score (larger = more uncertain) in ``p``'s dtype: ``entropy`` H[pbar], ``mi``, or ``maxprob`` 1 - max pbar."""
+    p = validate_probs(p)
+    return _scores(p.double(), score).to(p.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,21 +399,30 @@ class ReferralCurve:
     random_accuracy: Tensor  # [n]: random referral, constant = overall accuracy
 
 
+def _tie_mean(sorted_keys: Tensor, values: Tensor) -> Tensor:
+    """Replace every value by the mean of the values sharing its (already sorted) key: ties in expectation."""
+    _, inverse, counts = torch.unique_consecutive(sorted_keys, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64, device=values.device)
+    sums.scatter_add_(0, inverse, values.double())
+    return (sums / counts.double())[inverse]
+
+
 def _referral_from_scores(scores: Tensor, correct: Tensor) -> ReferralCurve:
     """Referral curve from per-point scores (larger = refer first) and 0/1 correctness.
 
-    Ties: a stable descending sort, so among equally uncertain points the one appearing *first* in
-    the data is referred first.  This is deterministic for a fixed data order.
+    Ties: expected value under uniformly random tie-breaking.  Within each run of equal scores every
+    position gets the run's mean correctness, so the accuracy at each ``k`` is the mean over all
+    orderings of the tied points, and the curve does not depend on the data order.
     """
     n = scores.shape[0]
-    correct = correct.double()
-    order = torch.sort(scores.double(), descending=True, stable=True).indices
-    c_sorted = correct[order]
-    total = c_sorted.sum()
+    s64 = scores.double()
+    order = torch.sort(s64, descending=True, stable=True).indices
+    c_sorted = _tie_mean(s64[order], correct.double()[order])
+    total = correct.double().sum()
     k = torch.arange(n, dtype=torch.float64, device=scores.device)
     referred_correct = torch.cat([c_sorted.new_zeros(1), torch.cumsum(c_sorted, 0)[:-1]])
     retained = n - k
-    acc = (total - referred_correct) / retained
+    acc = ((total - referred_correct) / retained).clamp(0.0, 1.0)
     oracle = (total / retained).clamp(max=1.0)
     rand = torch.full_like(acc, float(total / n))
     return ReferralCurve(
@@ -412,7 +434,7 @@ def _referral_from_scores(scores: Tensor, correct: Tensor) -> ReferralCurve:
 
 
 def referral_curve(p: Tensor, y: Tensor, score: str = "entropy") -> ReferralCurve:
-    """Retained accuracy after referring the ``k`` most uncertain points, ``k = 0 .. n-1`` (ties: stable order)."""
+    """Retained accuracy after referring the ``k`` most uncertain points, ``k = 0 .. n-1`` (ties: random in expectation)."""
     p, y = _check(p, y)
     p64 = p.double()
     return _referral_from_scores(_scores(p64, score), _correct(p64, y))
@@ -456,3 +478,93 @@ def aurc(p: Tensor, y: Tensor, score: str = "entropy") -> float:
 def eaurc(p: Tensor, y: Tensor, score: str = "entropy") -> float:
     """Excess AURC: ``AURC - AURC`` of the oracle ranking (errors rejected first); 0 for a perfect ranking."""
     return _eaurc(referral_curve(p, y, score))
+
+
+def _augrc(curve: ReferralCurve) -> float:
+    # Generalized risk at coverage m/n = (#errors among the m accepted) / n, for m = n .. 1, plus (0, 0).
+    n = curve.accuracy.shape[0]
+    m = torch.arange(n, 0, -1, dtype=torch.float64)
+    g = (1.0 - curve.accuracy) * m / n
+    # Trapezoid rule on the grid m/n, m = 0 .. n, with g(0) = 0: (sum_{m=1}^{n} g_m - g_n / 2) / n.
+    return float((g.sum() - g[0] / 2) / n)
+
+
+def _check_fraction(value: float, name: str, low_open: bool = False) -> float:
+    v = float(value)
+    if not (0.0 < v <= 1.0 if low_open else 0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+    return v
+
+
+def _risk_at_coverage(curve: ReferralCurve, coverage: float) -> float:
+    n = curve.accuracy.shape[0]
+    # Accept the ceil(c n) most confident points (torch-uncertainty's RiskAtxCov convention); the tiny
+    # slack keeps e.g. 0.95 * 100 = 95.00000000000001 at 95 points.
+    m = min(n, max(1, math.ceil(coverage * n - 1e-9)))
+    return float(1.0 - curve.accuracy[n - m])
+
+
+def _coverage_at_risk(curve: ReferralCurve, risk: float) -> float:
+    n = curve.accuracy.shape[0]
+    hit = torch.nonzero((1.0 - curve.accuracy) <= risk + 1e-12)
+    return float(n - hit[0, 0]) / n if hit.numel() else 0.0
+
+
+def augrc(p: Tensor, y: Tensor, score: str = "entropy") -> float:
+    """AUGRC (Traub et al. 2024): area under generalized risk ``#errors accepted / n`` vs coverage, trapezoid from (0, 0).
+
+    The curve joins the points at coverages ``m/n`` (``m = 0 .. n``) linearly; ties are broken at random
+    in expectation, which equals linear interpolation between distinct-threshold points as in the
+    paper's reference code (fd-shifts, without its x1000 display scale).  Equivalently
+    ``AUGRC = (1 - AUROC_f) acc (1 - acc) + (1 - acc)^2 / 2`` with ``AUROC_f`` the failure-detection AUROC.
+    """
+    return _augrc(referral_curve(p, y, score))
+
+
+def risk_at_coverage(p: Tensor, y: Tensor, coverage: float, score: str = "entropy") -> float:
+    """Selective risk (error rate among accepted points) when the ``ceil(coverage n)`` least uncertain points are accepted."""
+    return _risk_at_coverage(
+        referral_curve(p, y, score), _check_fraction(coverage, "coverage", low_open=True)
+    )
+
+
+def coverage_at_risk(p: Tensor, y: Tensor, risk: float, score: str = "entropy") -> float:
+    """Largest coverage ``m/n`` whose selective risk is ``<= risk`` (0.0 if none), ranking by the uncertainty score."""
+    return _coverage_at_risk(referral_curve(p, y, score), _check_fraction(risk, "risk"))
+
+
+# --------------------------------------------------------------------------------------------------
+# adaptive (equal-mass) calibration error
+# --------------------------------------------------------------------------------------------------
+def _adaptive_bin_sums_from(conf: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, sum confidence, sum correct) over ``n_bins`` equal-mass bins of the sorted confidences."""
+    n = conf.shape[0]
+    conf = conf.double()
+    order = torch.sort(conf, stable=True).indices
+    c_sorted = conf[order]
+    corr_sorted = _tie_mean(c_sorted, correct.double()[order])
+    # Bin sizes as torch.tensor_split(n_bins): the first n % n_bins bins hold one extra point.
+    q, r = divmod(n, n_bins)
+    pos = torch.arange(n, device=conf.device)
+    big = r * (q + 1)
+    idx = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
+    return tuple(_bin_sums(idx, [torch.ones_like(c_sorted), c_sorted, corr_sorted], n_bins))  # type: ignore[return-value]
+
+
+def _adaptive_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    p64 = p.double()
+    return _adaptive_bin_sums_from(p64.mean(0).max(-1).values, _correct(p64, y), n_bins)
+
+
+def adaptive_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """Adaptive (equal-mass) ECE ``sum_m |B_m|/n |acc(B_m) - conf(B_m)|``, as a fraction.
+
+    Points are sorted by confidence ``max pbar`` and cut into ``n_bins`` consecutive runs whose sizes
+    follow ``torch.tensor_split`` (the first ``n % n_bins`` bins hold ``ceil(n / n_bins)`` points, the
+    rest ``floor``; empty bins when ``n < n_bins`` are skipped), exactly as torch-uncertainty's
+    ``AdaptiveCalibrationError(norm="l1")``.  Tied confidences share their mean correctness, so a tie
+    straddling a bin edge does not depend on data order (torch-uncertainty splits it by sort order).
+    """
+    p, y = _check(p, y)
+    _check_bins(n_bins)
+    return _ece_from_sums(*_adaptive_bin_sums(p, y, n_bins))

@@ -7,12 +7,17 @@ from typing import Any
 from torch import Tensor
 
 from qbdl.metrics.functional import (
+    _SCORES,
+    _adaptive_bin_sums,
     _aleatoric,
+    _augrc,
     _aurc,
     _brier_terms,
     _check_bins,
+    _check_fraction,
     _confidence_bin_sums,
     _correct,
+    _coverage_at_risk,
     _eaurc,
     _ece_from_sums,
     _max_from_sums,
@@ -22,26 +27,22 @@ from qbdl.metrics.functional import (
     _rate_at_accuracy,
     _referral_auc,
     _referral_from_scores,
+    _risk_at_coverage,
     _scores,
     _uncertainty_bin_sums,
     validate_probs,
     validate_targets,
 )
-from qbdl.metrics.ood import (
-    _fpr_at_tpr,
-    binary_auroc,
-    binary_average_precision,
-    binary_roc_curve,
-    ood_scores,
-)
+from qbdl.metrics.ood import OOD_METRIC_KEYS, ood_metrics
 
-__all__ = ["summarize", "SUMMARY_KEYS", "OOD_KEYS"]
+__all__ = ["summarize", "SUMMARY_KEYS", "OOD_KEYS", "OOD_METRIC_KEYS"]
 
 SUMMARY_KEYS = (
     "accuracy",
     "nll",
     "brier",
     "ece",
+    "ece_adaptive",
     "mce",
     "uce",
     "muce",
@@ -52,21 +53,55 @@ SUMMARY_KEYS = (
     "referral_auc",
     "aurc",
     "eaurc",
+    "augrc",
+    "risk_at_coverage",
+    "coverage_at_risk",
     "ood",
     "ood_auroc",
+    "ood_groups",
 )
-OOD_KEYS = ("auroc", "aupr", "fpr95", "auroc_mi", "aupr_mi", "fpr95_mi")
+#: Keys of ``result["ood"][name]``: flat metrics of the selected score, MI metrics, and the details.
+OOD_KEYS = ("auroc", "aupr", "fpr95", "auroc_mi", "aupr_mi", "fpr95_mi", "score", "group", "scores")
 
 
-def _ood_block(p_in: Tensor, p_out: Tensor) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for score, suffix in (("entropy", ""), ("mi", "_mi")):
-        s, lab = ood_scores(p_in, p_out, score)
-        fpr, tpr = binary_roc_curve(s, lab)
-        out[f"auroc{suffix}"] = binary_auroc(s, lab)
-        out[f"aupr{suffix}"] = binary_average_precision(s, lab)
-        out[f"fpr95{suffix}"] = _fpr_at_tpr(fpr, tpr, 0.95)
-    return {k: out[k] for k in OOD_KEYS}
+def _ood_block(
+    p_in: Tensor,
+    p_out: Tensor,
+    score: str,
+    logits_in: Tensor | None,
+    logits_out: Tensor | None,
+    group: str | None,
+) -> dict[str, Any]:
+    scores = ood_metrics(p_in, p_out, logits_in, logits_out)
+    sel, mi = scores[score], scores["mi"]
+    block: dict[str, Any] = {
+        "auroc": sel["auroc"],
+        "aupr": sel["aupr_out"],
+        "fpr95": sel["fpr95"],
+        "auroc_mi": mi["auroc"],
+        "aupr_mi": mi["aupr_out"],
+        "fpr95_mi": mi["fpr95"],
+        "score": score,
+        "group": group,
+        "scores": scores,
+    }
+    return {k: block[k] for k in OOD_KEYS}
+
+
+def _group_means(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{group: {score: {metric: mean over the group's OOD sets that have that score}}}."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for group in dict.fromkeys(b["group"] for b in blocks.values() if b["group"] is not None):
+        members = [b["scores"] for b in blocks.values() if b["group"] == group]
+        names = list(dict.fromkeys(name for m in members for name in m))
+        out[group] = {
+            name: {
+                key: sum(m[name][key] for m in members if name in m) / sum(name in m for m in members)
+                for key in OOD_METRIC_KEYS
+            }
+            for name in names
+        }
+    return out
 
 
 def summarize(
@@ -76,22 +111,37 @@ def summarize(
     target_accuracy: float = 0.995,
     n_bins: int = 15,
     score: str = "entropy",
+    logits: Tensor | None = None,
+    ood_logits: dict[str, Tensor] | None = None,
+    ood_groups: dict[str, str] | None = None,
+    coverages: tuple[float, ...] = (0.8, 0.9, 0.95),
+    risks: tuple[float, ...] = (0.01, 0.02, 0.05),
 ) -> dict[str, Any]:
-    """All scalar metrics of ``p [S, B, C]`` vs ``y [B]`` as a JSON-serialisable dict.
+    """All scalar metrics of ``p [S, B, C]`` vs ``y [B]`` as a JSON-serialisable dict (keys: ``SUMMARY_KEYS``).
 
-    Keys: ``accuracy, nll, brier, ece, mce, uce, muce, entropy_mean, aleatoric_mean, mi_mean,
-    referral_rate_at_target, referral_auc, aurc, eaurc, ood, ood_auroc``.  Calibration errors are
-    fractions in [0, 1] (not percent).  ``score`` selects the ranking used for the referral metrics.
-    ``ood`` maps a name to OOD predictions ``[S, B', C]``; ``result["ood"][name]`` holds
-    ``auroc, aupr, fpr95`` (predictive-entropy score) and ``auroc_mi, aupr_mi, fpr95_mi`` (mutual
-    information score), with ``p`` as the in-distribution negatives.  ``ood_auroc`` is the entropy
-    AUROC of the first OOD set, or ``None`` without OOD data.
+    Calibration errors are fractions in [0, 1] (not percent); ``ece_adaptive`` uses equal-mass bins.
+    ``score`` (``entropy``, ``mi`` or ``maxprob``) ranks the points for the referral / selective
+    metrics (``referral_*, aurc, eaurc, augrc``, ``risk_at_coverage {str(c): risk}``,
+    ``coverage_at_risk {str(r): coverage}``) and for the flat OOD keys.
+
+    ``ood`` maps a name to OOD predictions ``[S, B', C]``, with ``p`` as the in-distribution
+    negatives; ``result["ood"][name]`` holds ``auroc, aupr (= AUPR-out), fpr95`` of the selected
+    ``score``, ``auroc_mi, aupr_mi, fpr95_mi`` of the MI score, ``score`` (its name), ``group``
+    (``ood_groups.get(name)``, e.g. "near" / "far", or None) and ``scores``
+    ``{score: {auroc, aupr_in, aupr_out, fpr95}}`` (see :func:`qbdl.metrics.ood.ood_metrics`) for
+    ``entropy, mi, maxprob``, plus ``maxlogit, energy`` when ``logits`` ``[S, B, C]`` and
+    ``ood_logits[name]`` are both given.  ``ood_auroc`` is the flat AUROC of the first OOD set (None
+    without OOD data); ``ood_groups`` is ``{group: {score: {metric: mean over the group's sets}}}``.
     """
     p = validate_probs(p)
     y = validate_targets(y, p.shape[1], p.shape[2]).to(p.device)
     if not 0.0 <= float(target_accuracy) <= 1.0:
         raise ValueError(f"target_accuracy must lie in [0, 1], got {target_accuracy}")
     _check_bins(n_bins)
+    if score not in _SCORES:
+        raise ValueError(f"unknown uncertainty score {score!r}; choose one of {_SCORES}")
+    coverages = tuple(_check_fraction(c, "coverage", low_open=True) for c in coverages)
+    risks = tuple(_check_fraction(r, "risk") for r in risks)
     p64 = p.double()
     correct = _correct(p64, y)
     curve = _referral_from_scores(_scores(p64, score), correct)
@@ -102,6 +152,7 @@ def summarize(
         "nll": float(_nll_terms(p64, y).mean()),
         "brier": float(_brier_terms(p64, y).mean()),
         "ece": _ece_from_sums(*conf_sums),
+        "ece_adaptive": _ece_from_sums(*_adaptive_bin_sums(p, y, n_bins)),
         "mce": _max_from_sums(*conf_sums),
         "uce": _ece_from_sums(*unc_sums),
         "muce": _max_from_sums(*unc_sums),
@@ -112,12 +163,27 @@ def summarize(
         "referral_auc": _referral_auc(curve),
         "aurc": _aurc(curve),
         "eaurc": _eaurc(curve),
+        "augrc": _augrc(curve),
+        "risk_at_coverage": {str(c): _risk_at_coverage(curve, c) for c in coverages},
+        "coverage_at_risk": {str(r): _coverage_at_risk(curve, r) for r in risks},
         "ood": {},
         "ood_auroc": None,
+        "ood_groups": {},
     }
+    ood_logits = ood_logits or {}
+    ood_groups = ood_groups or {}
     for i, (name, p_out) in enumerate((ood or {}).items()):
-        block = _ood_block(p, p_out)
+        out_logits = ood_logits.get(name)
+        block = _ood_block(
+            p,
+            p_out,
+            score,
+            logits if out_logits is not None else None,
+            out_logits if logits is not None else None,
+            ood_groups.get(name),
+        )
         result["ood"][str(name)] = block
         if i == 0:
             result["ood_auroc"] = block["auroc"]
-    return result
+    result["ood_groups"] = _group_means(result["ood"])
+    return {k: result[k] for k in SUMMARY_KEYS}

@@ -96,7 +96,13 @@ class PackedSampler:
     """A oneDNN-packed int8 weight overwritten in place with a fresh sample (pool noise, see noise.py)."""
 
     def __init__(
-        self, pack: Callable[[Tensor], Tensor], layout: PackedLayout, mu16: Tensor, sg16: Tensor, pool: Tensor
+        self,
+        pack: Callable[[Tensor], Tensor],
+        layout: PackedLayout,
+        mu16: Tensor,
+        sg16: Tensor,
+        pool: Tensor,
+        slots: int,
     ) -> None:
         src = layout.src
         pad = src < 0
@@ -104,7 +110,7 @@ class PackedSampler:
         self.pack = pack
         self.packed = pack(torch.zeros(mu16.shape, dtype=torch.int8))
         self.n_comp = layout.n_comp
-        self.pool = pool
+        self.pool, self.slots = pool, int(slots)
         zero = torch.zeros((), dtype=torch.int16)
         self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
         self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
@@ -112,8 +118,9 @@ class PackedSampler:
         if layout.n_comp and int(self.oc.max()) >= layout.n_comp:  # the C++ loop indexes the sums by it
             raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels")
 
-    def sample(self, offset: int, negate: bool) -> Tensor:
-        """Write the sample of pool window `offset` (and sign) into the packed weight; returns it."""
+    def sample(self, slot: int, negate: bool) -> Tensor:
+        """Write the sample of pool window `slot` (and sign) into the packed weight; returns it."""
+        offset = noise.window_offset(slot, self.mu.numel(), self.slots)
         torch.ops.qbdl.sample_packed(
             self.packed, self.mu, self.sg, self.oc, self.n_comp, self.pool, offset, negate,
             noise.MU16_SHIFT, noise.SHIFT16,

@@ -106,6 +106,7 @@ class QuantLayer(nn.Module):
         self.bank_size: int = int(c.get("bank_size", 16))
         self.seed: int = int(c.get("seed", 0))
         self.index: int = int(c.get("index", 0))
+        self.noise_slots: int = int(c.get("noise_slots", noise.NOISE_SLOTS))
         self.fresh_kernel: str = c.get("fresh_kernel", "auto")
         if self.fresh_kernel not in FRESH_KERNELS:
             raise ValueError(f"unknown fresh_kernel {self.fresh_kernel!r}; choose one of {FRESH_KERNELS}")
@@ -185,19 +186,26 @@ class QuantLayer(nn.Module):
             self._operands()
         if self.sampling == "bank":
             gen = self._bank_generator()
-            self._bank = [self._pack(*self._sample(gen)) for _ in range(self.bank_size)]
+            self._bank = [self._pack(*self._sample(gen, k)) for k in range(self.bank_size)]
 
     def _bank_generator(self) -> torch.Generator:
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1))
 
-    def _draw(self, gen: torch.Generator | None) -> tuple[int, bool, Tensor | None]:
-        """The random numbers of one weight sample, in a fixed order (offset, sign, bias noise)."""
-        offset, negate = noise.draw_offset(gen)
+    def _draw(self, gen: torch.Generator | None, slot: int | None = None) -> tuple[int, bool, Tensor | None]:
+        """One weight sample's pool window and random numbers (sign, then bias noise, in this order).
+
+        The window is the MC index's (mc_predict: successive samples never share noise), else a random one.
+        """
+        if slot is None:
+            slot = self._mc_index
+            if slot is None:
+                slot = int(torch.randint(0, self.noise_slots, (1,), generator=gen))
+        negate = noise.draw_sign(gen)
         eps_b = None
         if self.bias_q is not None and self.bias_sigma_q is not None:
             eps_b = torch.randn(self.bias_q.shape, generator=gen)
-        return offset, negate, eps_b
+        return slot % self.noise_slots, negate, eps_b
 
     def _bias(self, eps_b: Tensor | None) -> Tensor | None:
         if self.bias_q is None:
@@ -213,16 +221,21 @@ class QuantLayer(nn.Module):
             mu32, sg32 = noise.fixed_point(
                 self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
             )
-            self._fresh = (mu32, sg32, noise.noise_pool(self.seed, mu32.numel()))
+            self._fresh = (
+                mu32,
+                sg32,
+                noise.noise_pool(self.seed, self.index, mu32.numel(), self.noise_slots),
+            )
         return self._fresh
 
-    def _make(self, offset: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _make(self, slot: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         mu32, sg32, pool = self._operands()
+        offset = noise.window_offset(slot, mu32.numel(), self.noise_slots)
         q = noise.sample_int8(mu32, sg32, pool, offset, negate)
         return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), self._bias(eps_b)
 
-    def _sample(self, gen: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-        return self._make(*self._draw(gen))
+    def _sample(self, gen: torch.Generator | None, slot: int | None = None) -> tuple[Tensor, Tensor | None]:
+        return self._make(*self._draw(gen, slot))
 
     def fresh_job(self) -> Callable[[], object]:
         """Draw this forward's random numbers now (global generator) and return the pack job for later."""
@@ -325,7 +338,9 @@ class QuantLayer(nn.Module):
         c = self.config
         xs, xz = x.q_scale(), x.q_zero_point()
         xu = torch.ops.qbdl.as_uint8(x)
-        bias = self._bias(eps_b)
+        bias = self._bias(None)
+        # bias noise goes into the sign-flipped term, as in FP32 Flipout: one draw per example
+        bias_noise = None if eps_b is None else self.bias_sigma_q.float() * eps_b * self._bias_scale
         y1 = self._onednn(xu, xs, xz, mu, self.mu_scale.float(), bias, c["mean_scale"], c["mean_zp"])
         self._record(
             xu, xs, xz, self.mu_q, self.mu_scale, bias, y1, c["mean_scale"], c["mean_zp"], False, 255
@@ -333,9 +348,11 @@ class QuantLayer(nn.Module):
         # x * s_in needs signs: uint8 with zero point (qmax+1)/2 at twice the scale (one bit of the input lost;
         # reduced range: 0..128 at most, whose int16 pair sums 2 * 128 * 127 still fit)
         xf = torch.ops.qbdl.flip_requant(xu, s_in, xz, 0.5, self._flip_zp)
-        y2 = self._onednn(xf, 2 * xs, self._flip_zp, pert[k], self._pert_w_scale, None, c["pert_scale"], 128)
-        self._record(xf, 2 * xs, self._flip_zp, self._pert_q[k], self._pert_w_scale, None, y2, c["pert_scale"],
-                     128, False, 255)  # fmt: skip
+        y2 = self._onednn(
+            xf, 2 * xs, self._flip_zp, pert[k], self._pert_w_scale, bias_noise, c["pert_scale"], 128
+        )
+        self._record(xf, 2 * xs, self._flip_zp, self._pert_q[k], self._pert_w_scale, bias_noise, y2,
+                     c["pert_scale"], 128, False, 255)  # fmt: skip
         out = torch.ops.qbdl.signed_add(
             y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, self.out_scale, self.out_zp,
             self.relu,
@@ -358,8 +375,8 @@ class QuantLayer(nn.Module):
         """
         if self._sampler is None:
             return self._sample(None)[0]
-        offset, negate, _ = self._draw(None)
-        q = self._sampler.unpacked(self._sampler.sample(offset, negate), tuple(self.mu_q.shape))
+        slot, negate, _ = self._draw(None)
+        q = self._sampler.unpacked(self._sampler.sample(slot, negate), tuple(self.mu_q.shape))
         return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0)
 
     @property
@@ -399,13 +416,13 @@ class QuantLayer(nn.Module):
             mu16, sg16 = noise.fixed_point16(
                 self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
             )
-            pool = noise.noise_pool(self.seed, layout.data_bytes)
-            self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool)
+            pool = noise.noise_pool(self.seed, self.index, layout.data_bytes, self.noise_slots)
+            self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool, self.noise_slots)
         return self._sampler
 
     def _inplace_forward(self, x: Tensor, sampler: inplace.PackedSampler, draws: tuple) -> Tensor:
-        offset, negate, eps_b = draws
-        w, bias = sampler.sample(offset, negate), self._bias(eps_b)
+        slot, negate, eps_b = draws
+        w, bias = sampler.sample(slot, negate), self._bias(eps_b)
         xu = torch.ops.qbdl.as_uint8(x)
         y = self._onednn(
             xu, x.q_scale(), x.q_zero_point(), w, self._w_scale.float(),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bayes.layers import BayesianLayer, random_signs
+from ..bayes.layers import BayesianLayer
 from . import noise
 from .observers import ActObserver, fake_quant_act, fake_quant_weight, symmetric_scale
 
@@ -38,7 +38,7 @@ class PreparedLayer(_Observed):
     fq_bits=None: FP32 forward (calibration). fq_bits=b: fake-quantized forward (QAT / simulate): mu, sigma
     and the sampled weight per-channel symmetric b-bit, the output unsigned b-bit, straight-through grads.
     per_example (Bayesian layers): calibration also records the ranges of INT8 Flipout's two terms, the
-    mean-weight output (before bias noise and ReLU) and the sign-flipped perturbation.
+    mean-weight output (before ReLU) and the sign-flipped perturbation (weight and bias noise).
     """
 
     def __init__(
@@ -59,10 +59,8 @@ class PreparedLayer(_Observed):
         y = layer._op(x, layer.mu_weight, layer.mu_bias)
         if self.det_bias is not None:
             y = y + _chan_view(self.det_bias, layer._channel_dim, y.dim())
-        delta = layer.sigma_weight * torch.randn_like(layer.mu_weight)
-        pert = layer._op(x * random_signs(x, layer._channel_dim), delta, None)
         self.obs_mean(y)
-        self.obs_pert(pert * random_signs(pert, layer._channel_dim))
+        self.obs_pert(layer.flipout_perturbation(x))
 
     @property
     def bayesian(self) -> bool:

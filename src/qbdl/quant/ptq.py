@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 
+from ..bayes.convert import refuse_custom_forward
 from ..bayes.layers import BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianLayer, BayesianLinear
 from ..bayes.predict import sample_seed, sampling
 from . import noise
@@ -34,7 +35,8 @@ _RELU_FNS = (F.relu, torch.relu)
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (BayesianLayer, QuantStub, DeQuantStub, PreparedLayer, ObservedQuant, ObservedAdd)):
+        # every Conv/Linear (subclasses too) is a leaf, so prepare sees it and can refuse a custom forward
+        if isinstance(m, (*_WEIGHTED, QuantStub, DeQuantStub, PreparedLayer, ObservedQuant, ObservedAdd)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -102,6 +104,7 @@ def prepare(
             continue
         mod = _module(gm, node)
         if isinstance(mod, _WEIGHTED):
+            refuse_custom_forward(str(node.target), mod, "prepare")
             if getattr(mod, "padding_mode", "zeros") != "zeros":
                 raise NotImplementedError(
                     f"{node.target}: padding_mode {mod.padding_mode!r} is not quantizable"
@@ -306,6 +309,7 @@ def convert(
     backend: str | None = None,
     pack_workers: int = 2,
     fresh_kernel: str = "auto",
+    noise_slots: int = noise.NOISE_SLOTS,
 ) -> fx.GraphModule:
     """Turn a calibrated prepared model into a CPU INT8 model (QBNN, or QDNN without Bayesian layers).
 
@@ -316,6 +320,8 @@ def convert(
     while the forward runs (0: sequentially inside each layer; outputs are identical either way).
     fresh_kernel: 'auto' writes fresh samples straight into oneDNN-packed weights (x86/onednn backends,
     conv2d/linear; see inplace.py), 'prepack' re-packs every sample through the public prepack ops.
+    noise_slots: windows in each layer's noise pool (noise.py): this many successive samples never share
+    noise; memory 2 * noise_slots bytes per weight.
     """
     if mode not in SAMPLINGS:
         raise ValueError(f"unknown mode {mode!r}; choose one of {SAMPLINGS}")
@@ -323,6 +329,8 @@ def convert(
         raise ValueError(f"unknown fresh_kernel {fresh_kernel!r}; choose one of {FRESH_KERNELS}")
     if bank_size < 1:
         raise ValueError(f"bank_size must be >= 1, got {bank_size}")
+    if noise_slots < 1:
+        raise ValueError(f"noise_slots must be >= 1, got {noise_slots}")
     backend = backend or getattr(prepared, "qbdl_config", {}).get("backend", "x86")
     set_backend(backend)
     gm = prepared
@@ -344,6 +352,7 @@ def convert(
                 "seed": seed,
                 "index": index,
                 "fresh_kernel": fresh_kernel,
+                "noise_slots": noise_slots,
             }
             if mod.bayesian:
                 config["mode"] = mod.layer.mode
@@ -379,6 +388,7 @@ def convert(
         "kind": "qbnn" if bayes else "qdnn",
         "mode": mode,
         "bank_size": bank_size,
+        "noise_slots": noise_slots,
         "seed": seed,
         "backend": backend,
         **plan.as_dict(),
@@ -408,6 +418,7 @@ def quantize_bnn(
     observer: str = "minmax",
     seed: int = 0,
     fresh_kernel: str = "auto",
+    noise_slots: int = noise.NOISE_SLOTS,
 ) -> fx.GraphModule:
     """prepare -> calibrate (first calib_batches of `batches`, training data) -> convert; input untouched."""
     prepared = prepare(model, backend=backend, observer=observer, per_example=mode == "flipout")
@@ -415,7 +426,13 @@ def quantize_bnn(
         batches = itertools.islice(batches, calib_batches)
     calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)
     return convert(
-        prepared, mode=mode, bank_size=bank_size, seed=seed, backend=backend, fresh_kernel=fresh_kernel
+        prepared,
+        mode=mode,
+        bank_size=bank_size,
+        seed=seed,
+        backend=backend,
+        fresh_kernel=fresh_kernel,
+        noise_slots=noise_slots,
     )
 
 

@@ -2,7 +2,9 @@
 
 RUN_DIR is a run directory (with results.json) or a Hydra multirun directory (every subdir with results.json).
 Writes DIR/report.html, DIR/report.md and DIR/summary.json: a comparison table per run, mean ± std over the
-seeds of runs that differ only by seed, and the paper's claims as paired differences with 95% t intervals.
+seeds of runs that differ only by seed, and the paper's claims as paired differences with 95% t intervals,
+t tests (a better than b) and equivalence tests (TOST: QBNN within the declared margins of the BNN); --holm
+adjusts the p values for the number of claims.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ENTITY/PROJECT",
         help="also build a W&B Report (saved when online; offline it is written as OUT/wandb_report.json)",
     )
+    ap.add_argument("--holm", action="store_true", help="Holm-adjust the p values over each group's claims")
     args = ap.parse_args(argv)
     try:
         runs = multi.load_runs(args.run_dirs)
@@ -32,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or args.run_dirs[0])
-    files = multi.write_report(runs, out)
-    print(multi.render_markdown(runs))
+    files = multi.write_report(runs, out, args.holm)
+    print(multi.render_markdown(runs, args.holm))
     for kind, path in files.items():
         print(f"{kind}: {path}")
     if args.wandb:

@@ -2,7 +2,19 @@
 
 A claim compares two variants of the same run (same seed, same data split) on one metric; over the seeds of
 a group the paired differences d_i = metric(a, run_i) - metric(b, run_i) give mean ± sd and a 95% Student-t
-interval mean ± t(0.975, n-1) * sd / sqrt(n). A claim whose interval straddles 0 is "not supported".
+interval mean ± t(0.975, n-1) * sd / sqrt(n).
+
+Two kinds of claim:
+* superiority ("a is better than b"): the paired t test; "supported" when p < 0.05 in the claimed direction.
+  A non-significant difference is "not supported", never evidence of "no difference".
+* equivalence ("quantization keeps the metric"): two one-sided tests (TOST, Schuirmann 1987) against a
+  margin m declared in the run's config before it ran (eval.equivalence): "equivalent within ±m" when both
+  H0: d <= -m and H0: d >= +m are rejected (p = max of the two one-sided p values < 0.05, i.e. the 90%
+  interval lies inside ±m); "different" when the two-sided test rejects d = 0 and equivalence is not shown;
+  else "not shown equivalent". Metrics without a margin (size, speed) get the difference test only.
+Each table states its number of claims; with holm=True the p values of a group's claims are Holm-adjusted
+(family-wise error 0.05 over all of them). Speed claims between variants that ran on different devices
+are refused ("not comparable"): the speed figures to quote come from python -m qbdl.bench.
 """
 
 from __future__ import annotations
@@ -35,8 +47,20 @@ PAPER_CLAIMS: list[tuple[str, str, tuple[str, ...]]] = [
     ("bnn", "dnn", ("ood_auroc", "uce", "referral_rate_at_target")),
     ("bnn", "bnn_mean", ("ood_auroc", "uce", "referral_rate_at_target")),
 ]
-# QBNN vs BNN: every metric, two-sided ("does quantization change it?").
+# The temperature-scaled DNN is the baseline a practitioner would use: BNN claims are made against it too.
+PAPER_CLAIMS.append(("bnn", "dnn_ts", ("ood_auroc", "uce", "referral_rate_at_target")))
+# QBNN vs BNN: every metric, equivalence ("does quantization keep it?").
 QUANT_CLAIM = ("qbnn", "bnn", tuple(METRICS))
+# Equivalence margins when a run's config declares none (eval.equivalence), in the metric's own unit.
+DEFAULT_MARGINS = {
+    "accuracy": 0.005,
+    "ece": 0.01,
+    "uce": 0.01,
+    "nll": 0.01,
+    "ood_auroc": 0.02,
+    "referral_rate_at_target": 0.01,
+}
+ALPHA = 0.05
 # Config keys that do not define an experiment (paths, logging, seeds that follow the run seed).
 IGNORED_PREFIXES = (
     "hydra",
@@ -95,7 +119,7 @@ class Stat:
 
 @dataclass
 class Claim:
-    """Paired differences a - b over the seeds of a group on one metric, with a 95% t interval."""
+    """Paired differences a - b over the seeds of a group on one metric: 95% t interval, test, verdict."""
 
     a: str
     b: str
@@ -107,6 +131,11 @@ class Claim:
     lo: float | None
     hi: float | None
     verdict: str
+    kind: str = "superiority"  # superiority | difference | equivalence
+    margin: float | None = None  # equivalence margin (metric units)
+    p: float | None = None  # two-sided t test (superiority/difference) or TOST p value (equivalence)
+    p_diff: float | None = None  # two-sided t test of d = 0 (for an equivalence claim's "different")
+    p_adj: float | None = None  # after Holm's correction over the group's claims (None: not applied)
 
     @property
     def n(self) -> int:
@@ -246,38 +275,114 @@ def _better(metric: str) -> str | None:
     return "higher" if metric.endswith("auroc") else None
 
 
-def paired_claim(
-    group: Group, a: str, b: str, metric: str, better: str | None = "auto", level: float = 0.95
-) -> Claim:
-    """Paired differences a - b over the group's seeds; verdict from the t interval at `level`."""
-    from scipy import stats
-
-    better = _better(metric) if better == "auto" else better
-    diffs = []
+def _diffs(group: Group, a: str, b: str, metric: str) -> list[float]:
+    out = []
     for r in group.runs:
         xa, xb = get_metric(r.variants.get(a, {}), metric), get_metric(r.variants.get(b, {}), metric)
         if xa is not None and xb is not None:
-            diffs.append(xa - xb)
+            out.append(xa - xb)
+    return out
+
+
+def _devices(group: Group, a: str, b: str) -> set[tuple]:
+    return {(r.variants.get(a, {}).get("device"), r.variants.get(b, {}).get("device")) for r in group.runs}
+
+
+def _t_test(diffs: list[float]) -> tuple[float, float, float]:
+    """(mean, sd, two-sided p of mean = 0) of paired differences (n >= 2)."""
+    from scipy import stats
+
     s = mean_std(diffs)
-    lo = hi = None
+    if s.std == 0.0:
+        return s.mean, 0.0, 1.0 if s.mean == 0.0 else 0.0
+    t = s.mean / (s.std / math.sqrt(s.n))
+    return s.mean, s.std, float(2 * stats.t.sf(abs(t), s.n - 1))
+
+
+def tost_p(diffs: list[float], margin: float) -> float:
+    """TOST p value for |mean d| < margin: the larger of the two one-sided t tests' p values."""
+    from scipy import stats
+
+    s = mean_std(diffs)
+    if s.std == 0.0:
+        return 0.0 if abs(s.mean) < margin else 1.0
+    se = s.std / math.sqrt(s.n)
+    p_low = stats.t.sf((s.mean + margin) / se, s.n - 1)  # H0: d <= -margin
+    p_high = stats.t.cdf((s.mean - margin) / se, s.n - 1)  # H0: d >= +margin
+    return float(max(p_low, p_high))
+
+
+def _verdict(c: Claim, p: float | None, p_diff: float | None) -> str:
+    if p is None:
+        return c.verdict
+    if c.kind == "equivalence":
+        if p < ALPHA:
+            return f"equivalent within ±{_fmt(c.margin, c.metric)}"
+        return "different" if p_diff is not None and p_diff < ALPHA else "not shown equivalent"
+    if p >= ALPHA:
+        return "not supported"
+    if c.better is None:
+        return f"supported ({c.a} {'higher' if c.mean > 0 else 'lower'})"
+    return "supported" if (c.mean > 0) == (c.better == "higher") else "contradicted (opposite sign)"
+
+
+def paired_claim(
+    group: Group,
+    a: str,
+    b: str,
+    metric: str,
+    better: str | None = "auto",
+    level: float = 0.95,
+    margin: float | None = None,
+) -> Claim:
+    """Paired differences a - b over the group's seeds: the t interval at `level`, a test and its verdict.
+
+    margin given: an equivalence claim (TOST against ±margin); else a superiority claim when the metric has
+    a better direction, a two-sided difference claim when it has none (better=None).
+    """
+    from scipy import stats
+
+    better = _better(metric) if better == "auto" else better
+    kind = "equivalence" if margin is not None else ("difference" if better is None else "superiority")
+    diffs = _diffs(group, a, b, metric)
+    s = mean_std(diffs)
+    c = Claim(a, b, metric, better, diffs, s.mean, s.std, None, None, "", kind, margin)
+    if metric == "images_per_s" and len({d for pair in _devices(group, a, b) for d in pair}) > 1:
+        pairs = sorted({f"{x} vs {y}" for x, y in _devices(group, a, b)})
+        c.verdict = f"not comparable ({', '.join(pairs)}: speed from python -m qbdl.bench)"
+        return c
     if s.n < 2 or s.std is None:
-        verdict = f"insufficient seeds (n={s.n})"
-    else:
-        half = float(stats.t.ppf(0.5 + level / 2, s.n - 1)) * s.std / math.sqrt(s.n)
-        lo, hi = s.mean - half, s.mean + half
-        if lo <= 0.0 <= hi:
-            verdict = "not supported"
-        elif better is None:
-            verdict = f"supported ({a} {'higher' if lo > 0 else 'lower'})"
-        elif (lo > 0) == (better == "higher"):
-            verdict = "supported"
-        else:
-            verdict = "contradicted (opposite sign)"
-    return Claim(a, b, metric, better, diffs, s.mean, s.std, lo, hi, verdict)
+        c.verdict = f"insufficient seeds (n={s.n})"
+        return c
+    half = float(stats.t.ppf(0.5 + level / 2, s.n - 1)) * s.std / math.sqrt(s.n)
+    c.lo, c.hi = s.mean - half, s.mean + half
+    _, _, c.p_diff = _t_test(diffs)
+    c.p = tost_p(diffs, margin) if kind == "equivalence" else c.p_diff
+    c.verdict = _verdict(c, c.p, c.p_diff)
+    return c
 
 
-def claims(group: Group) -> list[Claim]:
-    """The paper's claims that this group's variants allow: BNN vs DNN, BNN vs bnn_mean, QBNN vs BNN."""
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values (same order as `ps`)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adj, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adj[i] = running
+    return adj
+
+
+def margins(group: Group) -> dict[str, float]:
+    """The equivalence margins the group's runs declared (eval.equivalence), over the defaults."""
+    declared = ((group.runs[0].results.get("config") or {}).get("eval") or {}).get("equivalence") or {}
+    return {**DEFAULT_MARGINS, **{k: float(v) for k, v in declared.items() if v is not None}}
+
+
+def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
+    """The paper's claims that this group's variants allow (BNN vs DNN, DNN_ts and bnn_mean; QBNN ≡ BNN).
+
+    holm_correction: adjust the p values of all these claims together (Holm) and give verdicts from them.
+    """
     present = {v for r in group.runs for v in r.variants}
     out = []
     for a, b, metrics in PAPER_CLAIMS:
@@ -286,7 +391,16 @@ def claims(group: Group) -> list[Claim]:
             out += [paired_claim(group, a, b, m) for m in [*metrics, *extra]]
     a, b, metrics = QUANT_CLAIM
     if {a, b} <= present:
-        out += [paired_claim(group, a, b, m, better=None) for m in metrics]
+        m_by = margins(group)
+        out += [paired_claim(group, a, b, m, better=None, margin=m_by.get(m)) for m in metrics]
+    if holm_correction:
+        tested = [c for c in out if c.p is not None]
+        # equivalence claims' "different" is its own family: Holm over their two-sided p values
+        eq = [c for c in tested if c.kind == "equivalence"]
+        p_diff_adj = dict(zip(map(id, eq), holm([c.p_diff for c in eq])))
+        for c, pa in zip(tested, holm([c.p for c in tested])):
+            c.p_adj = pa
+            c.verdict = _verdict(c, pa, p_diff_adj.get(id(c)))
     return out
 
 
@@ -332,19 +446,28 @@ def stats_rows(group: Group) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def claim_rows(cl: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the paired-difference claims."""
-    header = ["claim", "metric", "n", "mean diff ± sd", "95% CI", "verdict"]
+    """Header and rows of the paired-difference claims (p: t test or TOST; Holm-adjusted when applied)."""
+    holm_on = any(c.p_adj is not None for c in cl)
+    header = ["claim", "metric", "n", "mean diff ± sd", "95% CI", "margin", "p", *(["p (Holm)"] * holm_on)]
+    header.append("verdict")
     rows = []
     for c in cl:
-        what = f"{c.a} {'>' if c.better == 'higher' else '<' if c.better == 'lower' else '≠'} {c.b}"
+        op = "≡" if c.kind == "equivalence" else {"higher": ">", "lower": "<"}.get(c.better or "", "≠")
+        what = f"{c.a} {op} {c.b}"
         ms = (
             "-"
             if c.mean is None
             else (f"{_fmt(c.mean, c.metric)} ± {_fmt(c.sd, c.metric)}" if c.sd else _fmt(c.mean, c.metric))
         )
         ci = "-" if c.lo is None else f"[{_fmt(c.lo, c.metric)}, {_fmt(c.hi, c.metric)}]"
-        rows.append([what, _title(c.metric), str(c.n), ms, ci, c.verdict])
+        margin = "-" if c.margin is None else f"±{_fmt(c.margin, c.metric)}"
+        row = [what, _title(c.metric), str(c.n), ms, ci, margin, _p(c.p), *([_p(c.p_adj)] * holm_on)]
+        rows.append([*row, c.verdict])
     return header, rows
 
 
@@ -364,7 +487,7 @@ def _target(run: Run) -> float | None:
     return ((run.results.get("config") or {}).get("eval") or {}).get("target_accuracy")
 
 
-def summary(runs: Sequence[Run]) -> dict:
+def summary(runs: Sequence[Run], holm_correction: bool = False) -> dict:
     """Machine-readable summary: groups, per-variant mean/std, claims."""
     out = []
     for g in group_runs(runs):
@@ -375,48 +498,55 @@ def summary(runs: Sequence[Run]) -> dict:
                 "runs": [str(r.path) for r in g.runs],
                 "seeds": g.seeds,
                 "stats": {v: {m: vars(s) for m, s in ms.items()} for v, ms in st.items()},
-                "claims": [vars(c) | {"n": c.n} for c in claims(g)],
+                "claims": [vars(c) | {"n": c.n} for c in claims(g, holm_correction)],
             }
         )
     return {"groups": out}
 
 
-def _sections(runs: Sequence[Run], table) -> list[tuple[int, str, str]]:
+def _sections(runs: Sequence[Run], table, holm_correction: bool = False) -> list[tuple[int, str, str]]:
     """(heading level, heading, body) of the report, with `table(header, rows)` rendering tables."""
     groups = group_runs(runs)
     sec: list[tuple[int, str, str]] = []
     note = (
         f"{len(runs)} run(s) in {len(groups)} group(s); runs in a group differ only by seed. ECE, UCE, referral "
         "and accuracy in %. Claims: paired differences (a - b, same seed) with mean ± sd and a 95% Student-t "
-        "interval; an interval that straddles 0 is 'not supported'."
+        "interval. a > b / a < b: a paired t test, 'supported' at p < 0.05 in the claimed direction ('not "
+        "supported' is not evidence of no difference). a ≡ b: equivalence by two one-sided tests (TOST) against "
+        "the margin declared in the config (eval.equivalence): 'equivalent within ±m' at p < 0.05, 'different' "
+        "when the t test rejects d = 0, else 'not shown equivalent'. "
+        + (
+            "p values are Holm-adjusted over each group's claims."
+            if holm_correction
+            else "p values are not corrected for the number of claims (python -m qbdl.report --holm does)."
+        )
     )
     sec.append((1, "qbdl report", note))
     for gi, g in enumerate(groups):
         sec.append((2, f"Group {gi}: {g.label}", f"{len(g.runs)} run(s), seeds {g.seeds}"))
         if len(g.runs) > 1:
             sec.append((3, "Mean ± std over seeds", table(*stats_rows(g))))
-            cl = claims(g)
+            cl = claims(g, holm_correction)
             if cl:
-                sec.append((3, "Claims (paired over seeds)", table(*claim_rows(cl))))
+                sec.append((3, f"Claims (paired over seeds): {len(cl)} claims", table(*claim_rows(cl))))
         for r in g.runs:
             header, rows = table_rows(r.variants, _target(r))
             sec.append((3, f"Run {r.path} (seed {r.seed})", table(header, rows)))
     return sec
 
 
-def render_markdown(runs: Sequence[Run]) -> str:
+def render_markdown(runs: Sequence[Run], holm_correction: bool = False) -> str:
     """The report as Markdown."""
-    return (
-        "\n\n".join(f"{'#' * lvl} {head}\n\n{body}" for lvl, head, body in _sections(runs, _md_table)) + "\n"
-    )
+    sections = _sections(runs, _md_table, holm_correction)
+    return "\n\n".join(f"{'#' * lvl} {head}\n\n{body}" for lvl, head, body in sections) + "\n"
 
 
-def render_html(runs: Sequence[Run]) -> str:
+def render_html(runs: Sequence[Run], holm_correction: bool = False) -> str:
     """The report as a self-contained HTML page."""
     from qbdl.report.html import _STYLE
 
     parts = []
-    for lvl, head, body in _sections(runs, _html_table):
+    for lvl, head, body in _sections(runs, _html_table, holm_correction):
         is_table = body.startswith("<table>")
         parts.append(
             f"<h{lvl}>{html.escape(head)}</h{lvl}>" + (body if is_table else f"<p>{html.escape(body)}</p>")
@@ -427,16 +557,16 @@ def render_html(runs: Sequence[Run]) -> str:
     )
 
 
-def write_report(runs: Sequence[Run], out_dir: str | Path) -> dict[str, Path]:
+def write_report(runs: Sequence[Run], out_dir: str | Path, holm_correction: bool = False) -> dict[str, Path]:
     """Write OUT/report.html, OUT/report.md and OUT/summary.json."""
     from qbdl.io import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
-        "html": atomic_write_bytes(out / "report.html", render_html(runs).encode()),
-        "md": atomic_write_bytes(out / "report.md", render_markdown(runs).encode()),
-        "json": atomic_write_json(out / "summary.json", summary(runs)),
+        "html": atomic_write_bytes(out / "report.html", render_html(runs, holm_correction).encode()),
+        "md": atomic_write_bytes(out / "report.md", render_markdown(runs, holm_correction).encode()),
+        "json": atomic_write_json(out / "summary.json", summary(runs, holm_correction)),
     }
 
 

@@ -33,7 +33,7 @@ at::Tensor packed_bytes(const at::Tensor& packed) {
 
 // One fresh weight sample written into a oneDNN-packed weight (data bytes, then int32 per padded output
 // channel: minus the channel's weight sum, the source zero-point compensation):
-//   data[p] = clamp(((mu[p] << mu_shift) +- sg[p] * pool[offset + p] + half) >> shift, -127, 127),
+//   data[p] = clamp((mu[p] * 2^mu_shift +- sg[p] * pool[offset + p] + half) >> shift, -127, 127),
 //   comp[oc[p]] -= data[p].
 // mu / sg / oc are int16 in packed order (padding: mu = sg = 0, so it stays 0): 7 bytes read per weight.
 void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& oc,
@@ -59,6 +59,7 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
   const int32_t sign = negate ? -1 : 1;
   const int sh = static_cast<int>(shift), msh = static_cast<int>(mu_shift);
   const int32_t half = 1 << (sh - 1);
+  const int32_t mu_mult = 1 << msh;  // mu * 2^msh: left-shifting a negative value is undefined before C++20
   std::fill(comp, comp + n_comp, 0);
   std::mutex merge;
   constexpr int64_t kBlock = 4096;
@@ -68,7 +69,7 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
       const int64_t b1 = std::min(end, b0 + kBlock);
       // the arithmetic loop has no scatter, so it vectorizes; the channel sums re-read the block from L1
       for (int64_t p = b0; p < b1; ++p) {
-        int32_t v = ((static_cast<int32_t>(m[p]) << msh) + sign * static_cast<int32_t>(s[p]) * z[p] + half) >> sh;
+        int32_t v = (static_cast<int32_t>(m[p]) * mu_mult + sign * static_cast<int32_t>(s[p]) * z[p] + half) >> sh;
         out[p] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
       }
       if (n_comp) {
