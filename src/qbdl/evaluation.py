@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbdl import metrics
-from qbdl.bayes import mc_predict
+from qbdl.bayes import mc_logits
 from qbdl.io import atomic_write_bytes
 from qbdl.quant.backend import int8_summary
 
@@ -48,7 +48,7 @@ def state_dict_bytes(model: nn.Module, skip_prefixes: tuple[str, ...] = ("prior_
 def predict_loader(
     model: nn.Module, loader: Iterable, samples: int, seed: int, device: str = "cpu", desc: str = ""
 ) -> tuple[Tensor, Tensor, float, int]:
-    """MC probabilities [S, N, C] over a loader, targets [N], compute seconds and the images they cover.
+    """MC logits [S, N, C] over a loader, targets [N], compute seconds and the images they cover.
 
     Every batch uses the same per-sample seeds, so MC sample s is one network applied to all the data.
     The time covers the model's compute only (no data loading), and leaves out the first batch (warm-up:
@@ -60,7 +60,7 @@ def predict_loader(
         x = x.to(device)
         _sync(device)
         t0 = time.perf_counter()
-        p = mc_predict(model, x, samples, seed=seed)
+        p = mc_logits(model, x, samples, seed=seed)
         _sync(device)
         times.append((time.perf_counter() - t0, x.shape[0]))
         probs.append(p.cpu())
@@ -121,27 +121,32 @@ def variant_fingerprint(v: Variant, seed: int, data_key: str) -> str:
 
 
 def _predict_variant(
-    v: Variant, test_loader, ood_loaders, seed: int, cache_dir: Path | None, data_key: str
-) -> tuple:
-    """Test and OOD predictions of one variant, reused from cache_dir when the same variant saw the same data."""
+    v: Variant, loaders: dict[str, Iterable], seed: int, cache_dir: Path | None, data_key: str
+) -> dict[str, tuple]:
+    """{split: (logits, targets, seconds, timed images)} of one variant over `loaders` ('test', 'val', 'ood/<name>').
+
+    Reused from cache_dir when the same variant (weights, settings, seeds) saw the same data.
+    """
     key = f"{v.name}-{variant_fingerprint(v, seed, data_key)[:24]}"
     cached = cache_dir / f"{key}.safetensors" if cache_dir else None
     if cached is not None and cached.exists():
         t = load_file(str(cached))
-        ood = {k[4:]: t[k] for k in t if k.startswith("ood/")}
-        if set(ood) == set(ood_loaders):
-            return t["p"], t["y"], float(t["seconds"]), int(t["timed_images"]), ood
-    p, y, secs, timed = predict_loader(v.model, test_loader, v.samples, seed, v.device, desc=f"eval {v.name}")
-    p_ood = {}
-    for name, loader in ood_loaders.items():
-        p_ood[name], _, _, _ = predict_loader(
-            v.model, loader, v.samples, seed, v.device, desc=f"ood {name} {v.name}"
-        )
+        have = {k.rsplit("/", 1)[0] for k in t}
+        if set(loaders) <= have:
+            return {
+                s: (t[f"{s}/logits"], t[f"{s}/y"], float(t[f"{s}/seconds"]), int(t[f"{s}/timed"]))
+                for s in loaders
+            }
+    out = {}
+    for split, loader in loaders.items():
+        out[split] = predict_loader(v.model, loader, v.samples, seed, v.device, desc=f"{split} {v.name}")
     if cached is not None:
-        tensors = {"p": p, "y": y, "seconds": torch.tensor(secs), "timed_images": torch.tensor(timed)}
-        tensors |= {f"ood/{k}": t for k, t in p_ood.items()}
+        tensors = {}
+        for split, (lg, y, secs, timed) in out.items():
+            tensors |= {f"{split}/logits": lg, f"{split}/y": y}
+            tensors |= {f"{split}/seconds": torch.tensor(secs), f"{split}/timed": torch.tensor(timed)}
         atomic_write_bytes(cached, save_tensors({k: t.contiguous() for k, t in tensors.items()}))
-    return p, y, secs, timed, p_ood
+    return out
 
 
 def evaluate_variants(
@@ -155,58 +160,99 @@ def evaluate_variants(
     score: str,
     cache_dir: str | Path | None = None,
     data_key: str = "",
+    temperature_scaled: Iterable[str] = (),
+    val_loader: Iterable | None = None,
+    ood_groups: dict[str, str] | None = None,
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict]:
     """Metrics per variant, per-example predictions, and the curve data the plots need.
 
     With `cache_dir`, each variant's predictions are kept as they complete, so an interrupted evaluation
     resumes without redoing finished variants; `data_key` identifies the test and OOD data in the cache key.
+    temperature_scaled: variant names that also get '<name>_ts': one temperature fitted by NLL on the
+    validation split (`val_loader`, never test) and applied to each MC sample's logits before averaging.
+    ood_groups: {OOD set: 'near' | 'far'} for the OpenOOD-style group means.
     """
     results: dict = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     curves: dict = {}
     cache_dir = Path(cache_dir) if cache_dir else None
+    ts = set(temperature_scaled)
+    if ts and val_loader is None:
+        raise ValueError("temperature-scaled variants need the validation split (val_loader)")
+    unknown = ts - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"temperature scaling asked for {sorted(unknown)}, which are not evaluated variants")
     for v in variants:
-        p, y, secs, timed, p_ood = _predict_variant(v, test_loader, ood_loaders, seed, cache_dir, data_key)
-        res = metrics.summarize(
-            p, y, ood=p_ood or None, target_accuracy=target_accuracy, n_bins=n_bins, score=score
-        )
-        n = y.numel()
-        res.update(
-            samples=v.samples,
-            size_bytes=v.size_bytes,
-            images_per_s=timed / secs,  # model compute only, after the first batch, on `device`
-            forward_images_per_s=timed * v.samples / secs,
-            eval_seconds=secs,
-            timed_images=timed,
-            device=v.device,
-            n_test=n,
-        )
-        if getattr(v.model, "qbdl_meta", None) is not None:  # which kernels ran, on which activation range
-            res["int8"] = int8_summary(v.model.qbdl_meta)
-        results[v.name] = res
-        pbar = p.mean(0)
-        ent = metrics.predictive_entropy(p)
-        pred = {
-            "target": y.numpy(),
-            "pbar": pbar.numpy().astype(np.float32),
-            "entropy": ent.numpy(),
-            "mi": metrics.mutual_information(p).numpy(),
-            "confidence": pbar.max(-1).values.numpy(),
-        }
-        for name, po in p_ood.items():
-            pred[f"ood_{name}_entropy"] = metrics.predictive_entropy(po).numpy()
-            pred[f"ood_{name}_mi"] = metrics.mutual_information(po).numpy()
-        predictions[v.name] = pred
-        correct = pbar.argmax(-1) == y
-        curves[v.name] = {
-            "reliability": metrics.reliability_bins(p, y, n_bins=n_bins),
-            "uncertainty": metrics.uncertainty_calibration_bins(p, y, n_bins=n_bins),
-            "referral": metrics.referral_curve(p, y, score=score),
-            "entropy_correct": ent[correct],
-            "entropy_incorrect": ent[~correct],
-            "roc": {name: metrics.ood_roc_curve(p, po, score=score) for name, po in p_ood.items()},
-        }
+        loaders = {"test": test_loader} | {f"ood/{k}": ld for k, ld in ood_loaders.items()}
+        if v.name in ts:
+            loaders["val"] = val_loader
+        out = _predict_variant(v, loaders, seed, cache_dir, data_key)
+        scaled = [(v.name, 1.0)]
+        if v.name in ts:
+            val_logits, val_y, _, _ = out["val"]
+            scaled.append((f"{v.name}_ts", metrics.fit_temperature(val_logits, val_y)))
+        for name, temperature in scaled:
+            res, pred, curve = _assess(
+                v, out, temperature, target_accuracy=target_accuracy, n_bins=n_bins, score=score,
+                ood_groups=ood_groups,
+            )  # fmt: skip
+            if name != v.name:
+                res["temperature"] = temperature
+            results[name], predictions[name], curves[name] = res, pred, curve
     return results, predictions, curves
+
+
+def _assess(
+    v: Variant, out: dict, temperature: float, *, target_accuracy: float, n_bins: int, score: str, ood_groups
+) -> tuple[dict, dict, dict]:
+    """Metrics, per-example predictions and curves of one variant's logits divided by `temperature`."""
+    logits, y, secs, timed = out["test"]
+    logits = logits / temperature
+    ood_logits = {k[4:]: o[0] / temperature for k, o in out.items() if k.startswith("ood/")}
+    p = torch.softmax(logits, -1)
+    p_ood = {k: torch.softmax(lg, -1) for k, lg in ood_logits.items()}
+    res = metrics.summarize(
+        p, y, ood=p_ood or None, target_accuracy=target_accuracy, n_bins=n_bins, score=score,
+        logits=logits, ood_logits=ood_logits or None, ood_groups=ood_groups,
+    )  # fmt: skip
+    for group, by_score in (res.get("ood_groups") or {}).items():  # flat, for tables and sweeps
+        res[f"ood_{group}_auroc"] = by_score[score]["auroc"]
+    n = y.numel()
+    res.update(
+        samples=v.samples,
+        size_bytes=v.size_bytes,
+        images_per_s=timed / secs,  # model compute only, after the first batch, on `device`
+        forward_images_per_s=timed * v.samples / secs,
+        eval_seconds=secs,
+        timed_images=timed,
+        device=v.device,
+        n_test=n,
+    )
+    if getattr(v.model, "qbdl_meta", None) is not None:  # which kernels ran, on which activation range
+        res["int8"] = int8_summary(v.model.qbdl_meta)
+    pbar = p.mean(0)
+    ent = metrics.predictive_entropy(p)
+    pred = {
+        "target": y.numpy(),
+        "pbar": pbar.numpy().astype(np.float32),
+        "logits": logits.mean(0).numpy().astype(np.float32),
+        "entropy": ent.numpy(),
+        "mi": metrics.mutual_information(p).numpy(),
+        "confidence": pbar.max(-1).values.numpy(),
+    }
+    for name, po in p_ood.items():
+        pred[f"ood_{name}_entropy"] = metrics.predictive_entropy(po).numpy()
+        pred[f"ood_{name}_mi"] = metrics.mutual_information(po).numpy()
+    correct = pbar.argmax(-1) == y
+    curve = {
+        "reliability": metrics.reliability_bins(p, y, n_bins=n_bins),
+        "uncertainty": metrics.uncertainty_calibration_bins(p, y, n_bins=n_bins),
+        "referral": metrics.referral_curve(p, y, score=score),
+        "entropy_correct": ent[correct],
+        "entropy_incorrect": ent[~correct],
+        "roc": {name: metrics.ood_roc_curve(p, po, score=score) for name, po in p_ood.items()},
+    }
+    return res, pred, curve
 
 
 def save_predictions(predictions: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
@@ -236,6 +282,7 @@ def save_plots(curves: dict, out_dir: str | Path, target_accuracy: float) -> dic
         plots.referral_curves({v: c["referral"] for v, c in curves.items()}, target=target_accuracy),
         "referral",
     )
+    save(plots.generalized_risk_curves({v: c["referral"] for v, c in curves.items()}), "generalized_risk")
     ood_names = sorted({n for c in curves.values() for n in c["roc"]})
     for name in ood_names:
         rocs = {v: c["roc"][name] for v, c in curves.items() if name in c["roc"]}

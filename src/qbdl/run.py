@@ -183,6 +183,10 @@ def run(cfg: DictConfig) -> dict:
         **evaluated,
         # model-selection metrics: validation data only (sweepers optimise these, never test metrics)
         "validation": {k: float(v) for k, v in trainer.callback_metrics.items() if "/val/" in k},
+        # post-hoc temperatures of the <name>_ts variants (fitted on the validation split)
+        "temperatures": {
+            k: v["temperature"] for k, v in (evaluated["variants"] or {}).items() if "temperature" in v
+        },
         "timings": timings,
         "data": {
             "name": type(dm).__name__,

@@ -12,7 +12,7 @@ from .layers import (
     BayesianLinear,
 )
 from .loss import elbo_loss, elbo_terms, kl_divergence
-from .predict import mc_predict, sample_seed, sampling, set_mc_index
+from .predict import mc_logits, mc_predict, sample_seed, sampling, set_mc_index
 
 __all__ = [
     "ESTIMATORS",
@@ -29,6 +29,7 @@ __all__ = [
     "elbo_loss",
     "elbo_terms",
     "kl_divergence",
+    "mc_logits",
     "mc_predict",
     "sample_seed",
     "sampling",

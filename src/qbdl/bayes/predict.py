@@ -45,8 +45,8 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def mc_predict(model: nn.Module, x: Tensor, samples: int, seed: int | None = None) -> Tensor:
-    """Softmax probabilities of `samples` stochastic forward passes, shape [S, B, C].
+def mc_logits(model: nn.Module, x: Tensor, samples: int, seed: int | None = None) -> Tensor:
+    """Logits (float32) of `samples` stochastic forward passes, shape [S, B, C].
 
     With `seed`, sample s runs under RNG seed sample_seed(seed, s), so every model sees the same stream.
     """
@@ -59,13 +59,18 @@ def mc_predict(model: nn.Module, x: Tensor, samples: int, seed: int | None = Non
         for s in range(samples):
             set_mc_index(model, s)
             if seed is None:
-                out.append(torch.softmax(model(x).float(), dim=-1))
+                out.append(model(x).float())
                 continue
             devices = [x.device] if x.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(sample_seed(seed, s))
-                out.append(torch.softmax(model(x).float(), dim=-1))
+                out.append(model(x).float())
     finally:
         set_mc_index(model, None)
         model.train(was_training)
     return torch.stack(out)
+
+
+def mc_predict(model: nn.Module, x: Tensor, samples: int, seed: int | None = None) -> Tensor:
+    """Softmax probabilities of `samples` stochastic forward passes, shape [S, B, C] (see mc_logits)."""
+    return torch.softmax(mc_logits(model, x, samples, seed), dim=-1)

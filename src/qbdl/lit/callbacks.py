@@ -156,7 +156,12 @@ class EvaluationCallback(L.Callback):
         n_bins: int,
         score: str,
         out_dir: str,
+        ood_groups: dict[str, str] | None = None,
     ) -> None:
+        bad = {k: g for k, g in (ood_groups or {}).items() if g not in ("near", "far")}
+        if bad:
+            raise ValueError(f"eval.ood_groups: each OOD set is 'near' or 'far', got {bad}")
+        self.ood_groups = dict(ood_groups or {})
         self.variant_names = list(variants)
         self.mc_samples = mc_samples
         self.seed = seed
@@ -192,13 +197,15 @@ class EvaluationCallback(L.Callback):
         for name, model in quantized.items():
             size = (ptq.out_dir / f"{name}.qbdl").stat().st_size
             available[name] = Variant(name, model, self.mc_samples if name == "qbnn" else 1, size, "cpu")
-        missing = [n for n in self.variant_names if n not in available]
+        missing = [n for n in self.variant_names if n.removesuffix("_ts") not in available]
         if missing:
             raise ValueError(
-                f"eval.variants asks for {missing}, which this run does not produce (it has {sorted(available)}). "
-                "'dnn' needs the DNN stage, 'qbnn'/'qdnn' the quant callback (quant.quantize_dnn for qdnn)."
+                f"eval.variants asks for {missing}, which this run does not produce (it has {sorted(available)}, "
+                "each also temperature-scaled as <name>_ts). 'dnn' needs the DNN stage, 'qbnn'/'qdnn' the quant "
+                "callback (quant.quantize_dnn for qdnn)."
             )
-        return [available[n] for n in self.variant_names]
+        bases = dict.fromkeys(n.removesuffix("_ts") for n in self.variant_names)
+        return [available[n] for n in bases]
 
     def data_key(self, dm) -> str:
         """The test and OOD data a prediction is made on: datamodule, its settings and splits, the OOD sets."""
@@ -215,6 +222,7 @@ class EvaluationCallback(L.Callback):
             return
         dm = trainer.datamodule
         test_loader = dm.test_dataloader()
+        ts = [n.removesuffix("_ts") for n in self.variant_names if n.endswith("_ts")]
         results, predictions, curves = evaluate_variants(
             self._variants(trainer, pl_module),
             test_loader,
@@ -225,6 +233,9 @@ class EvaluationCallback(L.Callback):
             score=self.score,
             cache_dir=self.out_dir / "eval_cache",
             data_key=self.data_key(dm),
+            temperature_scaled=ts,
+            val_loader=dm.val_dataloader() if ts else None,
+            ood_groups=self.ood_groups,
         )
         self.results = results
         save_predictions(predictions, self.out_dir / "predictions.npz")

@@ -107,6 +107,22 @@ def referral_curves(
     return fig
 
 
+def generalized_risk_curves(curves: Mapping[str, Any], title: str | None = None) -> Figure:
+    """Generalized risk (errors among accepted / all points) vs coverage per variant: AUGRC is its area."""
+    if not curves:
+        raise ValueError("generalized_risk_curves needs at least one {variant: curve} entry")
+    fig, ax = _new_figure((5.5, 4.0))
+    for i, (name, curve) in enumerate(curves.items()):
+        coverage = 1.0 - _np(_get(curve, "fraction_referred"))
+        risk = coverage * (1.0 - _np(_get(curve, "accuracy")))
+        ax.plot(np.r_[coverage, 0.0], np.r_[risk, 0.0], color=f"C{i % 10}", lw=1.5, label=str(name))
+    ax.set(
+        xlim=(0, 1), xlabel="coverage", ylabel="generalized risk", title=title or "Generalized risk (AUGRC)"
+    )
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
 def _density_axes(
     ax: Axes, entropy_correct: Any, entropy_incorrect: Any, bins: int, title: str | None
 ) -> None:

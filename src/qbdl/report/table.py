@@ -1,4 +1,4 @@
-"""The comparison table: one row per variant."""
+"""The comparison table: one row per variant (OOD AUROC: first set; near/far: group means; eval.score)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ COLUMNS = [
     ("UCE %", "uce", lambda v: f"{100 * v:.2f}"),
     ("mean MI", "mi_mean", lambda v: f"{v:.4f}"),
     ("referral %", "referral_rate_at_target", lambda v: f"{100 * v:.1f}"),
+    ("AUGRC %", "augrc", lambda v: f"{100 * v:.3f}"),
     ("OOD AUROC", "ood_auroc", lambda v: f"{v:.3f}"),
+    ("near", "ood_near_auroc", lambda v: f"{v:.3f}"),
+    ("far", "ood_far_auroc", lambda v: f"{v:.3f}"),
     ("size MiB", "size_bytes", lambda v: f"{v / 2**20:.2f}"),
     ("img/s", "images_per_s", lambda v: f"{v:.0f}"),
 ]
