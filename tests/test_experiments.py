@@ -58,6 +58,9 @@ def test_imagenet_ptq(tmp_path, weights_download):
             "data.resize_size=36",
             "data.val_fraction=0.2",
             *RESNET50_TINY,
+            # its ImageNet-C list, shortened: 15 x 5 sets of a ResNet-50 do not fit a test
+            "shift.corruptions=[gaussian_noise]",
+            "shift.severities=[2]",
         ],
     )
     assert cfg.bnn.optimizer.lr == 1e-4 and cfg.bnn.optimizer.momentum == 0.9
@@ -65,8 +68,9 @@ def test_imagenet_ptq(tmp_path, weights_download):
     assert cfg.model.weights == "IMAGENET1K_V1"  # as the experiment file says
     run(cfg)
     assert weights_download == [RESNET50_URL]
-    res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], [], 3)
+    res = _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], [], 3)
     assert res["variants"]["qbnn"]["size_bytes"] < 0.27 * res["variants"]["bnn"]["size_bytes"]
+    assert 0 <= res["shift"]["qbnn"]["gaussian_noise"]["2"]["accuracy"] <= 1
 
 
 @pytest.mark.parametrize("name", ["IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V1", "DEFAULT"])
@@ -126,13 +130,17 @@ def test_colorectal_ptq_with_camelyon17_ood(tmp_path, weights_download):
             f"eval.ood.camelyon17.datamodule.root={wilds_root}",
             "eval.ood.camelyon17.n=8",
             *RESNET50_TINY,
+            "shift.corruptions=[stain]",  # of its histology list: the H&E stain shift
+            "shift.severities=[3]",
         ],
     )
     run(cfg)
     assert weights_download == [RESNET50_URL]  # ImageNet-pretrained, as the experiment file says
-    res = _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["camelyon17"], 8)
+    res = _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], ["camelyon17"], 8)
     assert res["config"]["eval"]["target_accuracy"] == 0.995
     assert res["variants"]["bnn"]["ood_auroc"] == res["variants"]["bnn"]["ood"]["camelyon17"]["auroc"]
+    assert res["variants"]["bnn"]["ood"]["camelyon17"]["group"] == "near"
+    assert set(res["shift"]["qbnn"]["stain"]) == {"3"}
 
 
 def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
@@ -147,10 +155,14 @@ def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
             "eval.ood.fashion_mnist.n=40",
             "data.num_workers=0",
             "eval.ood.fashion_mnist.datamodule.num_workers=0",
+            "shift.severities=[1]",  # its MNIST-C list (on the fly), one severity
         ],
     )
     run(cfg)
-    _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["fashion_mnist"], 10)
+    res = _check(
+        tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], ["fashion_mnist"], 10
+    )
+    assert set(res["shift"]["qbnn"]) == set(cfg.shift.corruptions)
 
 
 def test_digits_ptq_is_the_default(tmp_path):
@@ -199,7 +211,7 @@ def test_digits32_runs_at_its_own_size(tmp_path):
     )
     assert cfg.data.image_size == 32
     run(cfg)
-    _check(tmp_path / "run", ["dnn", "qdnn", "bnn", "bnn_mean", "qbnn"], ["photos", "rotated"], 10)
+    _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], ["photos", "rotated"], 10)
 
 
 def test_every_experiment_file_has_a_test():
@@ -213,3 +225,44 @@ def test_every_experiment_file_has_a_test():
         n for n in names if f"experiment={n}" not in text
     )  # test_sweeps: {_plus(...)}experiment=
     assert names and not missing, missing
+
+
+def test_digits_shift_is_the_default_plus_the_digits_shift_list(tmp_path):
+    from omegaconf import OmegaConf
+
+    from qbdl.data import DigitsDataModule
+    from qbdl.data.shift import DEFAULT_LISTS, validate_shift
+
+    a = compose_config(tmp_path, ["+experiment=digits_shift", "seed=3"], tiny=False)
+    b = compose_config(tmp_path, ["seed=3"], tiny=False)
+    assert list(a.shift.corruptions) == list(DEFAULT_LISTS["digits"])
+    assert list(a.shift.severities) == [1, 3, 5]
+    assert a.shift.seed == 3 and list(b.shift.corruptions) == []  # the default: no shift evaluation
+    validate_shift(a.shift, DigitsDataModule())
+    strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k not in ("hydra", "shift")}  # noqa: E731
+    assert strip(a) == strip(b)
+    for name, listed in (
+        ("mnist_ptq", "mnist_c"),
+        ("colorectal_ptq", "histology"),
+        ("imagenet_ptq", "imagenet_c"),
+    ):
+        cfg = compose_config(tmp_path, [f"+experiment={name}"], tiny=False)
+        assert list(cfg.shift.corruptions) == list(DEFAULT_LISTS[listed]), name
+
+
+def test_digits_shift_runs(tmp_path):
+    from helpers_run import TINY
+
+    cfg = compose_config(tmp_path / "run", [*TINY, "+experiment=digits_shift"], tiny=False)
+    run(cfg)
+    res = _check(
+        tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], ["photos", "rotated"], 10
+    )
+    shift = res["shift"]
+    assert set(shift["qbnn"]) == set(cfg.shift.corruptions) and set(shift["qbnn"]["rotate"]) == {
+        "1",
+        "3",
+        "5",
+    }
+    assert shift["_mce"]["dnn"]["mCE"] == pytest.approx(1.0)  # the baseline's own mCE
+    assert (tmp_path / "run" / "plots" / "shift_accuracy.png").exists()

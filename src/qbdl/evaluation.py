@@ -163,6 +163,7 @@ def evaluate_variants(
     temperature_scaled: Iterable[str] = (),
     val_loader: Iterable | None = None,
     ood_groups: dict[str, str] | None = None,
+    test_logits: dict[str, Tensor] | None = None,
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict]:
     """Metrics per variant, per-example predictions, and the curve data the plots need.
 
@@ -171,6 +172,7 @@ def evaluate_variants(
     temperature_scaled: variant names that also get '<name>_ts': one temperature fitted by NLL on the
     validation split (`val_loader`, never test) and applied to each MC sample's logits before averaging.
     ood_groups: {OOD set: 'near' | 'far'} for the OpenOOD-style group means.
+    test_logits: filled with each variant's test MC logits [S, N, C] when given (the shift evaluation's negatives).
     """
     results: dict = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -187,6 +189,8 @@ def evaluate_variants(
         if v.name in ts:
             loaders["val"] = val_loader
         out = _predict_variant(v, loaders, seed, cache_dir, data_key)
+        if test_logits is not None:
+            test_logits[v.name] = out["test"][0]
         scaled = [(v.name, 1.0)]
         if v.name in ts:
             val_logits, val_y, _, _ = out["val"]

@@ -109,6 +109,10 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     dm = instantiate(cfg.data)
     dm.setup("fit")
+    if cfg.get("shift"):  # bad corruption names, severities or RGB-only corruptions fail before training
+        from qbdl.data.shift import validate_shift
+
+        validate_shift(OmegaConf.to_container(cfg.shift, resolve=True), dm)
     ood_loaders = build_ood_loaders(cfg, dm)
     atomic_write_json(out / "splits.json", dm.split_indices())
     n_train = len(dm.dataset("train"))
@@ -176,6 +180,7 @@ def run(cfg: DictConfig) -> dict:
         "variants": ev.results if ev else {},
         "plots": ev.plots if ev else {},
         "quantization_seconds": ptq.seconds if ptq else {},
+        "shift": ev.shift_results if ev else {},
     }
     if ev and not ev.results and (out / EVALUATION_FILE).exists():  # ddp_spawn: rank 0 evaluated in a worker
         evaluated = json.loads((out / EVALUATION_FILE).read_text())
@@ -213,6 +218,10 @@ def run(cfg: DictConfig) -> dict:
 
         write_run_report(results, out)
         print(format_table(results["variants"], target=cfg.eval.target_accuracy))
+    if results["shift"]:
+        from qbdl.shift_eval import shift_table
+
+        print(shift_table(results["shift"]))
     if logger is not None and type(logger).__name__ == "WandbLogger":
         from qbdl.report.wandb_log import log_results_artifact
 

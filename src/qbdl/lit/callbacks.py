@@ -157,11 +157,14 @@ class EvaluationCallback(L.Callback):
         score: str,
         out_dir: str,
         ood_groups: dict[str, str] | None = None,
+        shift: dict | None = None,
     ) -> None:
         bad = {k: g for k, g in (ood_groups or {}).items() if g not in ("near", "far")}
         if bad:
             raise ValueError(f"eval.ood_groups: each OOD set is 'near' or 'far', got {bad}")
         self.ood_groups = dict(ood_groups or {})
+        self.shift = dict(shift or {})  # conf/shift: corruptions x severities of the test split
+        self.shift_results: dict = {}
         self.variant_names = list(variants)
         self.mc_samples = mc_samples
         self.seed = seed
@@ -223,8 +226,10 @@ class EvaluationCallback(L.Callback):
         dm = trainer.datamodule
         test_loader = dm.test_dataloader()
         ts = [n.removesuffix("_ts") for n in self.variant_names if n.endswith("_ts")]
+        variants = self._variants(trainer, pl_module)
+        clean_logits: dict = {}
         results, predictions, curves = evaluate_variants(
-            self._variants(trainer, pl_module),
+            variants,
             test_loader,
             self.ood_loaders,
             seed=self.seed,
@@ -236,6 +241,7 @@ class EvaluationCallback(L.Callback):
             temperature_scaled=ts,
             val_loader=dm.val_dataloader() if ts else None,
             ood_groups=self.ood_groups,
+            test_logits=clean_logits,
         )
         self.results = results
         save_predictions(predictions, self.out_dir / "predictions.npz")
@@ -243,8 +249,36 @@ class EvaluationCallback(L.Callback):
         # Under ddp_spawn this runs in the rank-0 worker: run() in the main process reads this file back.
         ptq = find_callback(trainer.callbacks, PTQCallback)
         state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
+        if self.shift.get("corruptions"):
+            self.shift_results = self._evaluate_shift(dm, variants, clean_logits, results)
+            state["shift"] = self.shift_results
         atomic_write_json(self.out_dir / EVALUATION_FILE, state)
         log_to_logger(trainer, results, self.plots)
+
+    def _evaluate_shift(self, dm, variants: list[Variant], clean_logits: dict, results: dict) -> dict:
+        """Every variant on the corrupted test sets (conf/shift), with the clean evaluation's MC seeds."""
+        from qbdl.data.shift import shift_datasets
+        from qbdl.shift_eval import evaluate_shift, save_shift_plots, shift_table
+
+        sets = shift_datasets(dm, self.shift, cache_dir=self.out_dir / "shift_cache")
+        shift = evaluate_shift(
+            variants,
+            sets,
+            seed=self.seed,
+            batch_size=dm.eval_batch_size,
+            n_bins=self.n_bins,
+            clean_logits=clean_logits,
+            cache_dir=self.out_dir / "eval_cache" / "shift",
+            data_key=self.data_key(dm),
+            baseline="dnn",
+            clean=results,
+            temperatures={
+                n.removesuffix("_ts"): r["temperature"] for n, r in results.items() if "temperature" in r
+            },
+        )
+        self.plots |= save_shift_plots(shift, self.out_dir / "plots", clean=results)
+        log.info("data shift (mean over corruptions):\n%s", shift_table(shift))
+        return shift
 
 
 def log_to_logger(trainer: L.Trainer, results: dict, plots: dict[str, str]) -> None:

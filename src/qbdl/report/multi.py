@@ -38,6 +38,7 @@ METRICS: dict[str, tuple[str, float, str | None]] = {
     "uce": ("UCE %", 100.0, "lower"),
     "mi_mean": ("mean MI", 1.0, None),
     "referral_rate_at_target": ("referral %", 100.0, "lower"),
+    "augrc": ("AUGRC %", 100.0, "lower"),
     "ood_auroc": ("OOD AUROC", 1.0, "higher"),
     "size_bytes": ("size MiB", 1.0 / 2**20, "lower"),
     "images_per_s": ("img/s", 1.0, "higher"),
@@ -72,7 +73,7 @@ IGNORED_PREFIXES = (
     "trainer.enable_progress_bar",
 )
 IGNORED_SUFFIXES = ("out_dir", "save_dir", "default_root_dir", "dirpath")
-SEED_KEYS = ("seed", "eval.seed", "quant.seed", "eval.callback.seed")
+SEED_KEYS = ("seed", "eval.seed", "quant.seed", "eval.callback.seed", "shift.seed")
 
 
 @dataclass
@@ -529,10 +530,82 @@ def _sections(runs: Sequence[Run], table, holm_correction: bool = False) -> list
             cl = claims(g, holm_correction)
             if cl:
                 sec.append((3, f"Claims (paired over seeds): {len(cl)} claims", table(*claim_rows(cl))))
+            shift = shift_rows(g)
+            if shift is not None:
+                sec.append((3, "Data shift: qbnn - bnn (paired over seeds)", table(*shift)))
         for r in g.runs:
             header, rows = table_rows(r.variants, _target(r))
             sec.append((3, f"Run {r.path} (seed {r.seed})", table(header, rows)))
     return sec
+
+
+SHIFT_METRICS = ("accuracy", "ece", "uce")
+
+
+def shift_claims(group: Group, a: str = "qbnn", b: str = "bnn") -> dict[int, list[Claim]]:
+    """``{severity: [Claim per SHIFT_METRICS]}`` of the runs' data-shift results (results["shift"]).
+
+    Per run and severity the difference is the mean over corruptions of the paired per-corruption
+    differences ``a - b``; over the seeds these give mean ± sd, the 95% t interval and the TOST
+    equivalence verdict against the group's margins (as the clean QBNN ≡ BNN claims). Empty without
+    shift results for both variants.
+    """
+    from qbdl.shift_summary import paired_differences
+
+    per_run: list[dict[int, dict[str, float]]] = []
+    for r in group.runs:
+        res = {k: v for k, v in (r.results.get("shift") or {}).items() if not str(k).startswith("_")}
+        if a not in res or b not in res:
+            continue
+        means: dict[int, dict[str, float]] = {}
+        for m in SHIFT_METRICS:
+            for s, d in paired_differences(res, m, a, b).items():
+                vals = [x for x in d.values() if x is not None and math.isfinite(x)]
+                if vals:
+                    means.setdefault(s, {})[m] = sum(vals) / len(vals)
+        per_run.append(means)
+    sevs = sorted({s for means in per_run for s in means})
+    m_by = margins(group)
+    out: dict[int, list[Claim]] = {}
+    for s in sevs:
+        # one pseudo-run per seed whose variants hold the severity's corruption-mean differences
+        runs = [
+            Run(Path(f"seed{i}"), {"variants": {a: means.get(s, {}), b: {m: 0.0 for m in means.get(s, {})}}})
+            for i, means in enumerate(per_run)
+        ]
+        g = Group(runs)
+        out[s] = [paired_claim(g, a, b, m, better=None, margin=m_by.get(m)) for m in SHIFT_METRICS]
+    return out
+
+
+def shift_rows(group: Group, a: str = "qbnn", b: str = "bnn") -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows (one per severity) of :func:`shift_claims`; None when the runs have no shift results.
+
+    The p values behind the verdicts are not Holm-adjusted (3 metrics x severities claims).
+    """
+    cl = shift_claims(group, a, b)
+    if not cl:
+        return None
+    header = ["severity", "n"]
+    for m in SHIFT_METRICS:
+        header += [f"{_title(m)}: {a} - {b} (mean ± sd)", "95% CI", "verdict"]
+    rows = []
+    for s, claims_s in cl.items():
+        row = [str(s), str(max(c.n for c in claims_s))]
+        for c in claims_s:
+            ms = (
+                "-"
+                if c.mean is None
+                else (
+                    f"{_fmt(c.mean, c.metric)} ± {_fmt(c.sd, c.metric)}"
+                    if c.sd is not None
+                    else _fmt(c.mean, c.metric)
+                )
+            )
+            ci = "-" if c.lo is None else f"[{_fmt(c.lo, c.metric)}, {_fmt(c.hi, c.metric)}]"
+            row += [ms, ci, c.verdict]
+        rows.append(row)
+    return header, rows
 
 
 def render_markdown(runs: Sequence[Run], holm_correction: bool = False) -> str:
