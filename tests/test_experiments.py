@@ -250,10 +250,14 @@ def test_digits_shift_is_the_default_plus_the_digits_shift_list(tmp_path):
         assert list(cfg.shift.corruptions) == list(DEFAULT_LISTS[listed]), name
 
 
+@pytest.mark.slow  # 12 shifted sets x 6 variants after a whole run: ~3 minutes on 2 cores
 def test_digits_shift_runs(tmp_path):
     from helpers_run import TINY
 
-    cfg = compose_config(tmp_path / "run", [*TINY, "+experiment=digits_shift"], tiny=False)
+    # its own corruption list and severities; each set cut to 128 of the 503 test digits
+    cfg = compose_config(
+        tmp_path / "run", [*TINY, "+experiment=digits_shift", "shift.max_items=128"], tiny=False
+    )
     run(cfg)
     res = _check(
         tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"], ["photos", "rotated"], 10

@@ -253,7 +253,7 @@ class EvaluationCallback(L.Callback):
             self.shift_results = self._evaluate_shift(dm, variants, clean_logits, results)
             state["shift"] = self.shift_results
         atomic_write_json(self.out_dir / EVALUATION_FILE, state)
-        log_to_logger(trainer, results, self.plots)
+        log_to_logger(trainer, results, self.plots, self.shift_results)
 
     def _evaluate_shift(self, dm, variants: list[Variant], clean_logits: dict, results: dict) -> dict:
         """Every variant on the corrupted test sets (conf/shift), with the clean evaluation's MC seeds."""
@@ -281,18 +281,24 @@ class EvaluationCallback(L.Callback):
         return shift
 
 
-def log_to_logger(trainer: L.Trainer, results: dict, plots: dict[str, str]) -> None:
-    """Every metric of every variant as '<variant>/<metric>' (nested OOD keys flattened), plus tables and images."""
-    flat = {}
+def _numeric_leaves(d: dict, prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _numeric_leaves(v, f"{prefix}/{k}")
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
+def log_to_logger(
+    trainer: L.Trainer, results: dict, plots: dict[str, str], shift: dict | None = None
+) -> None:
+    """Every numeric result as '<variant>/<key>[/<subkey>...]' (and 'shift/...'), plus tables and images."""
+    flat: dict[str, float] = {}
     for v, res in results.items():
-        for k, val in res.items():
-            if isinstance(val, dict):
-                for ood_name, d in val.items():
-                    for kk, vv in d.items() if isinstance(d, dict) else ():
-                        if isinstance(vv, int | float):
-                            flat[f"{v}/ood/{ood_name}/{kk}"] = vv
-            elif isinstance(val, int | float):
-                flat[f"{v}/{k}"] = val
+        flat |= _numeric_leaves(res, v)
+    flat |= _numeric_leaves({k: val for k, val in (shift or {}).items() if k != "_meta"}, "shift")
     for logger in trainer.loggers:
         logger.log_metrics(flat, step=trainer.global_step)
         if type(logger).__name__ == "WandbLogger":

@@ -29,17 +29,33 @@ def _ood_table(variants: dict) -> str:
     sets = sorted({s for r in variants.values() for s in (r.get("ood") or {})})
     if not sets:
         return ""
-    header = ["variant"] + [f"{s} {m}" for s in sets for m in ("AUROC", "AUPR", "FPR95", "AUROC (MI)")]
+    cols = ("auroc", "aupr_in", "aupr_out", "fpr95")
+    header = ["variant", "score"] + [
+        f"{s} {m}" for s in sets for m in ("AUROC", "AUPR-in", "AUPR-out", "FPR95")
+    ]
     rows = []
     for name, r in variants.items():
-        row = [name]
-        for s in sets:
-            d = (r.get("ood") or {}).get(s, {})
-            row += [
-                "-" if d.get(k) is None else f"{d[k]:.3f}" for k in ("auroc", "aupr", "fpr95", "auroc_mi")
-            ]
-        rows.append(row)
-    return "<h2>Out-of-distribution detection</h2>" + html_table(header, rows)
+        for score in ("entropy", "mi", "maxprob", "maxlogit", "energy"):
+            row = [name, score]
+            for s in sets:
+                d = ((r.get("ood") or {}).get(s, {}).get("scores") or {}).get(score, {})
+                row += ["-" if d.get(k) is None else f"{d[k]:.3f}" for k in cols]
+            rows.append(row)
+    groups = {s: (variants[next(iter(variants))].get("ood") or {}).get(s, {}).get("group") for s in sets}
+    note = ", ".join(f"{s}: {g or 'untagged'}" for s, g in groups.items())
+    return (
+        "<h2>Out-of-distribution detection</h2>"
+        f"<p>OpenOOD-style: OOD positive; AUPR-in treats in-distribution as positive. Groups: {html.escape(note)}.</p>"
+        + html_table(header, rows)
+    )
+
+
+def _shift_section(shift: dict) -> str:
+    if not shift:
+        return ""
+    from qbdl.shift_eval import shift_table
+
+    return f"<h2>Data shift (mean over corruptions per severity)</h2><pre>{html.escape(shift_table(shift))}</pre>"
 
 
 def write_run_report(results: dict, run_dir: str | Path) -> Path:
@@ -56,9 +72,11 @@ def write_run_report(results: dict, run_dir: str | Path) -> Path:
 <style>{_STYLE}</style></head><body>
 <h1>qbdl run: {html.escape(str(run_dir.name))}</h1>
 <p>ECE, UCE and referral rate in %; referral = fraction of test images referred to reach the target accuracy
-(100% when never reached); OOD AUROC of the first OOD set, score = predictive entropy.</p>
+(100% when never reached); OOD AUROC of the first OOD set, near/far = means over the sets of each group,
+score = {html.escape(str(((results.get("config") or {}).get("eval") or {}).get("score", "entropy")))}.</p>
 {html_table(header, rows)}
 {_ood_table(results["variants"])}
+{_shift_section(results.get("shift") or {})}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Configuration</h2><pre>{html.escape(cfg)}</pre>
 <h2>Versions and timings</h2><pre>{html.escape(json.dumps({"versions": results.get("versions"), "timings": results.get("timings")}, indent=1))}</pre>

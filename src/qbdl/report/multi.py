@@ -73,7 +73,14 @@ IGNORED_PREFIXES = (
     "trainer.enable_progress_bar",
 )
 IGNORED_SUFFIXES = ("out_dir", "save_dir", "default_root_dir", "dirpath")
-SEED_KEYS = ("seed", "eval.seed", "quant.seed", "eval.callback.seed", "shift.seed")
+SEED_KEYS = (
+    "seed",
+    "eval.seed",
+    "quant.seed",
+    "eval.callback.seed",
+    "shift.seed",
+    "eval.callback.shift.seed",
+)
 
 
 @dataclass
@@ -250,10 +257,14 @@ def mean_std(values: Sequence[float | None]) -> Stat:
     return Stat(m, sd, n)
 
 
+GROUP_METRICS = {"ood_near_auroc": "OOD AUROC (near)", "ood_far_auroc": "OOD AUROC (far)"}
+
+
 def metric_names(group: Group) -> list[str]:
-    """METRICS plus the per-set OOD AUROCs ('ood.<set>.auroc') present in the group."""
+    """METRICS, the near/far OOD means and the per-set OOD AUROCs ('ood.<set>.auroc') present in the group."""
     sets = sorted({s for r in group.runs for v in r.variants.values() for s in (v.get("ood") or {})})
-    return [*METRICS, *(f"ood.{s}.auroc" for s in sets)]
+    present = {k for r in group.runs for v in r.variants.values() for k in GROUP_METRICS if k in v}
+    return [*METRICS, *(k for k in GROUP_METRICS if k in present), *(f"ood.{s}.auroc" for s in sets)]
 
 
 def seed_stats(group: Group) -> dict[str, dict[str, Stat]]:
@@ -376,7 +387,8 @@ def holm(ps: Sequence[float]) -> list[float]:
 def margins(group: Group) -> dict[str, float]:
     """The equivalence margins the group's runs declared (eval.equivalence), over the defaults."""
     declared = ((group.runs[0].results.get("config") or {}).get("eval") or {}).get("equivalence") or {}
-    return {**DEFAULT_MARGINS, **{k: float(v) for k, v in declared.items() if v is not None}}
+    out = {**DEFAULT_MARGINS, **{k: float(v) for k, v in declared.items() if v is not None}}
+    return out | {k: out.get(k, out["ood_auroc"]) for k in GROUP_METRICS}  # near/far: the OOD AUROC margin
 
 
 def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
@@ -388,11 +400,16 @@ def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
     out = []
     for a, b, metrics in PAPER_CLAIMS:
         if {a, b} <= present:
-            extra = [m for m in metric_names(group) if m.startswith("ood.")] if "ood_auroc" in metrics else []
+            extra = (
+                [m for m in metric_names(group) if m.startswith("ood.") or m in GROUP_METRICS]
+                if "ood_auroc" in metrics
+                else []
+            )
             out += [paired_claim(group, a, b, m) for m in [*metrics, *extra]]
     a, b, metrics = QUANT_CLAIM
     if {a, b} <= present:
         m_by = margins(group)
+        metrics = [*metrics, *(m for m in metric_names(group) if m in GROUP_METRICS)]
         out += [paired_claim(group, a, b, m, better=None, margin=m_by.get(m)) for m in metrics]
     if holm_correction:
         tested = [c for c in out if c.p is not None]
@@ -411,6 +428,8 @@ def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
 def _title(metric: str) -> str:
     if metric in METRICS:
         return METRICS[metric][0]
+    if metric in GROUP_METRICS:
+        return GROUP_METRICS[metric]
     parts = metric.split(".")
     return f"OOD AUROC ({parts[1]})" if len(parts) == 3 else metric
 
