@@ -26,7 +26,7 @@ def test_ddp_two_cpu_processes_match_single_process_evaluation(tmp_path):
     text = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in text  # two processes really ran the fit
     ddp = json.loads((ddp_dir / "results.json").read_text())
-    assert set(ddp["variants"]) == {"dnn", "bnn", "bnn_mean"}
+    assert set(ddp["variants"]) == {"dnn", "dnn_ts", "bnn", "bnn_ts", "bnn_mean"}
     assert (ddp_dir / "predictions.npz").exists() and ddp["plots"]
     assert ddp["config"]["trainer"]["devices"] == 2
     # The same trained weights, evaluated in one process.

@@ -34,9 +34,11 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_results_report_predictions_plots(tiny_run):
     out, results = tiny_run
     on_disk = json.loads((out / "results.json").read_text())
-    assert set(on_disk["variants"]) == {"dnn", "dnn_ts", "qdnn", "bnn", "bnn_mean", "qbnn"}
-    t = on_disk["variants"]["dnn_ts"]["temperature"]
-    assert on_disk["temperatures"] == {"dnn_ts": t} and t > 0
+    assert set(on_disk["variants"]) == {"dnn", "qdnn", "bnn", "bnn_mean", "qbnn"} | {
+        f"{v}_ts" for v in ("dnn", "qdnn", "bnn", "qbnn")
+    }
+    t = {k: v["temperature"] for k, v in on_disk["variants"].items() if k.endswith("_ts")}
+    assert on_disk["temperatures"] == t and len(t) == 4 and min(t.values()) > 0
     assert on_disk["variants"]["dnn"]["ood"]["rotated"]["group"] == "near"  # eval.ood_groups
     for name, res in on_disk["variants"].items():
         for key in KEYS:
