@@ -275,3 +275,21 @@ def test_multi_seed_report_has_a_data_shift_section(tmp_path: Path) -> None:
         r.pop("shift")
         (p / "results.json").write_text(json.dumps(r))
     assert "Data shift" not in multi.render_markdown(multi.load_runs([sweep]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["shift.corruptions=[nosuch]", "shift.severities=[1]"], "nosuch"),
+        (["shift.corruptions=[gaussian_noise]", "shift.severities=[6]"], "6"),
+        (["shift.corruptions=[saturate]", "shift.severities=[1]"], "saturate"),  # RGB-only, digits are gray
+    ],
+)
+def test_bad_shift_config_fails_at_start_up_before_any_training(tmp_path, overrides, match):
+    from helpers_run import compose_config
+
+    from qbdl.run import run
+
+    with pytest.raises(ValueError, match=match):
+        run(compose_config(tmp_path, overrides))
+    assert not (tmp_path / "dnn.safetensors").exists() and not (tmp_path / "checkpoints").exists()
