@@ -74,7 +74,7 @@ def test_calib_only_training_items(dm: DigitsDataModule) -> None:
 def test_photo_patches_textured_and_in_digit_range(dm: DigitsDataModule) -> None:
     raw = dm.ood_raw()
     photos = raw["photos"]
-    assert photos.shape == (len(dm.split_indices()["test"]), 8, 8)
+    assert photos.shape == (dm.n_photos, 8, 8) and dm.n_photos == 256  # the default (data.n_photos)
     assert photos.min() >= 0 and photos.max() <= 16
     assert torch.equal(photos, photos.round())
     assert all(len(torch.unique(p)) >= 10 for p in photos)

@@ -72,7 +72,7 @@ class DigitsDataModule(ImageDataModule):
         std: Sequence[float] = (0.3760,),
         augment: bool = False,
         augment_shift: int = 1,
-        n_photos: int | None = None,
+        n_photos: int | None = 256,
         photo_min_levels: int = 10,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
