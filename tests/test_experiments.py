@@ -68,7 +68,12 @@ def test_imagenet_ptq(tmp_path, weights_download):
     assert cfg.model.weights == "IMAGENET1K_V1"  # as the experiment file says
     run(cfg)
     assert weights_download == [RESNET50_URL]
-    res = _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"], [], 3)
+    res = _check(
+        tmp_path / "run",
+        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        [],
+        3,
+    )
     assert res["variants"]["qbnn"]["size_bytes"] < 0.27 * res["variants"]["bnn"]["size_bytes"]
     assert 0 <= res["shift"]["qbnn"]["gaussian_noise"]["2"]["accuracy"] <= 1
 
@@ -136,7 +141,12 @@ def test_colorectal_ptq_with_camelyon17_ood(tmp_path, weights_download):
     )
     run(cfg)
     assert weights_download == [RESNET50_URL]  # ImageNet-pretrained, as the experiment file says
-    res = _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"], ["camelyon17"], 8)
+    res = _check(
+        tmp_path / "run",
+        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        ["camelyon17"],
+        8,
+    )
     assert res["config"]["eval"]["target_accuracy"] == 0.995
     assert res["variants"]["bnn"]["ood_auroc"] == res["variants"]["bnn"]["ood"]["camelyon17"]["auroc"]
     assert res["variants"]["bnn"]["ood"]["camelyon17"]["group"] == "near"
@@ -160,7 +170,10 @@ def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
     )
     run(cfg)
     res = _check(
-        tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"], ["fashion_mnist"], 10
+        tmp_path / "run",
+        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        ["fashion_mnist"],
+        10,
     )
     assert set(res["shift"]["qbnn"]) == set(cfg.shift.corruptions)
 
@@ -211,7 +224,12 @@ def test_digits32_runs_at_its_own_size(tmp_path):
     )
     assert cfg.data.image_size == 32
     run(cfg)
-    _check(tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"], ["photos", "rotated"], 10)
+    _check(
+        tmp_path / "run",
+        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        ["photos", "rotated"],
+        10,
+    )
 
 
 def test_every_experiment_file_has_a_test():
@@ -260,7 +278,10 @@ def test_digits_shift_runs(tmp_path):
     )
     run(cfg)
     res = _check(
-        tmp_path / "run", ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"], ["photos", "rotated"], 10
+        tmp_path / "run",
+        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        ["photos", "rotated"],
+        10,
     )
     shift = res["shift"]
     assert set(shift["qbnn"]) == set(cfg.shift.corruptions) and set(shift["qbnn"]["rotate"]) == {

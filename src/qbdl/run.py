@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict:
         "shift": ev.shift_results if ev else {},
     }
     if ev and not ev.results and (out / EVALUATION_FILE).exists():  # ddp_spawn: rank 0 evaluated in a worker
-        evaluated = json.loads((out / EVALUATION_FILE).read_text())
+        evaluated = {"shift": {}, **json.loads((out / EVALUATION_FILE).read_text())}
     results = {
         **evaluated,
         # model-selection metrics: validation data only (sweepers optimise these, never test metrics)
@@ -218,7 +218,7 @@ def run(cfg: DictConfig) -> dict:
 
         write_run_report(results, out)
         print(format_table(results["variants"], target=cfg.eval.target_accuracy))
-    if results["shift"]:
+    if results.get("shift"):
         from qbdl.shift_eval import shift_table
 
         print(shift_table(results["shift"]))
