@@ -227,6 +227,7 @@ class EvaluationCallback(L.Callback):
         test_loader = dm.test_dataloader()
         ts = [n.removesuffix("_ts") for n in self.variant_names if n.endswith("_ts")]
         variants = self._variants(trainer, pl_module)
+        data_key = self.data_key(dm)
         clean_logits: dict = {}
         results, predictions, curves = evaluate_variants(
             variants,
@@ -237,7 +238,7 @@ class EvaluationCallback(L.Callback):
             n_bins=self.n_bins,
             score=self.score,
             cache_dir=self.out_dir / "eval_cache",
-            data_key=self.data_key(dm),
+            data_key=data_key,
             temperature_scaled=ts,
             val_loader=dm.val_dataloader() if ts else None,
             ood_groups=self.ood_groups,
@@ -250,12 +251,14 @@ class EvaluationCallback(L.Callback):
         ptq = find_callback(trainer.callbacks, PTQCallback)
         state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
         if self.shift.get("corruptions"):
-            self.shift_results = self._evaluate_shift(dm, variants, clean_logits, results)
+            self.shift_results = self._evaluate_shift(dm, variants, clean_logits, results, data_key)
             state["shift"] = self.shift_results
         atomic_write_json(self.out_dir / EVALUATION_FILE, state)
         log_to_logger(trainer, results, self.plots, self.shift_results)
 
-    def _evaluate_shift(self, dm, variants: list[Variant], clean_logits: dict, results: dict) -> dict:
+    def _evaluate_shift(
+        self, dm, variants: list[Variant], clean_logits: dict, results: dict, data_key: str
+    ) -> dict:
         """Every variant on the corrupted test sets (conf/shift), with the clean evaluation's MC seeds."""
         from qbdl.data.shift import shift_datasets
         from qbdl.shift_eval import evaluate_shift, save_shift_plots, shift_table
@@ -269,7 +272,7 @@ class EvaluationCallback(L.Callback):
             n_bins=self.n_bins,
             clean_logits=clean_logits,
             cache_dir=self.out_dir / "eval_cache" / "shift",
-            data_key=self.data_key(dm),
+            data_key=data_key,
             baseline="dnn",
             clean=results,
             temperatures={
