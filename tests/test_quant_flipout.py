@@ -113,10 +113,6 @@ def test_flipout_needs_its_calibration_and_a_onednn_backend(bnn):
     plain = calibrate(prepare(bnn), calib, mc_samples=1)
     with pytest.raises(ValueError, match="per_example=True"):
         convert(plain, mode="flipout")
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        prep = calibrate(prepare(bnn, backend="fbgemm", per_example=True), calib, mc_samples=1)
-        with pytest.raises(ValueError, match="backend x86 or onednn"):
-            convert(prep, mode="flipout")
 
 
 def test_qat_model_does_not_convert_to_flipout(bnn):

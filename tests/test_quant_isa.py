@@ -1,12 +1,10 @@
-"""INT8 exact on every ISA: every quantized conv/linear equals an integer reference, for every backend x mode.
+"""INT8 exact on every ISA: every INT8 conv/linear equals an integer reference, in every sampling mode.
 
-u8 x s8 kernels without VNNI (fbgemm AVX2/AVX-512, oneDNN below VNNI; fbgemm's depthwise kernels even with
-VNNI) add pairs of products in int16 and saturate on full-range activations. These tests fail on a CPU where
-qbdl's kernel plan is wrong for it: the per-layer exactness checks run here on this CPU's own kernels, and
-`test_quant_suites_under_avx2_kernels` re-runs this file and the other INT8 test files with oneDNN and fbgemm
-capped at AVX2 (ONEDNN_MAX_CPU_ISA, FBGEMM_ENABLE_INSTRUCTIONS), so a VNNI machine also runs the non-VNNI
-kernels. torch's x86 engine picks fbgemm or oneDNN for convs from cpuinfo, which no env var overrides: that
-routing is covered by the decision tests with injected capabilities.
+u8 x s8 kernels without VNNI (oneDNN below AVX512_CORE_VNNI / AVX2_VNNI) add pairs of products in int16 and
+saturate on full-range activations. These tests fail on a CPU where qbdl's kernel plan is wrong for it: the
+per-layer exactness checks run here on this CPU's own kernels, and `test_quant_suites_under_avx2_kernels`
+re-runs this file and the other INT8 test files with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA), so a VNNI
+machine also runs the non-VNNI kernels.
 """
 
 import os
@@ -24,8 +22,8 @@ from qbdl.quant import backend as qb
 from qbdl.quant import convert, prepare, quant_layers, supported_backends
 from qbdl.quant.ptq import calibrate
 
-ENGINES = supported_backends()
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+ENGINES = supported_backends()[:1]  # "x86" and "onednn" name the same oneDNN kernels
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 ZEN1 = qb.caps_from({"avx", "avx2", "fma", "sse4_2"})
 ICELAKE = qb.caps_from({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 ALDERLAKE = qb.caps_from({"avx2", "fma", "avx_vnni"})
@@ -37,73 +35,57 @@ DEPTHWISE = {**DENSE, "dw": ("conv2d", 64, False)}
 
 
 @pytest.mark.parametrize(
-    "caps,backend,layers,qmax,families",
+    "caps,backend,layers,qmax",
     [
-        (ZEN1, "x86", DENSE, 127, {"conv": ["fbgemm", "onednn"], "fc": ["fbgemm", "onednn"]}),
-        (ZEN1, "onednn", DENSE, 127, {"conv": ["fbgemm", "onednn"], "fc": ["fbgemm", "onednn"]}),
-        (ZEN1, "onednn", {"det": ("conv2d", 1, False)}, 127, {"det": ["onednn"]}),
-        (ZEN1, "fbgemm", DENSE, 127, {"conv": ["fbgemm"], "fc": ["fbgemm"]}),
-        (ZEN1, "qnnpack", DENSE, 255, {"conv": ["qnnpack"], "fc": ["qnnpack"]}),
-        (ICELAKE, "x86", DENSE, 255, {"conv": ["fbgemm", "onednn"], "fc": ["fbgemm", "onednn"]}),
-        (ICELAKE, "onednn", DENSE, 255, {"conv": ["fbgemm", "onednn"], "fc": ["fbgemm", "onednn"]}),
-        (ICELAKE, "fbgemm", DENSE, 255, {"conv": ["fbgemm"], "fc": ["fbgemm"]}),
-        (ICELAKE, "fbgemm", DEPTHWISE, 127, None),  # fbgemm's depthwise kernel: int16 pairs even on VNNI
-        (ICELAKE, "onednn", {"dw": ("conv2d", 64, False)}, 255, {"dw": ["onednn"]}),
-        # a Bayesian depthwise conv: fbgemm would pack its fresh samples at small batch, but is not exact
-        (ICELAKE, "onednn", {"dw": ("conv2d", 64, True)}, 255, {"dw": ["onednn"]}),
-        (
-            ICELAKE,
-            "x86",
-            {"dw": ("conv2d", 128, False)},
-            127,
-            {"dw": ["fbgemm"]},
-        ),  # x86: groups > 100 -> fbgemm
-        (ALDERLAKE, "onednn", {"c": ("conv2d", 1, False)}, 255, {"c": ["onednn"]}),
-        (ALDERLAKE, "x86", {"c": ("conv2d", 1, False)}, 127, {"c": ["fbgemm"]}),  # cpuinfo: no AVX-512 VNNI
+        (ZEN1, "x86", DENSE, 127),
+        (ZEN1, "onednn", {"det": ("conv2d", 1, False)}, 127),
+        (ZEN1, "x86", DEPTHWISE, 127),
+        (ICELAKE, "x86", DENSE, 255),
+        (ICELAKE, "onednn", DEPTHWISE, 255),
+        (ALDERLAKE, "x86", {"c": ("conv2d", 1, False)}, 255),  # AVX-VNNI (VEX): int32 accumulation too
     ],
 )
-def test_kernel_plan_for_injected_cpus(caps, backend, layers, qmax, families):
+def test_kernel_plan_for_injected_cpus(caps, backend, layers, qmax):
     plan = qb.kernel_plan(backend, layers, caps=caps)
     assert plan.qmax == qmax, plan
     assert plan.reduced == (qmax == 127)
     assert bool(plan.why) == plan.reduced
-    if families is not None:
-        assert plan.kernels == families
+    assert plan.kernels == {name: ["onednn"] for name in layers}
 
 
 @pytest.mark.parametrize(
-    "flags,onednn_env,fbgemm_env,onednn_vnni,fbgemm_vnni",
+    "flags,onednn_env,onednn_vnni",
     [
-        (ICELAKE.flags, None, None, True, True),
-        (ICELAKE.flags, "AVX2", None, False, True),
-        (ICELAKE.flags, "AVX512_CORE", "AVX2", False, False),
-        (ICELAKE.flags, "AVX512_CORE_VNNI", "AVX512", True, False),
-        (ICELAKE.flags, "AVX2_VNNI", "AVX512_E1", False, True),  # the VEX AVX-VNNI is not on this CPU
-        (ALDERLAKE.flags, "AVX2_VNNI", None, True, False),
-        (ZEN1.flags, None, None, False, False),
+        (ICELAKE.flags, None, True),
+        (ICELAKE.flags, "AVX2", False),
+        (ICELAKE.flags, "AVX512_CORE", False),
+        (ICELAKE.flags, "AVX512_CORE_VNNI", True),
+        (ICELAKE.flags, "AVX2_VNNI", False),  # the VEX AVX-VNNI is not on this CPU
+        (ALDERLAKE.flags, "AVX2_VNNI", True),
+        (ZEN1.flags, None, False),
     ],
 )
-def test_caps_follow_the_isa_caps_of_each_library(flags, onednn_env, fbgemm_env, onednn_vnni, fbgemm_vnni):
-    caps = qb.caps_from(flags, onednn_env, fbgemm_env)
-    assert (caps.onednn_vnni, caps.fbgemm_vnni) == (onednn_vnni, fbgemm_vnni)
-    assert caps.x86_conv_onednn == ("avx512_vnni" in flags)  # torch asks cpuinfo, no env var moves it
+def test_caps_follow_the_isa_cap(flags, onednn_env, onednn_vnni):
+    assert qb.caps_from(flags, onednn_env).onednn_vnni == onednn_vnni
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind,depthwise", [("conv2d", False), ("conv2d", True), ("linear", False)])
-def test_rule_matches_the_kernel_on_this_cpu(engine, kind, depthwise):
+def test_rule_matches_the_kernel_on_this_cpu(kind, depthwise):
     """The capability rule predicts what this CPU's kernels really do on all-255 x 127 data."""
     caps = qb.cpu_caps()
-    groups = 32 if depthwise else 1
-    family = qb.engine_family(engine, kind, groups, caps)
-    rule, probe = (
-        qb.full_range_exact(family, kind, groups, caps),
-        qb.probe_full_range(engine, kind, depthwise),
-    )
+    rule = qb.full_range_exact(kind, 32 if depthwise else 1, caps)
+    probe = qb.probe_full_range(kind, depthwise)
     if rule:
         assert probe  # the rule never calls a saturating kernel safe
-    if not (depthwise and family == "onednn"):  # oneDNN's depthwise kernel is exact without VNNI too: the
-        assert probe == rule  # rule treats every grouped conv conservatively
+    if not depthwise:  # oneDNN's depthwise kernel is exact without VNNI too: the rule is conservative there
+        assert probe == rule
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_removed_engines_are_refused_with_the_fix(backend):
+    dnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="deprecated quantized tensors.*Use backend 'x86'"):
+        prepare(dnn, backend=backend)
 
 
 # -- per-layer exactness against an integer reference
@@ -201,28 +183,23 @@ def test_every_int8_layer_equals_the_integer_reference(prepared, engine):
         q = convert(pf if mode == "flipout" else pb, mode=mode, bank_size=2, fresh_kernel=kernel)
         with sampling(q, "mean"):
             assert _check_trace(q, x, f"{engine} {mode} mean") >= 3
-        for batch in (1, 6):  # fresh samples are packed by another engine at small batch
+        for batch in (1, 6):
             torch.manual_seed(batch)
             assert _check_trace(q, x[:batch], f"{engine} {mode}/{kernel} b={batch}") >= 3
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_activations_are_full_range_where_exact(prepared, engine):
-    """0..255 where every kernel of every layer is exact on this CPU (VNNI, qnnpack) and only there."""
+    """0..255 where every kernel of every layer is exact on this CPU (VNNI, and its probes pass) and only there."""
     _, pb, _ = prepared[engine]
     q = convert(pb)
     meta, caps = q.qbdl_meta, qb.cpu_caps()
-    layers = {"conv": ("conv2d", 1), "dw": ("conv2d", 64), "fc": ("linear", 1)}
-    assert set(meta["kernels"]) == set(layers)
-    exact = all(qb.full_range_exact(f, *layers[n], caps) for n, fams in meta["kernels"].items() for f in fams)
+    assert set(meta["kernels"]) == {"conv", "dw", "fc"}
+    exact = caps.onednn_vnni and all(
+        qb.probe_full_range(k, d) for k, d in [("conv2d", 0), ("conv2d", 1), ("linear", 0)]
+    )
     assert meta["activation_qmax"] == (255 if exact else 127)
     assert all(m.qmax == meta["activation_qmax"] for m in quant_layers(q))
-    if engine == "qnnpack":
-        assert meta["activation_qmax"] == 255
-    if meta["small_batch_engine"] == "fbgemm":  # fbgemm packs fresh samples only where it is exact
-        assert all(
-            meta["activation_qmax"] == 127 or qb.full_range_exact("fbgemm", *layers[n], caps) for n in layers
-        )
 
 
 # -- end to end: the digits resnet20 keeps its accuracy on every backend x mode
@@ -260,11 +237,11 @@ def test_digits_int8_keeps_accuracy(digits_nets, engine):
 
 
 @pytest.mark.skipif(
-    not (qb.cpu_caps().onednn_vnni or qb.cpu_caps().fbgemm_vnni),
+    not qb.cpu_caps().onednn_vnni,
     reason="this process already runs the non-VNNI kernels (an AVX2 CPU, or the capped re-run itself)",
 )
 def test_quant_suites_under_avx2_kernels(tmp_path):
-    """Re-run the INT8 test files with oneDNN and fbgemm capped at AVX2 (a no-op cap on an AVX2 CPU)."""
+    """Re-run the INT8 test files with oneDNN capped at AVX2 (a no-op cap on an AVX2 CPU)."""
     here = Path(__file__).parent
     files = [
         "test_quant_isa.py",
@@ -283,7 +260,7 @@ def test_quant_suites_under_avx2_kernels(tmp_path):
         [sys.executable, "-c", "import json; from qbdl.quant.backend import cpu_caps; print(json.dumps(cpu_caps().as_dict()))"],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert '"onednn_vnni": false' in child.stdout and '"fbgemm_vnni": false' in child.stdout
+    assert '"onednn_vnni": false' in child.stdout
 
 
 def test_full_range_file_loads_exact_on_a_cpu_that_needs_reduced_range(prepared, tmp_path, monkeypatch):

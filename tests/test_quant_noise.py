@@ -37,7 +37,7 @@ def _noise(layer, index: int) -> torch.Tensor:
     """Standardised noise of MC sample `index`: (w - mu/S) / (sigma/S), flattened, centred, unit variance."""
     set_mc_index(layer, index)
     try:
-        w = layer.sampled_int8_weight().int_repr().double()
+        w = layer.sampled_int8_weight().double()
     finally:
         set_mc_index(layer, None)
     s = layer.weight_scale().double().view(-1, 1)
@@ -71,7 +71,7 @@ def test_sixteen_samples_of_one_layer_and_of_two_equal_layers_are_uncorrelated_a
     shifted = torch.cat([za[0][-n // 10 :], za[1][: n - n // 10]])
     assert _max_xcorr(za[0], shifted) > 0.09
     # and the noise is really there: ~42 int8 steps of it per weight
-    assert first.sampled_int8_weight().int_repr().double().std() > 30
+    assert first.sampled_int8_weight().double().std() > 30
 
 
 def test_sample_past_the_slots_reuses_a_window_with_an_independent_sign(qbnn):

@@ -93,7 +93,6 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(k.encode())
         if isinstance(v, Tensor):
             t = v.detach().cpu()
-            t = t.int_repr() if t.is_quantized else t
             h.update(str(t.dtype).encode())
             h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         else:

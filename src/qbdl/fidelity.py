@@ -215,8 +215,8 @@ def _int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
     if q.sampling == "bank":
         i = q._mc_index
         i = int(torch.randint(0, q.bank_size, (1,))) if i is None else i % q.bank_size
-        w, bias = q._bank[i].unpack()
-        return w.dequantize(), bias
+        wq, bias = q.bank_weight(i)
+        return wq.float() * _chan(q._w_scale.float(), wq.dim()), bias
     if q.sampling != "fresh":
         raise NotImplementedError(f"error budget: sampling {q.sampling!r} is not supported (fresh, bank)")
     slot, negate, eps_b = q._draw(None)
@@ -224,7 +224,8 @@ def _int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
         wq = _unpacked(q, q._sampler.sample(slot, negate))
         w = wq.float() * _chan(q._w_scale.float(), wq.dim())
     else:
-        w = q._make(slot, negate, eps_b)[0].dequantize()
+        wq = q._make(slot, negate, eps_b)[0]
+        w = wq.float() * _chan(q._w_scale.float(), wq.dim())
     return w, q._bias(eps_b)
 
 

@@ -35,5 +35,4 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "quantized_engine": torch.backends.quantized.engine,
     }

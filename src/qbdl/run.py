@@ -208,7 +208,6 @@ def run(cfg: DictConfig) -> dict:
             "torch": torch.__version__,
             "lightning": L.__version__,
             "qbdl": _version(),
-            "quantized_engine": torch.backends.quantized.engine,
         },
         "argv": sys.argv,
     }

@@ -1,7 +1,7 @@
 """ResNet builders: CIFAR-style resnet20 and torchvision resnet18/resnet50.
 
-All are built quantization-ready (every activation its own module, residual adds through
-FloatFunctional, Quant/DeQuant stubs at the ends); in float they compute exactly the usual nets.
+Plain nets, no quantization stubs: qbdl.quant.prepare traces them, quantizes the input where the net starts,
+dequantizes the logits where it ends and turns each residual `+` into an INT8 add.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import os
 
 import torch
 from torch import Tensor, nn
-from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import DeQuantStub, QuantStub
-from torchvision.models import quantization as tvq
+from torchvision import models as tvm
 
 from qbdl.io import safe_load_safetensors, safe_torch_load
 
@@ -32,13 +30,13 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
             )
-        self.skip_add_relu = FloatFunctional()
+        self.relu2 = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.skip_add_relu.add_relu(out, identity)
+        return self.relu2(out + identity)
 
 
 class CifarResNet(nn.Module):
@@ -49,7 +47,6 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        self.quant = QuantStub()
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
@@ -63,16 +60,15 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        self.dequant = DeQuantStub()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(self.quant(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
-        return self.dequant(self.fc(x))
+        return self.fc(x)
 
 
 def resnet20(num_classes: int = 10, in_chans: int = 3, weights_path: str | None = None) -> CifarResNet:
@@ -90,15 +86,7 @@ def _torchvision_resnet(
         raise ValueError(
             "give either `weights` (a torchvision weights name, downloads) or `weights_path`, not both"
         )
-    builder = getattr(tvq, arch)
-    model = builder(
-        weights=None, quantize=False, num_classes=1000 if (weights or weights_path) else num_classes
-    )
-    # torchvision's quantizable blocks share one ReLU between two activations; PT2E and per-activation
-    # observers need one module each.
-    for block in model.modules():
-        if isinstance(block, tvq.resnet.QuantizableBottleneck):
-            block.relu1, block.relu2 = nn.ReLU(), nn.ReLU()
+    model = getattr(tvm, arch)(weights=None, num_classes=1000 if (weights or weights_path) else num_classes)
     if weights:
         model.load_state_dict(download_weights(resolve_weights(arch, weights)))
     elif weights_path:

@@ -1,9 +1,12 @@
-"""INT8 quantization of Bayesian (and plain) networks: PTQ, QAT, fake-quant simulation, save/load."""
+"""INT8 quantization of Bayesian (and plain) networks: PTQ, QAT, fake-quant simulation, save/load.
 
-from .backend import BACKENDS, check_backend, set_backend, supported_backends
+The INT8 graph runs oneDNN's ops on plain uint8 / int8 tensors; no quantized tensor dtype and no torch.ao.
+"""
+
+from .backend import BACKENDS, check_backend, supported_backends
 from .fold import bn_scale_shift, fold_bn
 from .io import load_qbnn, save_qbnn
-from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer
+from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdaptiveAvgPool, QAdd, QReLU, Quantize, QuantLayer
 from .observers import OBSERVERS, ActObserver
 from .prepared import PreparedLayer
 from .ptq import calibrate, convert, prepare, quant_layers, quantize_bnn, set_sampling
@@ -17,7 +20,9 @@ __all__ = [
     "ActObserver",
     "DeQuantize",
     "PreparedLayer",
+    "QAdaptiveAvgPool",
     "QAdd",
+    "QReLU",
     "QuantLayer",
     "Quantize",
     "bn_scale_shift",
@@ -32,7 +37,6 @@ __all__ = [
     "quant_layers",
     "quantize_bnn",
     "save_qbnn",
-    "set_backend",
     "set_fake_quant",
     "set_sampling",
     "simulate",

@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .backend import FULL_QMAX, kernel_plan
-from .layers import DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
+from .backend import BACKENDS, FULL_QMAX, kernel_plan
+from .layers import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, QuantLayer, enable_prefetch
+from .lower import lower
 from .ptq import attach_module
 
-FORMAT = "qbdl-qbnn/1"
-_QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd}
+# 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (quantized-tensor engine,
+# qbdl <= 0.x before the plain-integer one) still loads: lower() re-derives what 2 adds.
+FORMAT = "qbdl-qbnn/2"
+_READABLE = ("qbdl-qbnn/1", FORMAT)
+_QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd,
+             "QReLU": QReLU, "QAdaptiveAvgPool": QAdaptiveAvgPool, "QMaxPool": QMaxPool}  # fmt: skip
 _TENSORS = ("mu_q", "mu_scale", "sigma_q", "sigma_scale", "bias_q", "bias_sigma_q")
 # call_function targets a saved graph may use (anything else is refused at save time)
 _FUNCTIONS = {
@@ -110,6 +115,26 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
     save_file(tensors, path, metadata={"qbdl": json.dumps(meta)})
 
 
+def _old_backends(meta: dict, path: str) -> None:
+    """Files of format 1 may name the fbgemm / qnnpack engines, which ran on quantized tensors: run them on oneDNN."""
+    old = {s["config"].get("backend") for s in meta["modules"].values() if s["type"] == "QuantLayer"}
+    old -= set(BACKENDS)
+    if not old:
+        return
+    warnings.warn(
+        f"{path}: saved for the {sorted(old)} engine(s), which ran on PyTorch's deprecated quantized tensors; "
+        "running it on oneDNN's INT8 kernels (backend x86) instead: the same int8 weights and ranges, outputs "
+        "equal up to the engines' rounding of the requantization (at most 1 LSB per activation)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    for s in meta["modules"].values():
+        if s["type"] == "QuantLayer" and s["config"].get("backend") in old:
+            s["config"]["backend"] = "x86"
+    if meta.get("meta", {}).get("backend") in old:
+        meta["meta"]["backend"] = "x86"
+
+
 def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
     """Move a model saved with full-range activations to 0..127 where this CPU's kernels need it (in place).
 
@@ -135,7 +160,7 @@ def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
     warnings.warn(
         f"{path}: saved with INT8 activations in 0..{old}, but on this CPU {'; '.join(plan.why)}: moving them to "
         f"0..{plan.qmax} (same ranges, half the resolution) so that every kernel stays exact. Re-quantize on this "
-        "machine (or use backend qnnpack) for full resolution.",
+        "machine for full resolution.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -145,11 +170,7 @@ def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
             c["scale"], c["zero_point"], c["qmax"] = c["scale"] * r, round(c["zero_point"] / r), plan.qmax
         elif spec["type"] == "QuantLayer":
             c["in_scale"], c["out_scale"] = c["in_scale"] * r, c["out_scale"] * r
-            c["out_zp"], c["qmax"], c["small_batch_engine"] = (
-                round(c["out_zp"] / r),
-                plan.qmax,
-                plan.small_batch_engine,
-            )
+            c["out_zp"], c["qmax"] = round(c["out_zp"] / r), plan.qmax
             for t in ("bias_q", "bias_sigma_q"):
                 if f"{target}.{t}" in tensors:
                     tensors[f"{target}.{t}"] = torch.round(tensors[f"{target}.{t}"].double() / r).to(
@@ -177,8 +198,12 @@ def load_qbnn(path: str) -> fx.GraphModule:
     if "qbdl" not in header:
         raise ValueError(f"{path!r} is not a qbdl QBNN file (no qbdl metadata)")
     meta = json.loads(header["qbdl"])
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path!r}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in _READABLE:
+        raise ValueError(
+            f"{path!r}: unsupported format {meta.get('format')!r}; this qbdl reads {_READABLE}. Re-create the "
+            "file with this version's qbdl.quant.save_qbnn (quantize the BNN again)"
+        )
+    _old_backends(meta, str(path))
     _fit_activation_range(meta, tensors, str(path))
     root = nn.Module()
     for target, spec in meta["modules"].items():
@@ -201,7 +226,7 @@ def load_qbnn(path: str) -> fx.GraphModule:
             env[n["name"]] = graph.output(args[0])
             continue
         env[n["name"]] = graph.create_node(n["op"], target, tuple(args), kwargs, name=n["name"])
-    gm = fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN"))
+    gm = lower(fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN")))
     gm.eval()
     gm.qbdl_meta = meta.get("meta", {})
     return enable_prefetch(gm)

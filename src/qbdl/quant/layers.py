@@ -1,4 +1,8 @@
-"""The INT8 modules of a QBNN (quantized conv/linear with fresh / bank / flipout sampling, adds, stubs)."""
+"""The INT8 modules of a QBNN: conv/linear with fresh / bank / flipout sampling, adds, pooling, (de)quantize.
+
+Activations between them are plain uint8 tensors; each module knows the scale and zero point of what it reads
+and writes (calibrated, wired from the graph by quant.lower), so no quantized tensor dtype is ever created.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +10,154 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import inplace, native, noise
-from .backend import FULL_QMAX, set_backend
+from .backend import FULL_QMAX, check_backend
 
 SAMPLINGS = ("fresh", "bank", "flipout")
-FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
+FRESH_KERNELS = ("auto", "prepack")
+KINDS = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "linear",
+)  # auto: write samples into oneDNN-packed weights where possible
 
 
 def clamp_qmax(y: Tensor, qmax: int) -> Tensor:
-    """Clamp a quint8 activation to 0..qmax in place (reduced range: the next kernel's int16 pairs stay exact)."""
-    if qmax >= FULL_QMAX:
-        return y
-    if native.available():
-        torch.ops.qbdl.as_uint8(y).clamp_(max=qmax)  # a view of y's storage: no copy
-        return y
-    return torch.clamp(y, max=(qmax - y.q_zero_point()) * y.q_scale())
+    """Clamp a uint8 activation to 0..qmax in place (reduced range: the next kernel's int16 pairs stay exact)."""
+    return y if qmax >= FULL_QMAX else y.clamp_(max=qmax)
+
+
+def quantize_act(x: Tensor, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> Tensor:
+    """FP32 -> uint8: zero_point + round(x * (1/scale)), with 1/scale in float32 and ties to even.
+
+    The rounding of torch.quantize_per_tensor (fbgemm's Quantize), so the integers equal those of the
+    deprecated quantized tensors (tests/test_quant_engine.py).
+    """
+    inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+    return torch.round(x.float() * inv).add_(zero_point).clamp_(0, qmax).to(torch.uint8)
+
+
+def dequantize_act(u: Tensor, scale: float, zero_point: int) -> Tensor:
+    """uint8 -> FP32: (u - zero_point) * scale."""
+    return (u.float() - zero_point) * scale
 
 
 class Quantize(nn.Module):
-    """FP32 -> quint8 per tensor with calibrated scale / zero point (values 0..qmax)."""
+    """FP32 -> uint8 per tensor with calibrated scale / zero point (values 0..qmax)."""
 
     def __init__(self, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:
         super().__init__()
         self.scale, self.zero_point, self.qmax = float(scale), int(zero_point), int(qmax)
 
     def forward(self, x: Tensor) -> Tensor:
-        q = torch.quantize_per_tensor(x.float(), self.scale, self.zero_point, torch.quint8)
-        return clamp_qmax(q, self.qmax)
+        return quantize_act(x, self.scale, self.zero_point, self.qmax)
 
     def spec(self) -> dict:
         """JSON-able constructor arguments."""
         return {"scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
 
 
-class DeQuantize(nn.Module):
-    """quint8 -> FP32."""
+class _Wired(nn.Module):
+    """A module whose input qparams come from the graph (quant.lower.wire sets `inputs`)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x.dequantize() if x.is_quantized else x
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[tuple[float, int]] = []
 
     def spec(self) -> dict:
-        """JSON-able constructor arguments."""
+        """JSON-able constructor arguments (the input qparams are re-derived from the graph on load)."""
         return {}
 
 
-class QAdd(nn.Module):
-    """Quantized residual add (+ReLU) with calibrated output scale / zero point."""
+class DeQuantize(_Wired):
+    """uint8 -> FP32 with its input's qparams."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dequantize_act(x, *self.inputs[0])
+
+
+class QReLU(_Wired):
+    """ReLU of a uint8 activation: max(q, zero point)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp_min(self.inputs[0][1])
+
+
+class QAdaptiveAvgPool(_Wired):
+    """Adaptive average pooling of a uint8 activation, output on the input's grid (as quantized pooling does).
+
+    Rounding as ATen's quantized kernels: zp + round(mean(q - zp)) for channels-last input, round(mean(q))
+    for contiguous input (they differ only on ties).
+    """
+
+    def __init__(self, output_size) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        zp = self.inputs[0][1]
+        pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = torch.round(pool(x.float() - zp, self.output_size)).add_(zp)
+        else:
+            y = torch.round(pool(x.float(), self.output_size))
+        return y.clamp_(0, 255).to(torch.uint8)
+
+    def spec(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {"output_size": self.output_size}
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Output length of a pooling window (torch's rule, incl. ceil_mode's last window starting inside)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+class QMaxPool(nn.Module):
+    """Max pooling of a uint8 activation (the grid is kept: max commutes with the affine map).
+
+    torch's integer max pooling refuses planes of more than 255 values (it checks the plane size against the
+    dtype's maximum): 2-D pooling runs qbdl's C++ kernel on the uint8 values, other cases pool float copies
+    (which hold 0..255 exactly).
+    """
+
+    def __init__(
+        self, dim: int, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False
+    ) -> None:
+        super().__init__()
+        self.dim, self.kernel_size, self.stride = int(dim), kernel_size, stride
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, bool(ceil_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dim == 2 and x.dim() == 4 and native.available():
+            k, st, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
+                                              self.dilation))  # fmt: skip
+            out = [_pool_out(x.shape[2 + i], k[i], st[i], p[i], d[i], self.ceil_mode) for i in range(2)]
+            return torch.ops.qbdl.max_pool2d_u8(x, *k, *st, *p, *d, *out)
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dim - 1]
+        y = pool(x.float(), self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return y.to(torch.uint8)
+
+    def spec(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {"dim": self.dim, "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "ceil_mode": self.ceil_mode}  # fmt: skip
+
+
+class QAdd(_Wired):
+    """Residual add (+ReLU) of two uint8 activations with a calibrated output scale / zero point."""
 
     def __init__(self, relu: bool, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:
         super().__init__()
@@ -61,8 +165,13 @@ class QAdd(nn.Module):
         self.qmax = int(qmax)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
-        return clamp_qmax(op(a, b, self.scale, self.zero_point), self.qmax)
+        (sa, za), (sb, zb) = self.inputs
+        if native.available():
+            return torch.ops.qbdl.qadd(
+                a, sa, za, b, sb, zb, self.scale, self.zero_point, self.relu, self.qmax
+            )
+        c = dequantize_act(a, sa, za) + dequantize_act(b, sb, zb)
+        return quantize_act(c.clamp_min_(0) if self.relu else c, self.scale, self.zero_point, self.qmax)
 
     def spec(self) -> dict:
         """JSON-able constructor arguments."""
@@ -70,14 +179,16 @@ class QAdd(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """INT8 conv/linear: int8 mu (and sigma for a Bayesian layer) per output channel, int32 bias.
+    """INT8 conv/linear on uint8 activations: int8 mu (and sigma for a Bayesian layer) per output channel.
 
     Deterministic (sigma None): one packed int8 weight. Bayesian: `mode` 'mean' uses int8 mu; 'sample'
-    draws per `sampling`: 'fresh' = a new int8 weight every forward (integer pool noise, see noise.py)
-    packed on the fly; 'bank' = K samples drawn, quantized and packed once (from `seed`), MC sample s uses
-    entry s mod K (set_mc_index), a random entry from the global generator when no index is set.
-    Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias
-    (in units of input_scale * S) is exact for every sample.
+    draws per `sampling`: 'fresh' = a new int8 weight every forward (integer pool noise, see noise.py),
+    written into the packed weight in place (inplace.py) or re-packed; 'bank' = K samples drawn, quantized
+    and packed once (from `seed`), MC sample s uses entry s mod K (set_mc_index), a random entry from the
+    global generator when no index is set; 'flipout' = per-example signs over K banked perturbations.
+    Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias (in
+    units of input_scale * S) is exact for every sample. Every kernel is a oneDNN op on plain uint8 / int8
+    tensors; the input's scale and zero point are `in_scale` / `in_zp` (set from the graph).
     """
 
     def __init__(
@@ -93,9 +204,13 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.config = dict(config)
         c = self.config
+        check_backend(c["backend"])
         self.kind: str = c["kind"]
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}; INT8 layers are {KINDS}")
         self.relu: bool = c["relu"]
         self.in_scale: float = c["in_scale"]
+        self.in_zp: int | None = c.get("in_zp")  # None until wired: files of format 1 did not store it
         self.out_scale, self.out_zp = float(c["out_scale"]), int(c["out_zp"])
         # activations 0..qmax (in and out): 127 where a kernel of this model sums u8*s8 pairs in int16
         self.qmax: int = int(c.get("qmax", FULL_QMAX))
@@ -127,16 +242,23 @@ class QuantLayer(nn.Module):
         self._pending: Future | None = None
         self._pending_draws: tuple | None = None
         self._sampler: inplace.PackedSampler | None = None
-        self._mean_packed = None
-        self._bank: list = []
-        self._fresh: tuple | None = None
         self._build()
 
     def __getstate__(self) -> dict:
-        # oneDNN-packed tensors cannot be copied or pickled; a copy builds its own sampler on first use
+        # oneDNN-packed tensors cannot be copied or pickled: a copy packs its own on first use
         state = self.__dict__.copy()
-        state["_sampler"] = state["_pending_draws"] = state["_flip"] = None
+        state["_sampler"] = state["_pending_draws"] = state["_pending"] = None
+        state["_packed"] = {}
         return state
+
+    def set_input_qparams(self, scale: float, zero_point: int) -> None:
+        """The qparams of the uint8 activation this layer reads (from the graph; checked against calibration)."""
+        if abs(scale - self.in_scale) > 1e-9 * max(1.0, abs(scale)):
+            raise ValueError(
+                f"INT8 layer {self.index}: its input has scale {scale} but its bias was quantized for "
+                f"{self.in_scale}: the graph and the layer disagree (a corrupt or hand-edited model file)"
+            )
+        self.in_zp = self.config["in_zp"] = int(zero_point)
 
     # -- derived state (never saved: rebuilt from the int8 tensors and the seed)
 
@@ -157,15 +279,14 @@ class QuantLayer(nn.Module):
         )
 
     def _build(self) -> None:
-        set_backend(self.backend)
         self._w_scale = self.weight_scale()
         self._bias_scale = self.in_scale * self._w_scale
-        self._zeros = torch.zeros(self.mu_q.shape[0], dtype=torch.long)
-        self._w_scale64 = self._w_scale.double()
         self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
-        self._mean_packed = None
-        self._bank, self._fresh, self._sampler, self._flip = [], None, None, None
-        self.mean_packed()  # eager: forward never packs on the main thread while workers pack
+        self._packed: dict = {}  # packed oneDNN weights, by key: packed on first use
+        self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
+        self._bank_draws: list[tuple] = []
+        self._fresh: tuple | None = None
+        self._sampler = None
         if not self.bayesian:
             return
         if self.sampling == "flipout":
@@ -181,12 +302,9 @@ class QuantLayer(nn.Module):
                 .to(torch.int8)
                 for _ in range(self.bank_size)
             ]
-            return
-        if not self.inplace_capable:  # else built on demand: the in-place sampler has its own operands
-            self._operands()
-        if self.sampling == "bank":
+        elif self.sampling == "bank":
             gen = self._bank_generator()
-            self._bank = [self._pack(*self._sample(gen, k)) for k in range(self.bank_size)]
+            self._bank_draws = [self._draw(gen, k) for k in range(self.bank_size)]
 
     def _bank_generator(self) -> torch.Generator:
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
@@ -229,34 +347,54 @@ class QuantLayer(nn.Module):
         return self._fresh
 
     def _make(self, slot: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One int8 weight sample (scale: weight_scale()) and its float bias, from drawn random numbers."""
         mu32, sg32, pool = self._operands()
         offset = noise.window_offset(slot, mu32.numel(), self.noise_slots)
-        q = noise.sample_int8(mu32, sg32, pool, offset, negate)
-        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0), self._bias(eps_b)
+        return noise.sample_int8(mu32, sg32, pool, offset, negate), self._bias(eps_b)
 
-    def _sample(self, gen: torch.Generator | None, slot: int | None = None) -> tuple[Tensor, Tensor | None]:
-        return self._make(*self._draw(gen, slot))
+    def bank_weight(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """Bank entry i's int8 weight and float bias (what sampling='bank' computes with at MC index i)."""
+        return self._make(*self._bank_draws[i % self.bank_size])
 
     def fresh_job(self) -> Callable[[], object]:
         """Draw this forward's random numbers now (global generator) and return the pack job for later."""
         draws = self._draw(None)
-        return lambda: self._pack(*self._make(*draws))
+        return lambda: self._pack_sample(*self._make(*draws))
 
-    def _pack(self, qw: Tensor, bias: Tensor | None):
+    def _prepack(self, w: Tensor, w_scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
+        # packed for the first input's shape: oneDNN picks its kernel by it (a 512-channel 3x3 conv on 7x7
+        # runs 4x slower packed without one); other batch sizes reuse it
+        x_shape = self._x_shape
         if self.kind == "linear":
-            return torch.ops.quantized.linear_prepack(qw, bias)
-        c = self.config
-        prepack = getattr(torch.ops.quantized, f"{self.kind}_prepack")
-        return prepack(qw, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+            return torch.ops.onednn.qlinear_prepack(w, x_shape)
+        if self.kind == "conv1d":  # as a conv2d over a height-1 image (exact: the same sums)
+            w = w.unsqueeze(2)
+            x_shape = None if x_shape is None else [x_shape[0], x_shape[1], 1, x_shape[2]]
+        return torch.ops.onednn.qconv_prepack(
+            w, w_scale.float(), x_scale, x_zp, *self._conv_args(), x_shape
+        )  # fmt: skip
 
-    def mean_packed(self):
-        """Packed int8 mu (cached)."""
-        if self._mean_packed is None:
-            set_backend(self.backend)
-            qw = torch._make_per_channel_quantized_tensor(self.mu_q, self.mu_scale.double(), self._zeros, 0)
-            bias = None if self.bias_q is None else self.bias_q.float() * self._bias_scale
-            self._mean_packed = self._pack(qw, bias)
-        return self._mean_packed
+    def _conv_args(self) -> tuple:
+        c = self.config
+        if self.kind == "conv1d":
+            return [1, *c["stride"]], [0, *c["padding"]], [1, *c["dilation"]], c["groups"]
+        return c["stride"], c["padding"], c["dilation"], c["groups"]
+
+    def _pack_sample(self, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(packed weight, bias, the int8 weight) of one sample."""
+        return self._prepack(w, self._w_scale, self.in_scale, self.in_zp), bias, w
+
+    def _packed_weight(self, key) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(packed weight, float bias, weight scales) of the mean ('mean') or of bank entry `key`, cached."""
+        hit = self._packed.get(key)
+        if hit is None:
+            if key == "mean":
+                bias = None if self.bias_q is None else self.bias_q.float() * self._bias_scale
+                w, ws = self.mu_q, self.mu_scale
+            else:
+                (w, bias), ws = self.bank_weight(key), self._w_scale
+            hit = self._packed[key] = (self._prepack(w, ws, self.in_scale, self.in_zp), bias, ws.float())
+        return hit
 
     def _check_flipout(self) -> None:
         if "pert_scale" not in self.config:
@@ -264,33 +402,22 @@ class QuantLayer(nn.Module):
                 "sampling='flipout' needs the calibrated ranges of INT8 Flipout's two terms: quantize with "
                 "quantize_bnn(..., mode='flipout') or prepare(..., per_example=True) + calibrate + convert"
             )
-        if not (
-            self.backend in ("x86", "onednn") and self.kind in ("conv2d", "linear") and native.available()
-        ):
+        if not (self.kind in ("conv2d", "linear") and native.available()):
             raise ValueError(
-                f"sampling='flipout' runs on oneDNN kernels: it needs backend x86 or onednn (got "
-                f"{self.backend!r}), conv2d/linear layers (got {self.kind}) and qbdl's C++ ops "
+                f"sampling='flipout' needs conv2d/linear layers (got {self.kind}) and qbdl's C++ ops "
                 f"(available: {native.available()}); use 'fresh' or 'bank' otherwise"
             )
 
     def _flipout_packed(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(packed int8 mu, packed perturbations), packed for x's qparams on the first sampled forward."""
-        if self._flip is None:
-            c, shape = self.config, list(x.shape)
-            if self.kind == "linear":
-                mu = torch.ops.onednn.qlinear_prepack(self.mu_q, shape)
-                pert = [torch.ops.onednn.qlinear_prepack(w, shape) for w in self._pert_q]
-            else:
-
-                def pack(w: Tensor, scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
-                    return torch.ops.onednn.qconv_prepack(
-                        w, scale, x_scale, x_zp, c["stride"], c["padding"], c["dilation"], c["groups"], shape
-                    )
-
-                mu = pack(self.mu_q, self.mu_scale.float(), x.q_scale(), x.q_zero_point())
-                pert = [pack(w, self._pert_w_scale, 2 * x.q_scale(), self._flip_zp) for w in self._pert_q]
-            self._flip = (mu, pert)
-        return self._flip
+        """(packed int8 mu, packed perturbations), packed on the first sampled forward."""
+        hit = self._packed.get("flipout")
+        if hit is None:
+            mu = self._prepack(self.mu_q, self.mu_scale, self.in_scale, self.in_zp)
+            pert = [
+                self._prepack(w, self._pert_w_scale, 2 * self.in_scale, self._flip_zp) for w in self._pert_q
+            ]
+            hit = self._packed["flipout"] = (mu, pert)
+        return hit
 
     def _onednn(
         self,
@@ -304,16 +431,17 @@ class QuantLayer(nn.Module):
         oz: int,
         post: str = "none",
     ) -> Tensor:
-        """oneDNN INT8 conv2d/linear on plain uint8 activations (x: scale xs, zero point xz) -> uint8."""
+        """oneDNN INT8 conv/linear on plain uint8 activations (x: scale xs, zero point xz) -> uint8."""
         if self.kind == "linear":
             return torch.ops.onednn.qlinear_pointwise(
                 xu, xs, xz, w, ws, self._w_zp, bias, os, oz, torch.uint8, post, [], ""
             )
-        c = self.config
-        return torch.ops.onednn.qconv2d_pointwise(
-            xu, xs, xz, w, ws, self._w_zp, bias, c["stride"], c["padding"], c["dilation"], c["groups"],
-            os, oz, torch.uint8, post, [], "",
+        if self.kind == "conv1d":
+            xu = xu.unsqueeze(2)
+        y = torch.ops.onednn.qconv_pointwise(
+            xu, xs, xz, w, ws, self._w_zp, bias, *self._conv_args(), os, oz, torch.uint8, post, [], ""
         )  # fmt: skip
+        return y.squeeze(2) if self.kind == "conv1d" else y
 
     def _record(self, x: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, y: Tensor, os: float, oz: int,
                 relu: bool, qmax: int) -> None:  # fmt: skip
@@ -336,18 +464,15 @@ class QuantLayer(nn.Module):
         s_out = torch.randint(0, 2, (batch, c_out), dtype=torch.int8).mul_(2).sub_(1)
         _, _, eps_b = self._draw(None)
         c = self.config
-        xs, xz = x.q_scale(), x.q_zero_point()
-        xu = torch.ops.qbdl.as_uint8(x)
+        xs, xz = self.in_scale, self.in_zp
         bias = self._bias(None)
         # bias noise goes into the sign-flipped term, as in FP32 Flipout: one draw per example
         bias_noise = None if eps_b is None else self.bias_sigma_q.float() * eps_b * self._bias_scale
-        y1 = self._onednn(xu, xs, xz, mu, self.mu_scale.float(), bias, c["mean_scale"], c["mean_zp"])
-        self._record(
-            xu, xs, xz, self.mu_q, self.mu_scale, bias, y1, c["mean_scale"], c["mean_zp"], False, 255
-        )
+        y1 = self._onednn(x, xs, xz, mu, self.mu_scale.float(), bias, c["mean_scale"], c["mean_zp"])
+        self._record(x, xs, xz, self.mu_q, self.mu_scale, bias, y1, c["mean_scale"], c["mean_zp"], False, 255)
         # x * s_in needs signs: uint8 with zero point (qmax+1)/2 at twice the scale (one bit of the input lost;
         # reduced range: 0..128 at most, whose int16 pair sums 2 * 128 * 127 still fit)
-        xf = torch.ops.qbdl.flip_requant(xu, s_in, xz, 0.5, self._flip_zp)
+        xf = torch.ops.qbdl.flip_requant(x, s_in, xz, 0.5, self._flip_zp)
         y2 = self._onednn(
             xf, 2 * xs, self._flip_zp, pert[k], self._pert_w_scale, bias_noise, c["pert_scale"], 128
         )
@@ -357,7 +482,7 @@ class QuantLayer(nn.Module):
             y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, self.out_scale, self.out_zp,
             self.relu,
         )  # fmt: skip
-        return clamp_qmax(torch.ops.qbdl.as_quint8(out, self.out_scale, self.out_zp), self.qmax)
+        return clamp_qmax(out, self.qmax)
 
     @property
     def _flip_zp(self) -> int:
@@ -368,16 +493,15 @@ class QuantLayer(nn.Module):
         self._mc_index = index
 
     def sampled_int8_weight(self) -> Tensor:
-        """One fresh int8 weight sample (global generator) as a per-channel quantized tensor; for tests.
+        """One fresh int8 weight sample (global generator; scale weight_scale()); for tests.
 
         With the in-place kernel (after a first forward) the sample is written to the packed weight and
         read back, so it is exactly what that path computes with.
         """
         if self._sampler is None:
-            return self._sample(None)[0]
+            return self._make(*self._draw(None))[0]
         slot, negate, _ = self._draw(None)
-        q = self._sampler.unpacked(self._sampler.sample(slot, negate), tuple(self.mu_q.shape))
-        return torch._make_per_channel_quantized_tensor(q, self._w_scale64, self._zeros, 0)
+        return self._sampler.unpacked(self._sampler.sample(slot, negate), tuple(self.mu_q.shape))
 
     @property
     def inplace_capable(self) -> bool:
@@ -387,27 +511,17 @@ class QuantLayer(nn.Module):
             and self.sampling == "fresh"
             and self.fresh_kernel == "auto"
             and self.kind in ("conv2d", "linear")
-            and self.backend in ("x86", "onednn")
             and self.mu_q.shape[0] <= torch.iinfo(torch.int16).max
             and native.available()
         )
 
     def _inplace_sampler(self, x: Tensor) -> inplace.PackedSampler | None:
-        """The in-place sampler, built on the first sampled forward (it needs the input's shape and qparams)."""
+        """The in-place sampler, built on the first sampled forward (it packs for the input's shape)."""
         if self._sampler is None and self.inplace_capable:
-            c, shape, x_shape = self.config, tuple(self.mu_q.shape), list(x.shape)
-            ws = self._w_scale.float()
-            if self.kind == "linear":
+            shape, ws = tuple(self.mu_q.shape), self._w_scale
 
-                def pack(w: Tensor) -> Tensor:
-                    return torch.ops.onednn.qlinear_prepack(w, x_shape)
-            else:
-
-                def pack(w: Tensor) -> Tensor:
-                    return torch.ops.onednn.qconv_prepack(
-                        w, ws, x.q_scale(), x.q_zero_point(), c["stride"], c["padding"], c["dilation"],
-                        c["groups"], x_shape,
-                    )  # fmt: skip
+            def pack(w: Tensor) -> Tensor:
+                return self._prepack(w, ws, self.in_scale, self.in_zp)
 
             layout = inplace.discover_layout(pack, shape)
             if layout is None:
@@ -420,56 +534,51 @@ class QuantLayer(nn.Module):
             self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool, self.noise_slots)
         return self._sampler
 
-    def _inplace_forward(self, x: Tensor, sampler: inplace.PackedSampler, draws: tuple) -> Tensor:
-        slot, negate, eps_b = draws
-        w, bias = sampler.sample(slot, negate), self._bias(eps_b)
-        xu = torch.ops.qbdl.as_uint8(x)
-        y = self._onednn(
-            xu, x.q_scale(), x.q_zero_point(), w, self._w_scale.float(),
-            bias, self.out_scale, self.out_zp, "relu" if self.relu else "none",
-        )  # fmt: skip
-        y = clamp_qmax(torch.ops.qbdl.as_quint8(y, self.out_scale, self.out_zp), self.qmax)
-        if self.trace is not None:
-            wq = sampler.unpacked(w, tuple(self.mu_q.shape))
-            self._record(xu, x.q_scale(), x.q_zero_point(), wq, self._w_scale, bias, torch.ops.qbdl.as_uint8(y),
-                         self.out_scale, self.out_zp, self.relu, self.qmax)  # fmt: skip
-        return y
-
     def forward(self, x: Tensor) -> Tensor:
-        # Kernels run whatever engine packed the weights; only packing reads the global engine.
+        if self._x_shape is None:
+            self._x_shape = list(x.shape)
+        post = "relu" if self.relu else "none"
+        ws = self._w_scale
         if not self.bayesian or self.mode == "mean":
-            packed = self.mean_packed()
+            packed, bias, ws = self._packed_weight("mean")
+            traced = (self.mu_q, bias) if self.trace is not None else None
         elif self.sampling == "flipout":
             return self._flipout_forward(x)
         elif self.sampling == "bank":
             i = self._mc_index
             i = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
-            packed = self._bank[i]
+            if i not in self._packed:  # the whole bank at once, for the first input's shape
+                for k in range(self.bank_size):
+                    self._packed_weight(k)
+            packed, bias, ws = self._packed_weight(i)
+            traced = self.bank_weight(i) if self.trace is not None else None
         elif self._pending_draws is not None or self.inplace_capable:
             draws, self._pending_draws = self._pending_draws, None
             draws = self._draw(None) if draws is None else draws
             sampler = self._inplace_sampler(x)
             if sampler is not None:
-                return self._inplace_forward(x, sampler, draws)
-            packed = self._pack(*self._make(*draws))  # layout check failed: same draws, re-packed
-        elif self._pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
-            packed, self._pending = self._pending.result(), None
+                packed, bias = sampler.sample(draws[0], draws[1]), self._bias(draws[2])
+                traced = (
+                    (sampler.unpacked(packed, tuple(self.mu_q.shape)), bias)
+                    if self.trace is not None
+                    else None
+                )
+            else:  # layout check failed: same draws, re-packed
+                packed, bias, w = self._pack_sample(*self._make(*draws))
+                traced = (w, bias)
         else:
-            engine = torch.backends.quantized.engine
-            torch.backends.quantized.engine = fresh_pack_engine(self, x.shape[0])
-            try:
-                packed = self._pack(*self._sample(None))
-            finally:
-                torch.backends.quantized.engine = engine
-        if self.kind == "linear":
-            op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
-        else:
-            op = getattr(torch.ops.quantized, f"{self.kind}_relu" if self.relu else self.kind)
-        y = clamp_qmax(op(x, packed, self.out_scale, self.out_zp), self.qmax)
+            if self._pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
+                (packed, bias, w), self._pending = self._pending.result(), None
+            else:
+                packed, bias, w = self._pack_sample(*self._make(*self._draw(None)))
+            traced = (w, bias)
+        y = self._onednn(
+            x, self.in_scale, self.in_zp, packed, ws.float(), bias, self.out_scale, self.out_zp, post
+        )
+        y = clamp_qmax(y, self.qmax)
         if self.trace is not None:
-            w, bias = packed.unpack()
-            self._record(x.int_repr(), x.q_scale(), x.q_zero_point(), w.int_repr(), w.q_per_channel_scales(), bias,
-                         y.int_repr(), self.out_scale, self.out_zp, self.relu, self.qmax)  # fmt: skip
+            self._record(x, self.in_scale, self.in_zp, traced[0], ws, traced[1], y, self.out_scale, self.out_zp,
+                         self.relu, self.qmax)  # fmt: skip
         return y
 
     def set_sampling(self, sampling: str, bank_size: int | None = None, seed: int | None = None) -> None:
@@ -491,7 +600,7 @@ class QuantLayer(nn.Module):
         return c
 
     def extra_repr(self) -> str:
-        s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}, backend={self.backend}"
+        s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}"
         if self.bayesian:
             s += f", mode={self.mode}, sampling={self.sampling}"
             if self.sampling == "bank":
@@ -509,20 +618,6 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return ex
 
 
-SMALL_BATCH = 4
-
-
-def fresh_pack_engine(layer: QuantLayer, batch: int) -> str:
-    """Engine that packs fresh samples: the plan's small-batch engine (fbgemm where it is exact) at batch <=
-    SMALL_BATCH, else the layer's backend.
-
-    Why: at small batch re-packing dominates a fresh forward and fbgemm packs ~1.3-2x faster than
-    oneDNN here; at large batch oneDNN's faster kernels matter more. Packed params carry their own
-    kernels, so the layers of one model may mix engines. Depends only on the batch size: deterministic.
-    """
-    return layer.config.get("small_batch_engine", layer.backend) if batch <= SMALL_BATCH else layer.backend
-
-
 def _prefetch_hook(model: nn.Module, args) -> None:
     layers = [
         m
@@ -532,10 +627,6 @@ def _prefetch_hook(model: nn.Module, args) -> None:
     if not layers:
         return
     ex = _executor(getattr(model, "_qbdl_pack_workers", 2))
-    batch = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() > 0 else 1
-    # set once, before the workers start, restored by the post-hook: no thread switches it mid-forward
-    model._qbdl_engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = fresh_pack_engine(layers[0], batch)
     # Draw every layer's random numbers now, in layer order (exactly what the sequential path draws), then
     # sample + pack in worker threads while the forward runs: packing is the dominant cost at small batch.
     for m in layers:
@@ -550,22 +641,10 @@ def _prefetch_hook(model: nn.Module, args) -> None:
 
 def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
     """Pack fresh-mode weight samples in `workers` background threads during the forward (0: off)."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if hook in (_prefetch_hook, _restore_engine_hook):
-                del hooks[key]
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _prefetch_hook:
+            del model._forward_pre_hooks[key]
     if workers > 0:
         model._qbdl_pack_workers = workers
         model.register_forward_pre_hook(_prefetch_hook)
-        model.register_forward_hook(_restore_engine_hook)
     return model
-
-
-def _restore_engine_hook(model: nn.Module, args, output) -> None:
-    engine = getattr(model, "_qbdl_engine", None)
-    if engine is not None:
-        for m in model.modules():  # every prefetched pack has been consumed by now
-            if isinstance(m, QuantLayer) and m._pending is not None:
-                m._pending.result()
-        torch.backends.quantized.engine = engine
-        model._qbdl_engine = None

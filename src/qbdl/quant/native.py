@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
-OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "as_uint8", "as_quint8")
+OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "qadd", "max_pool2d_u8")
 _LOADED: dict[str, bool] = {}
 
 
@@ -38,8 +38,12 @@ def available() -> bool:
 
             # The sampling loop is int32 multiply / min / max: without AVX2 (SSE2 only) the compiler emulates
             # them and it runs ~4x slower.
-            avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if avx2 else [])
+            # The build directory is per capability, so a library built with AVX-512 never loads on a lesser CPU.
+            cap = torch.backends.cpu.get_cpu_capability()
+            flags = ["-O3", "-fno-math-errno"] + (["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else [])
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl"] if cap == "AVX512" else []
+            # at::parallel_for is inlined from the headers: without OpenMP it runs on one thread
+            flags += ["-fopenmp"] if torch.backends.openmp.is_available() else []
             build = build_dir()
             build.mkdir(parents=True, exist_ok=True)
             load(
@@ -47,6 +51,7 @@ def available() -> bool:
                 sources=[str(SOURCE)],
                 build_directory=str(build),
                 extra_cflags=flags,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
                 is_python_module=False,
                 verbose=False,
             )

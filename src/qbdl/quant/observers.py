@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .histogram import HistogramRange
+
 OBSERVERS = ("minmax", "histogram", "percentile")
 
 
@@ -18,7 +20,7 @@ def affine_qparams(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
 
 
 class ActObserver(nn.Module):
-    """Records the range of an activation; `kind` picks min/max, a histogram (torch.ao) or percentiles."""
+    """Records the range of an activation; `kind` picks min/max, a histogram (L2 search) or percentiles."""
 
     def __init__(self, kind: str = "minmax", percentile: float = 99.99, max_keep: int = 2_000_000) -> None:
         super().__init__()
@@ -32,9 +34,7 @@ class ActObserver(nn.Module):
         self._gen = torch.Generator().manual_seed(0)
         self._hist = None
         if kind == "histogram":
-            from torch.ao.quantization.observer import HistogramObserver
-
-            self._hist = HistogramObserver(dtype=torch.quint8, reduce_range=False)
+            self._hist = HistogramRange()
 
     @property
     def initialized(self) -> bool:
@@ -58,7 +58,7 @@ class ActObserver(nn.Module):
             if sum(s.numel() for s in self._samples) > self.max_keep:
                 self._samples = [torch.cat(self._samples)[::2]]
         elif self.kind == "histogram":
-            self._hist(x.cpu())
+            self._hist.observe(x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled:
@@ -75,9 +75,7 @@ class ActObserver(nn.Module):
             lo, hi = torch.quantile(s[:16_000_000], q).tolist()
             return lo, hi
         if self.kind == "histogram" and self._hist is not None:
-            scale, zp = self._hist.calculate_qparams()
-            scale, zp = float(scale), int(zp)
-            return -zp * scale, (255 - zp) * scale
+            return self._hist.range()
         return float(self.min_val), float(self.max_val)
 
     def qparams(self, bits: int = 8) -> tuple[float, int]:

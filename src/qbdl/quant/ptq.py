@@ -1,8 +1,9 @@
 """Post-training quantization of BNNs and DNNs: prepare (fold BN, fuse ReLU, observe) -> calibrate -> convert.
 
-The model is traced with torch.fx (Bayesian layers and quant stubs as leaves) so any net built from
-conv/linear, BatchNorm, ReLU, residual adds (FloatFunctional or `+`), pooling and flatten works,
-not one hard-wired architecture.
+The model is traced with torch.fx (conv/linear and Bayesian layers as leaves) so any net built from
+conv/linear, BatchNorm, ReLU, residual adds (`+`, or a torch.ao FloatFunctional), pooling and flatten works,
+not one hard-wired architecture. The input is quantized where the net starts (or at a torch.ao QuantStub)
+and the output dequantized where it ends (or at a DeQuantStub); torch.ao is never imported.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import DeQuantStub, QuantStub
 
 from ..bayes.convert import refuse_custom_forward
 from ..bayes.layers import BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianLayer, BayesianLinear
 from ..bayes.predict import sample_seed, sampling
 from . import noise
-from .backend import KernelPlan, check_backend, kernel_plan, set_backend
+from .backend import KernelPlan, check_backend, kernel_plan
 from .fold import fold_bn
 from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
+from .lower import lower
 from .observers import OBSERVERS, ActObserver
 from .prepared import DeQuantMarker, ObservedAdd, ObservedQuant, PreparedLayer
 
@@ -33,10 +33,17 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FNS = (F.relu, torch.relu)
 
 
+def _is_ao(m: nn.Module, *names: str) -> bool:
+    """True for torch.ao's QuantStub / DeQuantStub / FloatFunctional (by class, without importing torch.ao)."""
+    return type(m).__name__ in names and type(m).__module__.startswith("torch.ao")
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # every Conv/Linear (subclasses too) is a leaf, so prepare sees it and can refuse a custom forward
-        if isinstance(m, (*_WEIGHTED, QuantStub, DeQuantStub, PreparedLayer, ObservedQuant, ObservedAdd)):
+        if isinstance(m, (*_WEIGHTED, PreparedLayer, ObservedQuant, ObservedAdd)) or _is_ao(
+            m, "QuantStub", "DeQuantStub"
+        ):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -93,7 +100,7 @@ def prepare(
         if node.op == "call_module" and node.target.endswith("activation_post_process"):
             # (the GraphModule keeps only leaves, so ask the original model what the parent was)
             parent = model.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else None
-            if isinstance(parent, FloatFunctional):
+            if parent is not None and _is_ao(parent, "FloatFunctional"):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
 
@@ -128,9 +135,9 @@ def prepare(
             raise NotImplementedError(
                 f"{node.target}: BatchNorm that does not follow a conv/linear cannot be folded"
             )
-        elif isinstance(mod, QuantStub):
+        elif mod is not None and _is_ao(mod, "QuantStub"):
             _set_module(gm, node.target, ObservedQuant(observer))
-        elif isinstance(mod, DeQuantStub):
+        elif mod is not None and _is_ao(mod, "DeQuantStub"):
             _set_module(gm, node.target, DeQuantMarker())
         elif node.op == "call_function" and node.target in _ADDS:
             a, b = (node.args + (None, None))[:2]
@@ -331,8 +338,7 @@ def convert(
         raise ValueError(f"bank_size must be >= 1, got {bank_size}")
     if noise_slots < 1:
         raise ValueError(f"noise_slots must be >= 1, got {noise_slots}")
-    backend = backend or getattr(prepared, "qbdl_config", {}).get("backend", "x86")
-    set_backend(backend)
+    backend = check_backend(backend or getattr(prepared, "qbdl_config", {}).get("backend", "x86"))
     gm = prepared
     plan = plan_for(gm, backend)
     qmax, bits = plan.qmax, plan.qmax.bit_length()
@@ -342,10 +348,10 @@ def convert(
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if isinstance(mod, PreparedLayer):
-            in_scale, _ = _input_qparams(gm, node, bits)
+            in_scale, in_zp = _input_qparams(gm, node, bits)
             config = {
                 "qmax": qmax,
-                "small_batch_engine": plan.small_batch_engine,
+                "in_zp": in_zp,
                 "backend": backend,
                 "sampling": mode,
                 "bank_size": bank_size,
@@ -382,7 +388,7 @@ def convert(
     for path, m in new_modules.items():
         attach_module(root, path, m)
     graph = copy.deepcopy(gm.graph)
-    q = fx.GraphModule(root, graph, class_name="QBNN" if bayes else "QDNN")
+    q = lower(fx.GraphModule(root, graph, class_name="QBNN" if bayes else "QDNN"))
     q.eval()
     q.qbdl_meta = {
         "kind": "qbnn" if bayes else "qdnn",

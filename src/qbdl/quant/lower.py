@@ -1,0 +1,139 @@
+"""Lower a converted graph to plain-integer ops and wire each module's input qparams from its producer.
+
+Between Quantize and DeQuantize every value is a uint8 tensor whose scale and zero point are fixed by
+calibration, so they are known per graph edge before anything runs: this pass propagates them through the
+graph (through shape ops and max pooling, which keep them), hands them to the modules that read activations,
+and replaces the few float ops that meet a uint8 activation (ReLU, adaptive average pooling) by integer
+versions. It runs after convert() and after load_qbnn(), so files of format 1 (no input zero points, float
+pooling modules) get the same graph.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .layers import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, QuantLayer
+
+_KEEP_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_KEEP_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat, operator.getitem)
+_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_KEEP_METHODS = ("view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze")
+_META_METHODS = ("size", "dim")  # return ints, not activations
+_RELU_FUNCTIONS = (F.relu, torch.relu)
+_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, arg: fx.Node, n: list[int]) -> fx.Node:
+    name = f"int8_{type(module).__name__.lower()}_{n[0]}"
+    n[0] += 1
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (arg,))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def lower(gm: fx.GraphModule) -> fx.GraphModule:
+    """Wire input qparams into every activation reader and make every op on a uint8 activation integer (in place)."""
+    qp: dict[fx.Node, tuple[float, int] | None] = {}
+    counter = [0]
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            qp[node] = None
+            continue
+        ins = [qp.get(a) for a in node.all_input_nodes]
+        quant_in = [p for p in ins if p is not None]
+        if node.op == "output":
+            if quant_in:
+                raise ValueError(
+                    "the INT8 graph returns a uint8 activation: its outputs must pass a DeQuantize"
+                )
+            continue
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        src = node.args[0] if node.args else None
+        if isinstance(mod, Quantize):
+            qp[node] = (mod.scale, mod.zero_point)
+        elif isinstance(mod, QMaxPool):
+            qp[node] = qp[src]
+        elif isinstance(mod, (QuantLayer, QAdd, DeQuantize, QReLU, QAdaptiveAvgPool)):
+            n_in = 2 if isinstance(mod, QAdd) else 1
+            got = [qp.get(a) if isinstance(a, fx.Node) else None for a in node.args[:n_in]]
+            if any(g is None for g in got):
+                raise ValueError(
+                    f"{node.target}: its input is not a quantized activation (no Quantize before it)"
+                )
+            if isinstance(mod, QuantLayer):
+                mod.set_input_qparams(*got[0])
+                qp[node] = (mod.out_scale, mod.out_zp)
+            else:
+                mod.inputs = got
+                qp[node] = None if isinstance(mod, DeQuantize) else (
+                    (mod.scale, mod.zero_point) if isinstance(mod, QAdd) else got[0]
+                )  # fmt: skip
+        elif not quant_in:
+            qp[node] = None  # the float part of the graph
+        elif (
+            node.op == "call_method"
+            and node.target in _META_METHODS
+            or (node.op == "call_function" and node.target is builtins.getattr)
+        ):
+            qp[node] = None
+        elif (
+            isinstance(mod, nn.ReLU)
+            or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("relu", "relu_"))
+        ):
+            new = _replace(gm, node, QReLU(), src, counter)
+            new_mod = gm.get_submodule(new.target)
+            new_mod.inputs = [qp[src]]
+            qp[new] = qp[src]
+        elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) or (
+            node.op == "call_function" and node.target in _POOL_FUNCTIONS
+        ):
+            size = (
+                mod.output_size
+                if mod is not None
+                else (node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
+            )
+            new = _replace(gm, node, QAdaptiveAvgPool(size), src, counter)
+            gm.get_submodule(new.target).inputs = [qp[src]]
+            qp[new] = qp[src]
+        elif type(mod) in _MAX_POOLS:
+            if mod.return_indices:
+                raise NotImplementedError(
+                    f"{node.target}: max pooling with return_indices is not quantizable"
+                )
+            args = (mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+            new = _replace(gm, node, QMaxPool(_MAX_POOLS[type(mod)], *args), src, counter)
+            qp[new] = qp[src]
+        elif (
+            isinstance(mod, _KEEP_MODULES)
+            or (node.op == "call_function" and node.target in _KEEP_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _KEEP_METHODS)
+        ):
+            if len(set(quant_in)) > 1:
+                raise NotImplementedError(
+                    f"{node.name}: {node.target} joins uint8 activations of different scales {sorted(set(quant_in))}; "
+                    "the INT8 graph cannot do that without a requantization: quantize the model with an add instead"
+                )
+            qp[node] = quant_in[0]
+        else:
+            what = (
+                type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
+            )
+            raise NotImplementedError(
+                f"{node.name}: {what} meets a uint8 activation in the INT8 graph, and only conv/linear (+BN, ReLU), "
+                "residual adds, ReLU, max pooling (nn.MaxPool*), adaptive average pooling and shape ops run on integers. Move it after "
+                "the model's output, or exclude its part from quantization (put a DeQuantStub-like boundary: "
+                "quantize the sub-network that ends before it)"
+            )
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
