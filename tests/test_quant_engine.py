@@ -217,3 +217,50 @@ def test_max_pool_kernel_equals_torch_on_every_window_rule(k, s, p, d, ceil, hw)
     ref = F.max_pool2d(u.float(), k, s, p, d, ceil).to(torch.uint8)
     for x in (u, u.contiguous(memory_format=torch.channels_last)):
         assert torch.equal(QMaxPool(2, k, s, p, d, ceil)(x), ref)
+
+
+class _Branchy(torch.nn.Module):
+    """A ReLU that cannot fuse (its input has two users), a max pool, an adaptive pool by function."""
+
+    def __init__(self, mid: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc, self.mid = (
+            torch.nn.MaxPool2d(2),
+            torch.nn.Linear(8, 3),
+            mid or torch.nn.Identity(),
+        )
+
+    def forward(self, x):
+        a = self.c1(x)
+        b = self.c2(torch.relu(a)) + a
+        b = self.mid(self.pool(b))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(b, 1), 1))
+
+
+def test_unfused_relu_and_pools_run_on_integers():
+    from qbdl.quant import QReLU, convert, prepare
+    from qbdl.quant.ptq import calibrate
+
+    torch.manual_seed(0)
+    net = _Branchy().eval()
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    q = convert(calibrate(prepare(net), calib))
+    kinds = {type(m).__name__ for m in q.modules()}
+    assert {"QReLU", "QMaxPool", "QAdaptiveAvgPool", "QAdd"} <= kinds
+    relu = next(m for m in q.modules() if isinstance(m, QReLU))
+    assert relu.inputs[0][1] > 0  # clamps at the zero point of a signed activation, not at 0
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        out, ref = q(x), net(x)
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_an_op_without_an_integer_version_is_refused_by_name():
+    from qbdl.quant import convert, prepare
+    from qbdl.quant.ptq import calibrate
+
+    net = _Branchy(torch.nn.Sigmoid()).eval()
+    prep = calibrate(prepare(net), [torch.randn(4, 3, 12, 12)])
+    with pytest.raises(NotImplementedError, match="Sigmoid meets a uint8 activation.*run the rest in FP32"):
+        convert(prep)

@@ -119,8 +119,9 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         ):
             if len(set(quant_in)) > 1:
                 raise NotImplementedError(
-                    f"{node.name}: {node.target} joins uint8 activations of different scales {sorted(set(quant_in))}; "
-                    "the INT8 graph cannot do that without a requantization: quantize the model with an add instead"
+                    f"{node.name}: {node.target} joins uint8 activations on different grids {sorted(set(quant_in))} "
+                    "(scale, zero point); the INT8 graph joins only activations of one grid. Quantize the "
+                    "network up to before this op (its output dequantized) and run the rest in FP32"
                 )
             qp[node] = quant_in[0]
         else:
@@ -128,10 +129,10 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
             )
             raise NotImplementedError(
-                f"{node.name}: {what} meets a uint8 activation in the INT8 graph, and only conv/linear (+BN, ReLU), "
-                "residual adds, ReLU, max pooling (nn.MaxPool*), adaptive average pooling and shape ops run on integers. Move it after "
-                "the model's output, or exclude its part from quantization (put a DeQuantStub-like boundary: "
-                "quantize the sub-network that ends before it)"
+                f"{node.name}: {what} meets a uint8 activation in the INT8 graph, where only conv/linear (+BN, "
+                "ReLU), residual adds, ReLU, max pooling (nn.MaxPool*), adaptive average pooling and shape ops "
+                "run on integers. Quantize the network up to before this op (its output dequantized) and run "
+                "the rest in FP32, or replace the op by one of those"
             )
     gm.graph.lint()
     gm.delete_all_unused_submodules()
