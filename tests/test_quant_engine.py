@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from qbdl.quant import native
-from qbdl.quant.layers import QAdaptiveAvgPool, QAdd, QMaxPool, QuantLayer, quantize_act
+from qbdl.quant.activations import QAdaptiveAvgPool, QAdd, QMaxPool, quantize_act
+from qbdl.quant.layers import QuantLayer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "qbdl"
 
@@ -264,3 +265,37 @@ def test_an_op_without_an_integer_version_is_refused_by_name():
     prep = calibrate(prepare(net), [torch.randn(4, 3, 12, 12)])
     with pytest.raises(NotImplementedError, match="Sigmoid meets a uint8 activation.*run the rest in FP32"):
         convert(prep)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_conv1d_and_conv3d_equal_the_integer_reference(dim):
+    """conv1d runs as a height-1 conv2d, conv3d with its ReLU applied after the kernel: every call equals the
+    int32 reference (double conv of the traced integers, rescale, round) to 1 LSB, and the net tracks FP32."""
+    from qbdl.bayes import dnn_to_bnn
+    from qbdl.quant import convert, prepare, quant_layers
+    from qbdl.quant.ptq import calibrate
+
+    conv, fn = {1: (torch.nn.Conv1d, F.conv1d), 3: (torch.nn.Conv3d, F.conv3d)}[dim]
+    shape = {1: (4, 3, 20), 3: (2, 3, 6, 6, 6)}[dim]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(conv(3, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 4, 3, stride=2)).eval()
+    x = torch.randn(*shape)
+    for model, mode in ((net, "bank"), (dnn_to_bnn(net, moped_delta=0.05).eval(), "fresh")):
+        q = convert(calibrate(prepare(model), [torch.randn(*shape)], mc_samples=1), mode=mode)
+        layers = quant_layers(q)
+        assert [m.kind for m in layers] == [f"conv{dim}d"] * 2
+        for m in layers:
+            m.trace = []
+        with torch.no_grad():
+            out, ref = q(x), net(x)
+        for m in layers:
+            (t,) = m.trace
+            c = t["config"]
+            acc = fn(
+                t["x"].double() - t["xz"], t["w"].double(), None, c["stride"], c["padding"], c["dilation"]
+            )
+            ws = t["ws"].double().view(1, -1, *[1] * dim)
+            real = acc * t["xs"] * ws + (0 if t["bias"] is None else t["bias"].double().view(ws.shape))
+            want = (torch.round(real / t["os"]) + t["oz"]).clamp(t["oz"] if t["relu"] else 0, t["qmax"])
+            assert float((t["y"].double() - want).abs().max()) <= 1
+        assert out.shape == ref.shape and (out - ref).norm() / ref.norm() < 0.15

@@ -71,8 +71,9 @@ from torch import Tensor, fx, nn
 from qbdl.bayes.layers import BayesianLayer, random_signs
 from qbdl.bayes.predict import mc_logits, sample_seed
 from qbdl.quant import inplace
+from qbdl.quant.activations import QAdd, Quantize
 from qbdl.quant.fold import bn_scale_shift
-from qbdl.quant.layers import QAdd, Quantize, QuantLayer
+from qbdl.quant.layers import QuantLayer
 from qbdl.quant.prepared import ObservedAdd, ObservedQuant, PreparedLayer
 from qbdl.quant.ptq import _WEIGHTED, _module, _set_module, _sole_user, _Tracer, convert, prepare
 

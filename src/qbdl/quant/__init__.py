@@ -3,10 +3,11 @@
 The INT8 graph runs oneDNN's ops on plain uint8 / int8 tensors; no quantized tensor dtype and no torch.ao.
 """
 
+from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
 from .backend import BACKENDS, check_backend, supported_backends
 from .fold import bn_scale_shift, fold_bn
 from .io import load_qbnn, save_qbnn
-from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdaptiveAvgPool, QAdd, QReLU, Quantize, QuantLayer
+from .layers import FRESH_KERNELS, SAMPLINGS, QuantLayer
 from .observers import OBSERVERS, ActObserver
 from .prepared import PreparedLayer
 from .ptq import calibrate, convert, prepare, quant_layers, quantize_bnn, set_sampling
@@ -22,6 +23,7 @@ __all__ = [
     "PreparedLayer",
     "QAdaptiveAvgPool",
     "QAdd",
+    "QMaxPool",
     "QReLU",
     "QuantLayer",
     "Quantize",

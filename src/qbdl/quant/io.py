@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
 from .backend import BACKENDS, FULL_QMAX, kernel_plan
-from .layers import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, QuantLayer, enable_prefetch
+from .layers import QuantLayer, enable_prefetch
 from .lower import lower
 from .ptq import attach_module
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, QuantLayer
+from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
+from .layers import QuantLayer
 
 _KEEP_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _KEEP_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat, operator.getitem)

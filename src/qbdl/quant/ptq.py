@@ -21,9 +21,10 @@ from ..bayes.convert import refuse_custom_forward
 from ..bayes.layers import BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianLayer, BayesianLinear
 from ..bayes.predict import sample_seed, sampling
 from . import noise
+from .activations import DeQuantize, QAdd, Quantize
 from .backend import KernelPlan, check_backend, kernel_plan
 from .fold import fold_bn
-from .layers import FRESH_KERNELS, SAMPLINGS, DeQuantize, QAdd, Quantize, QuantLayer, enable_prefetch
+from .layers import FRESH_KERNELS, SAMPLINGS, QuantLayer, enable_prefetch
 from .lower import lower
 from .observers import OBSERVERS, ActObserver
 from .prepared import DeQuantMarker, ObservedAdd, ObservedQuant, PreparedLayer
