@@ -299,3 +299,23 @@ def test_conv1d_and_conv3d_equal_the_integer_reference(dim):
             want = (torch.round(real / t["os"]) + t["oz"]).clamp(t["oz"] if t["relu"] else 0, t["qmax"])
             assert float((t["y"].double() - want).abs().max()) <= 1
         assert out.shape == ref.shape and (out - ref).norm() / ref.norm() < 0.15
+
+
+def test_a_model_with_torch_ao_stubs_and_float_functional_still_converts():
+    """torchvision's quantizable ResNet (QuantStub, DeQuantStub, FloatFunctional.add_relu) as a user's model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchvision.models import quantization as tvq
+
+        torch.manual_seed(0)
+        net = tvq.resnet18(weights=None, quantize=False, num_classes=5).eval()
+    from qbdl.quant import convert, prepare, quant_layers
+    from qbdl.quant.ptq import calibrate
+
+    q = convert(calibrate(prepare(net), [torch.randn(4, 3, 32, 32)]))
+    assert len(quant_layers(q)) == 21
+    assert sum(type(m).__name__ == "QAdd" for m in q.modules()) == 8
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = q(x), net(x)
+    assert (out - ref).norm() / ref.norm() < 0.1

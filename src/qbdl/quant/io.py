@@ -17,8 +17,8 @@ from .layers import QuantLayer, enable_prefetch
 from .lower import lower
 from .ptq import attach_module
 
-# 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (quantized-tensor engine,
-# qbdl <= 0.x before the plain-integer one) still loads: lower() re-derives what 2 adds.
+# 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (written by the quantized-tensor
+# engine, up to commit f21607b) still loads: lower() re-derives what 2 adds.
 FORMAT = "qbdl-qbnn/2"
 _READABLE = ("qbdl-qbnn/1", FORMAT)
 _QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd,
