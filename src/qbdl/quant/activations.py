@@ -51,7 +51,7 @@ class Quantize(nn.Module):
 
 
 class _Wired(nn.Module):
-    """A module whose input qparams come from the graph (quant.lower.wire sets `inputs`)."""
+    """A module whose input qparams come from the graph (quant.lower.lower sets `inputs`)."""
 
     def __init__(self) -> None:
         super().__init__()

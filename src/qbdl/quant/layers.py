@@ -13,13 +13,8 @@ from .activations import clamp_qmax
 from .backend import FULL_QMAX, check_backend
 
 SAMPLINGS = ("fresh", "bank", "flipout")
-FRESH_KERNELS = ("auto", "prepack")
-KINDS = (
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "linear",
-)  # auto: write samples into oneDNN-packed weights where possible
+FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
+KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 
 
 class QuantLayer(nn.Module):
@@ -252,7 +247,7 @@ class QuantLayer(nn.Module):
                 f"(available: {native.available()}); use 'fresh' or 'bank' otherwise"
             )
 
-    def _flipout_packed(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _flipout_packed(self) -> tuple[Tensor, list[Tensor]]:
         """(packed int8 mu, packed perturbations), packed on the first sampled forward."""
         hit = self._packed.get("flipout")
         if hit is None:
@@ -282,9 +277,8 @@ class QuantLayer(nn.Module):
             )
         if self.kind == "conv1d":
             xu = xu.unsqueeze(2)
-        if (
-            self.kind == "conv3d" and post == "relu"
-        ):  # oneDNN fuses no ReLU into conv3d: max(q, zp) is the same
+        if self.kind == "conv3d" and post == "relu":
+            # oneDNN fuses no ReLU into conv3d; max(q, zp) after the kernel is the same
             return self._onednn(xu, xs, xz, w, ws, bias, os, oz).clamp_(min=oz)
         y = torch.ops.onednn.qconv_pointwise(
             xu, xs, xz, w, ws, self._w_zp, bias, *self._conv_args(), os, oz, torch.uint8, post, [], ""
@@ -304,7 +298,7 @@ class QuantLayer(nn.Module):
         """y = conv(x, mu) + s_out * conv(x * s_in, delta_k): per-example, per-channel signs (Wen et al. 2018)."""
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        mu, pert = self._flipout_packed(x)
+        mu, pert = self._flipout_packed()
         i = self._mc_index
         k = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
         batch, c_out = x.shape[0], self.mu_q.shape[0]
@@ -363,7 +357,7 @@ class QuantLayer(nn.Module):
             and native.available()
         )
 
-    def _inplace_sampler(self, x: Tensor) -> inplace.PackedSampler | None:
+    def _inplace_sampler(self) -> inplace.PackedSampler | None:
         """The in-place sampler, built on the first sampled forward (it packs for the input's shape)."""
         if self._sampler is None and self.inplace_capable:
             shape, ws = tuple(self.mu_q.shape), self._w_scale
@@ -403,7 +397,7 @@ class QuantLayer(nn.Module):
         elif self._pending_draws is not None or self.inplace_capable:
             draws, self._pending_draws = self._pending_draws, None
             draws = self._draw(None) if draws is None else draws
-            sampler = self._inplace_sampler(x)
+            sampler = self._inplace_sampler()
             if sampler is not None:
                 packed, bias = sampler.sample(draws[0], draws[1]), self._bias(draws[2])
                 traced = (

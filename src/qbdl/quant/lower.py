@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
+from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, _Wired
 from .layers import QuantLayer
 
 _KEEP_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -29,15 +29,19 @@ _RELU_FUNCTIONS = (F.relu, torch.relu)
 _POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, arg: fx.Node, n: list[int]) -> fx.Node:
+def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, qp: dict, n: list[int]) -> None:
+    """Put `module` (an integer op keeping its input's grid) in place of `node`, reading node's first input."""
+    src = node.args[0]
     name = f"int8_{type(module).__name__.lower()}_{n[0]}"
     n[0] += 1
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (arg,))
+        new = gm.graph.call_module(name, (src,))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-    return new
+    if isinstance(module, _Wired):
+        module.inputs = [qp[src]]
+    qp[new] = qp[src]
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
@@ -72,11 +76,10 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             if isinstance(mod, QuantLayer):
                 mod.set_input_qparams(*got[0])
                 qp[node] = (mod.out_scale, mod.out_zp)
-            else:
-                mod.inputs = got
-                qp[node] = None if isinstance(mod, DeQuantize) else (
-                    (mod.scale, mod.zero_point) if isinstance(mod, QAdd) else got[0]
-                )  # fmt: skip
+            elif isinstance(mod, QAdd):
+                mod.inputs, qp[node] = got, (mod.scale, mod.zero_point)
+            else:  # DeQuantize ends the integer region; QReLU and pooling keep their input's grid
+                mod.inputs, qp[node] = got, None if isinstance(mod, DeQuantize) else got[0]
         elif not quant_in:
             qp[node] = None  # the float part of the graph
         elif (
@@ -90,10 +93,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
             or (node.op == "call_method" and node.target in ("relu", "relu_"))
         ):
-            new = _replace(gm, node, QReLU(), src, counter)
-            new_mod = gm.get_submodule(new.target)
-            new_mod.inputs = [qp[src]]
-            qp[new] = qp[src]
+            _replace(gm, node, QReLU(), qp, counter)
         elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) or (
             node.op == "call_function" and node.target in _POOL_FUNCTIONS
         ):
@@ -102,17 +102,14 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 if mod is not None
                 else (node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
             )
-            new = _replace(gm, node, QAdaptiveAvgPool(size), src, counter)
-            gm.get_submodule(new.target).inputs = [qp[src]]
-            qp[new] = qp[src]
+            _replace(gm, node, QAdaptiveAvgPool(size), qp, counter)
         elif type(mod) in _MAX_POOLS:
             if mod.return_indices:
                 raise NotImplementedError(
                     f"{node.target}: max pooling with return_indices is not quantizable"
                 )
             args = (mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
-            new = _replace(gm, node, QMaxPool(_MAX_POOLS[type(mod)], *args), src, counter)
-            qp[new] = qp[src]
+            _replace(gm, node, QMaxPool(_MAX_POOLS[type(mod)], *args), qp, counter)
         elif (
             isinstance(mod, _KEEP_MODULES)
             or (node.op == "call_function" and node.target in _KEEP_FUNCTIONS)

@@ -101,7 +101,7 @@ def prepare(
         if node.op == "call_module" and node.target.endswith("activation_post_process"):
             # (the GraphModule keeps only leaves, so ask the original model what the parent was)
             parent = model.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else None
-            if parent is not None and _is_ao(parent, "FloatFunctional"):
+            if _is_ao(parent, "FloatFunctional"):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
 
@@ -136,9 +136,9 @@ def prepare(
             raise NotImplementedError(
                 f"{node.target}: BatchNorm that does not follow a conv/linear cannot be folded"
             )
-        elif mod is not None and _is_ao(mod, "QuantStub"):
+        elif _is_ao(mod, "QuantStub"):
             _set_module(gm, node.target, ObservedQuant(observer))
-        elif mod is not None and _is_ao(mod, "DeQuantStub"):
+        elif _is_ao(mod, "DeQuantStub"):
             _set_module(gm, node.target, DeQuantMarker())
         elif node.op == "call_function" and node.target in _ADDS:
             a, b = (node.args + (None, None))[:2]
@@ -349,10 +349,9 @@ def convert(
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if isinstance(mod, PreparedLayer):
-            in_scale, in_zp = _input_qparams(gm, node, bits)
+            in_scale, _ = _input_qparams(gm, node, bits)  # the zero point is wired by lower()
             config = {
                 "qmax": qmax,
-                "in_zp": in_zp,
                 "backend": backend,
                 "sampling": mode,
                 "bank_size": bank_size,
