@@ -1,11 +1,11 @@
-"""Compare the integers two qbdl checkouts' INT8 graphs compute, layer by layer, for every sampling mode.
+"""Compare the integers two qbdl checkouts' INT8 graphs compute, layer by layer, for every sampler.
 
     PYTHONPATH=/path/to/checkout/src python scripts/int8_engine_diff.py dump old.pt
     python scripts/int8_engine_diff.py dump new.pt
     python scripts/int8_engine_diff.py compare old.pt new.pt
 
 `dump` builds resnet20 (32x32 inputs) and resnet18/resnet50 (64x64) from fixed seeds, converts them to BNNs
-(MOPED), quantizes the DNN (qdnn) and the BNN in every mode (mean, fresh with each kernel, bank, flipout) on
+(MOPED), quantizes the DNN (qdnn) and the BNN with every sampler (mean, fresh with each kernel, bank, flipout) on
 fixed calibration batches, and records the integer output of every quantize / conv / linear / add module
 (in graph order) and the logits, at batch 2 and 5, two MC samples each. Only public qbdl API is used, so the
 same script runs against an older checkout.
@@ -72,11 +72,15 @@ def _record(q: nn.Module, x: torch.Tensor, seed: int, samples: int = 2) -> list:
 
 
 def dump(path: str) -> None:
-    """Write every model's and mode's integers to `path`."""
+    """Write every model's and sampler's integers to `path`."""
+    import inspect
+
     import qbdl
     from qbdl.bayes.convert import dnn_to_bnn
     from qbdl.quant import quantize_bnn
 
+    # checkouts before the rename call the sampler `mode`
+    key = "sampler" if "sampler" in inspect.signature(quantize_bnn).parameters else "mode"
     g = torch.Generator().manual_seed(2)
     result = {
         "qbdl": qbdl.__file__,
@@ -88,12 +92,12 @@ def dump(path: str) -> None:
         calib = [torch.randn(4, 3, size, size, generator=g) for _ in range(2)]
         tests = {b: torch.randn(b, 3, size, size, generator=g) for b in (2, 5)}
         bnn = dnn_to_bnn(dnn)
-        variants = {"qdnn": (dnn, {"mode": "fresh"})}
-        variants["mean"] = (bnn, {"mode": "fresh"})
-        variants["fresh"] = (bnn, {"mode": "fresh"})
-        variants["fresh_prepack"] = (bnn, {"mode": "fresh", "fresh_kernel": "prepack"})
-        variants["bank"] = (bnn, {"mode": "bank", "bank_size": 4})
-        variants["flipout"] = (bnn, {"mode": "flipout", "bank_size": 4})
+        variants = {"qdnn": (dnn, {key: "fresh"})}
+        variants["mean"] = (bnn, {key: "fresh"})
+        variants["fresh"] = (bnn, {key: "fresh"})
+        variants["fresh_prepack"] = (bnn, {key: "fresh", "fresh_kernel": "prepack"})
+        variants["bank"] = (bnn, {key: "bank", "bank_size": 4})
+        variants["flipout"] = (bnn, {key: "flipout", "bank_size": 4})
         for v, (model, kw) in variants.items():
             q = quantize_bnn(model, calib, mc_samples=2, observer="histogram", seed=3, **kw)
             if v == "mean":

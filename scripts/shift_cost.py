@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 
-from qbdl.data.shift import CORRUPTIONS, corrupt_image, item_seed  # noqa: E402
+from qbdl.data.corruptions import CORRUPTIONS, corrupt_image, item_seed  # noqa: E402
 
 
 def cpu_name() -> str:

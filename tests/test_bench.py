@@ -40,7 +40,7 @@ def test_bench_cli_writes_json_markdown_plots(tmp_path):
         assert r["images_per_s"] == r["batch_size"] / r["median_s"]
     by = {(r["variant"], r["batch_size"]): r for r in recs}
     assert by[("dnn_int8", 4)]["speedup_vs_dnn_int8"] == 1.0
-    # int8 weights on disk: <= 0.27x of the FP32 BNN's file (fresh mode; the bank is redrawn from its seed)
+    # int8 weights on disk: <= 0.27x of the FP32 BNN's file (fresh sampler; the bank is redrawn from its seed)
     assert by[("qbnn_int8_fresh", 1)]["size_bytes"] <= 0.27 * by[("bnn_fp32", 1)]["size_bytes"]
     assert report["machine"]["threads"] == 2 and "avx512_vnni" in report["machine"]
     md = (out / "bench.md").read_text()

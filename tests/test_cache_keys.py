@@ -8,7 +8,7 @@ from torch import nn
 from qbdl import quant
 from qbdl.bayes import dnn_to_bnn
 from qbdl.data import DigitsDataModule
-from qbdl.evaluation import Variant, evaluate_variants, variant_fingerprint
+from qbdl.experiment.evaluate import Variant, evaluate_variants, variant_fingerprint
 from qbdl.lit import callbacks as cb_mod
 from qbdl.quant import calibrate, convert, prepare
 
@@ -27,7 +27,7 @@ def _prepared():
 
 def test_variant_key_follows_every_quantization_option_the_seed_and_the_data():
     prep = _prepared()
-    base = dict(mode="fresh", bank_size=4, seed=0, fresh_kernel="auto", noise_slots=16)
+    base = dict(sampler="fresh", bank_size=4, seed=0, fresh_kernel="auto", noise_slots=16)
 
     def key(eval_seed=0, data="d", samples=4, **kw):
         q = convert(prep, **(base | kw))
@@ -36,8 +36,8 @@ def test_variant_key_follows_every_quantization_option_the_seed_and_the_data():
     ref = key()
     assert key() == ref  # the same options: the same key
     changed = [
-        key(mode="bank"),
-        key(bank_size=8, mode="bank"),
+        key(sampler="bank"),
+        key(bank_size=8, sampler="bank"),
         key(seed=3),  # the model's noise seed (quant.seed)
         key(eval_seed=3),  # the MC seeds (eval.seed)
         key(fresh_kernel="prepack"),
@@ -56,7 +56,7 @@ def test_variant_key_follows_every_quantization_option_the_seed_and_the_data():
 
 
 def test_eval_cache_recomputes_when_the_data_key_changes(tmp_path):
-    q = convert(_prepared(), mode="bank", bank_size=2)
+    q = convert(_prepared(), sampler="bank", bank_size=2)
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     loader = [(x, torch.tensor([0, 1, 2, 0, 1, 2]))]
     kw = dict(seed=0, target_accuracy=0.9, n_bins=5, score="entropy", cache_dir=tmp_path)
@@ -79,21 +79,23 @@ def test_qbnn_and_qdnn_are_calibrated_on_the_same_batches_and_stale_models_are_r
         return real(model, batches, **kw)
 
     monkeypatch.setattr(cb_mod.quant, "quantize_bnn", spy)
-    ptq = cb_mod.PTQCallback("x86", "bank", 2, "auto", 16, 3, None, 1, "minmax", 0, True, str(tmp_path))
     dnn = _net()
-    ptq.attach_reference(dnn)
+
+    def ptq_callback(observer: str) -> cb_mod.PTQCallback:
+        opts = dict(backend="x86", sampler="bank", bank_size=2, calib_batches=3, mc_samples=1, seed=0)
+        return cb_mod.PTQCallback(str(tmp_path), quantize_dnn=True, reference=dnn, observer=observer, **opts)
+
+    ptq = ptq_callback(observer="minmax")
     trainer = SimpleNamespace(is_global_zero=True, datamodule=dm)
     ptq.on_fit_end(trainer, SimpleNamespace(model=dnn_to_bnn(dnn, moped_delta=0.1).eval()))
     qbnn_batches, qdnn_batches = seen["call0"], seen["call1"]
     assert len(qbnn_batches) == 3
     assert all(torch.equal(a, b) for a, b in zip(qbnn_batches, qdnn_batches))
     # a resumed run with the same options reuses the saved models...
-    again = cb_mod.PTQCallback("x86", "bank", 2, "auto", 16, 3, None, 1, "minmax", 0, True, str(tmp_path))
-    again.attach_reference(dnn)
+    again = ptq_callback(observer="minmax")
     again.on_fit_end(trainer, SimpleNamespace(model=dnn_to_bnn(dnn, moped_delta=0.1).eval()))
     assert len(seen) == 2
     # ...and one with another option (here the observer) quantizes again instead of loading stale files
-    other = cb_mod.PTQCallback("x86", "bank", 2, "auto", 16, 3, None, 1, "histogram", 0, True, str(tmp_path))
-    other.attach_reference(dnn)
+    other = ptq_callback(observer="histogram")
     other.on_fit_end(trainer, SimpleNamespace(model=dnn_to_bnn(dnn, moped_delta=0.1).eval()))
     assert len(seen) == 4

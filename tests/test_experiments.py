@@ -6,7 +6,7 @@ import pytest
 from fabricate import make_camelyon17, make_colorectal, make_fashion_mnist, make_imagenet, make_mnist
 from helpers_run import compose_config
 
-from qbdl.run import run
+from qbdl.experiment.pipeline import run
 
 RESNET50_TINY = [
     "data.image_size=32",
@@ -18,6 +18,10 @@ RESNET50_TINY = [
 ]
 
 
+# every variant a run with PTQ and temperature scaling produces
+VARIANTS = ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"]
+
+
 def _check(out, variants, ood_sets, num_classes):
     res = json.loads((out / "results.json").read_text())
     assert set(res["variants"]) == set(variants)
@@ -27,6 +31,11 @@ def _check(out, variants, ood_sets, num_classes):
     assert res["data"]["num_classes"] == num_classes
     assert (out / "report.html").exists() and (out / "predictions.npz").exists()
     return res
+
+
+def _check_digits(out):
+    """_check for a digits experiment: every variant, its two built-in OOD sets, ten classes."""
+    return _check(out, VARIANTS, ["photos", "rotated"], 10)
 
 
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
@@ -70,7 +79,7 @@ def test_imagenet_ptq(tmp_path, weights_download):
     assert weights_download == [RESNET50_URL]
     res = _check(
         tmp_path / "run",
-        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        VARIANTS,
         [],
         3,
     )
@@ -143,7 +152,7 @@ def test_colorectal_ptq_with_camelyon17_ood(tmp_path, weights_download):
     assert weights_download == [RESNET50_URL]  # ImageNet-pretrained, as the experiment file says
     res = _check(
         tmp_path / "run",
-        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        VARIANTS,
         ["camelyon17"],
         8,
     )
@@ -171,7 +180,7 @@ def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
     run(cfg)
     res = _check(
         tmp_path / "run",
-        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
+        VARIANTS,
         ["fashion_mnist"],
         10,
     )
@@ -224,12 +233,7 @@ def test_digits32_runs_at_its_own_size(tmp_path):
     )
     assert cfg.data.image_size == 32
     run(cfg)
-    _check(
-        tmp_path / "run",
-        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
-        ["photos", "rotated"],
-        10,
-    )
+    _check_digits(tmp_path / "run")
 
 
 def test_every_experiment_file_has_a_test():
@@ -249,7 +253,8 @@ def test_digits_shift_is_the_default_plus_the_digits_shift_list(tmp_path):
     from omegaconf import OmegaConf
 
     from qbdl.data import DigitsDataModule
-    from qbdl.data.shift import DEFAULT_LISTS, validate_shift
+    from qbdl.data.corruptions import DEFAULT_LISTS
+    from qbdl.data.shift import validate_shift
 
     a = compose_config(tmp_path, ["+experiment=digits_shift", "seed=3"], tiny=False)
     b = compose_config(tmp_path, ["seed=3"], tiny=False)
@@ -277,12 +282,7 @@ def test_digits_shift_runs(tmp_path):
         tmp_path / "run", [*TINY, "+experiment=digits_shift", "shift.max_items=128"], tiny=False
     )
     run(cfg)
-    res = _check(
-        tmp_path / "run",
-        ["dnn", "dnn_ts", "qdnn", "qdnn_ts", "bnn", "bnn_ts", "bnn_mean", "qbnn", "qbnn_ts"],
-        ["photos", "rotated"],
-        10,
-    )
+    res = _check_digits(tmp_path / "run")
     shift = res["shift"]
     assert set(shift["qbnn"]) == set(cfg.shift.corruptions) and set(shift["qbnn"]["rotate"]) == {
         "1",
@@ -291,3 +291,15 @@ def test_digits_shift_runs(tmp_path):
     }
     assert shift["_mce"]["dnn"]["mCE"] == pytest.approx(1.0)  # the baseline's own mCE
     assert (tmp_path / "run" / "plots" / "shift_accuracy.png").exists()
+
+
+@pytest.mark.slow  # every variant on 1,472 test images: ~1 minute on 2 cores
+def test_digits_hard_is_the_small_data_fidelity_task(tmp_path):
+    full = compose_config(tmp_path, ["+experiment=digits_hard"], tiny=False)
+    assert (full.data.train_fraction, full.data.test_fraction) == (0.06, 0.82)
+    assert (full.dnn.max_epochs, full.bnn.max_epochs, full.eval.mc_samples) == (15, 5, 16)
+    # the same task, trained briefly: a run directory that qbdl.fidelity and the calibration study read
+    cfg = compose_config(tmp_path / "run", ["+experiment=digits_hard"])  # with helpers_run.TINY
+    run(cfg)
+    res = _check_digits(tmp_path / "run")
+    assert res["data"]["n_train"] == 109  # 6% of 1,797, stratified

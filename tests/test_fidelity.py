@@ -72,16 +72,16 @@ def nets():
     bnn = _bnn()
     calib = [_data(32, 1)]
     qs = {
-        mode: quantize_bnn(bnn, calib, mode=mode, mc_samples=2, observer="minmax", seed=3)
-        for mode in ("fresh", "bank")
+        sampler: quantize_bnn(bnn, calib, sampler=sampler, mc_samples=2, observer="minmax", seed=3)
+        for sampler in ("fresh", "bank")
     }
     return bnn, qs
 
 
-@pytest.mark.parametrize("mode", ["fresh", "bank"])
-def test_all_off_is_the_bnn_bit_for_bit_and_all_on_is_the_qbnn(nets, mode):
+@pytest.mark.parametrize("sampler", ["fresh", "bank"])
+def test_all_off_is_the_bnn_bit_for_bit_and_all_on_is_the_qbnn(nets, sampler):
     bnn, qs = nets
-    q = qs[mode]
+    q = qs[sampler]
     x = _data(64, 7)
     ref_q = mc_logits(q, x, S, seed=SEED)
     abl = ablation_model(bnn, q)
@@ -115,6 +115,35 @@ def test_each_part_alone_uses_the_right_random_numbers(nets):
     for parts in [(False, True, False), (True, True, False), (False, True, True)]:
         out = mc_logits(set_parts(abl, *parts), x, S, seed=SEED)
         assert float((out - qref).abs().mean()) < 0.3 * mc, parts
+
+
+def test_fp32_layers_follow_the_bnn_and_leave_input_and_logits_unquantized(nets):
+    """Every layer FP32 with all parts on is exactly activations-only minus the input and logit sites; the first
+    and last layers FP32 keep the inner layers' INT8 samples."""
+    bnn, qs = nets
+    x = _data(32, 9)
+    abl = ablation_model(bnn, qs["fresh"])
+    order = abl._fid_graph_order
+    assert order == ["conv1", "conv2", "conv3", "fc"]
+    layers = {m.site_name: m for m in abl.modules() if hasattr(m, "feeds_output")}
+    assert [n for n, m in layers.items() if m.feeds_output] == ["fc"]
+    assert [n for n, m in layers.items() if m.input_site is not None] == ["conv1"]
+    assert not any(n.endswith("input_site") for n, _ in abl.named_modules())  # a reference, not a child
+    all_fp32 = mc_logits(set_parts(abl, True, True, True, fp32=order), x, S, seed=SEED)
+    set_parts(abl, activations=True)
+    layers["conv1"].input_site.activations = layers["fc"].activations = False
+    assert torch.equal(all_fp32, mc_logits(abl, x, S, seed=SEED))
+    assert not torch.equal(all_fp32, mc_logits(set_parts(abl, activations=True), x, S, seed=SEED))
+    # first and last FP32: exactly all parts on with only those two layers (and the input, the logits) switched
+    mixed = mc_logits(set_parts(abl, True, True, True, fp32=["conv1", "fc"]), x, S, seed=SEED)
+    set_parts(abl, True, True, True)
+    for n in ("conv1", "fc"):
+        layers[n].weights = layers[n].sampling = False
+    layers["conv1"].input_site.activations = layers["fc"].activations = False
+    assert torch.equal(mixed, mc_logits(abl, x, S, seed=SEED))
+    assert not torch.equal(mixed, mc_logits(set_parts(abl, True, True, True), x, S, seed=SEED))
+    with pytest.raises(ValueError, match="not quantized layers"):
+        set_parts(abl, fp32=["nope"])
 
 
 def test_flipout_bnn_all_off_is_exact():
@@ -154,7 +183,18 @@ def test_error_budget_adds_up(nets, tmp_path):
     # calibrated on N(0,1) inputs: the 3x wider OOD inputs are clipped far more often at the input
     inp = next(s for s in sites.values() if s["kind"] == "input")
     assert inp["clip"]["noise"] > inp["clip"]["test"]
+    mixed = b["mixed"]["first_last_fp32"]
+    assert mixed["fp32_layers"] == ["conv1", "fc"]
+    for m, v in mixed["metrics"].items():
+        assert (
+            v - b["configs"]["abc"][m] == mixed["vs_all_on"][m]
+            and v - b["configs"]["bnn"][m] == mixed["gap"][m]
+        )
+    sg = b["sigma_grid"]
+    assert all(sg["vs_a"][m] == b["configs"]["a"][m] - sg["metrics"][m] for m in sg["metrics"])
+    assert sg["metrics"] != b["configs"]["a"]  # the exact sigma was used
     json.dumps(b, allow_nan=True)
+    assert "first_last_fp32 (conv1, fc at FP32" in format_budget(b)
     assert "gap" in format_budget(b)
     assert plot_budget(b, tmp_path / "f.png").stat().st_size > 1000
 
@@ -182,11 +222,11 @@ def test_mc_noise_floor_shrinks_as_inverse_sqrt_samples():
     assert mc_noise_floor([1.0, 2.0, 4.0]) == pytest.approx((1 + 3 + 2) / 3)
 
 
-def test_cli_on_a_run_directory(nets, tmp_path, capsys):
+def write_run_dir(path, bnn, qbnn) -> None:
+    """A finished-run directory of the tiny BNN on 8x8 digits: results.json (config), bnn.safetensors, models/."""
+    from qbdl.models.files import save_state
     from qbdl.quant import save_qbnn
-    from qbdl.stages import save_state
 
-    bnn, qs = nets
     cfg = {
         "data": {"_target_": "qbdl.data.DigitsDataModule", "root": None, "batch_size": 64, "eval_batch_size": 64,
                  "num_workers": 0, "pin_memory": False, "seed": 0, "image_size": 8, "train_fraction": 0.6,
@@ -195,15 +235,34 @@ def test_cli_on_a_run_directory(nets, tmp_path, capsys):
         "model": {"_target_": "test_fidelity.TinyResNet"},
         "bayes": {"estimator": "reparameterization", "prior": "moped", "prior_sigma": 0.1, "moped_delta": 0.1},
         "eval": {"mc_samples": 2, "seed": 1, "n_bins": 15, "score": "entropy", "batch_size": 64,
-                 "builtin_ood": ["photos"], "ood": {}},
+                 "builtin_ood": ["photos"], "ood": {}, "target_accuracy": 0.995},
+        "bnn": {"beta": 1.0},
+        "quant": {"backend": "x86", "sampler": "fresh", "bank_size": 2, "calib_batches": 1, "mc_samples": 2,
+                  "observer": "minmax", "fresh_kernel": "auto", "noise_slots": 4, "calib_batch_size": None},
     }  # fmt: skip
-    (tmp_path / "results.json").write_text(json.dumps({"config": cfg}))
-    save_state(bnn, tmp_path / "bnn.safetensors")
-    (tmp_path / "models").mkdir()
-    save_qbnn(qs["fresh"], str(tmp_path / "models" / "qbnn.qbdl"))
+    (path / "results.json").write_text(json.dumps({"config": cfg}))
+    save_state(bnn, path / "bnn.safetensors")
+    (path / "models").mkdir()
+    save_qbnn(qbnn, str(path / "models" / "qbnn.qbdl"))
+
+
+def test_cli_on_a_run_directory(nets, tmp_path, capsys):
+    bnn, qs = nets
+    write_run_dir(tmp_path, bnn, qs["fresh"])
     assert main([str(tmp_path), "--max-batches", "1", "--floor-seeds", "1"]) == 0
     out = json.loads((tmp_path / "fidelity.json").read_text())
     assert out["mc_samples"] == 2 and out["seed"] == 1 and "ood_auroc/photos" in out["gap"]
     assert (tmp_path / "fidelity.png").exists()
     assert "all off == BNN: True" in capsys.readouterr().out
     assert main([str(tmp_path / "missing")]) == 2
+    # under drift: the same budget on a corrupted copy of the test split
+    assert (
+        main([str(tmp_path), "--max-batches", "1", "--floor-seeds", "1", "--shift", "gaussian_noise:5"]) == 0
+    )
+    shifted = json.loads((tmp_path / "fidelity_gaussian_noise_5.json").read_text())
+    assert shifted["shift"] == {"corruption": "gaussian_noise", "severity": 5, "seed": 0}
+    assert shifted["n_test"] == out["n_test"] and shifted["configs"]["bnn"] != out["configs"]["bnn"]
+    assert (tmp_path / "fidelity_gaussian_noise_5.png").exists()
+    assert main([str(tmp_path), "--shift", "no_such_corruption:3"]) == 2
+    assert main([str(tmp_path), "--shift", "gaussian_noise"]) == 2
+    assert "CORRUPTION:SEVERITY" in capsys.readouterr().err

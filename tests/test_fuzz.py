@@ -24,7 +24,7 @@ from reliability_log import record
 
 from qbdl import metrics
 from qbdl.data import ColorectalDataModule, ImageNetDataModule
-from qbdl.data.base import FileSource, image_problem, verify_source
+from qbdl.data.sources import FileSource, image_problem, verify_source
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_FILES = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

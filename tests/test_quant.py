@@ -58,12 +58,12 @@ def prepared(bnn, calib):
 
 @pytest.fixture(scope="module")
 def qbnn(prepared):
-    return convert(prepared, mode="fresh", seed=3)
+    return convert(prepared, sampler="fresh", seed=3)
 
 
 @pytest.fixture(scope="module")
 def qbank(prepared):
-    return convert(prepared, mode="bank", bank_size=4, seed=3)
+    return convert(prepared, sampler="bank", bank_size=4, seed=3)
 
 
 def _x(n=4, seed=5):
@@ -171,7 +171,7 @@ def test_sampled_int8_spread_matches_sigma(delta):
     dnn = nn.Sequential(conv, nn.ReLU())
     b = dnn_to_bnn(dnn, moped_delta=delta)
     prep = calibrate(prepare(b), [torch.randn(4, 32, 6, 6)], mc_samples=1)
-    layer = quant_layers(convert(prep, mode="fresh", seed=0))[0]
+    layer = quant_layers(convert(prep, sampler="fresh", seed=0))[0]
     torch.manual_seed(123)
     step = layer.weight_scale().view(-1, 1, 1, 1)
     samples = torch.stack([layer.sampled_int8_weight().float() * step for _ in range(600)])
@@ -220,9 +220,9 @@ def test_mean_mode_deterministic_and_close_to_fp32(bnn, qbnn):
     assert rel < 0.1, rel
 
 
-@pytest.mark.parametrize("mode", ["fresh", "bank"])
-def test_save_load_round_trip(prepared, bnn, tmp_path, mode):
-    q = convert(prepared, mode=mode, bank_size=3, seed=9)
+@pytest.mark.parametrize("sampler", ["fresh", "bank"])
+def test_save_load_round_trip(prepared, bnn, tmp_path, sampler):
+    q = convert(prepared, sampler=sampler, bank_size=3, seed=9)
     path = os.path.join(tmp_path, "q.safetensors")
     save_qbnn(q, path)
     with open(path, "rb") as f:
@@ -232,7 +232,7 @@ def test_save_load_round_trip(prepared, bnn, tmp_path, mode):
     torch.testing.assert_close(mc_predict(q2, x, 4, seed=1), mc_predict(q, x, 4, seed=1), rtol=0, atol=0)
     with torch.no_grad(), sampling(q, "mean"), sampling(q2, "mean"):
         torch.testing.assert_close(q2(x), q(x), rtol=0, atol=0)
-    if mode == "fresh":
+    if sampler == "fresh":
         fp32 = os.path.join(tmp_path, "bnn.pt")
         torch.save(bnn.state_dict(), fp32)
         ratio = os.path.getsize(path) / os.path.getsize(fp32)
@@ -269,7 +269,7 @@ def test_sequential_net_without_stubs_and_flipout(tmp_path):
     _perturb_bn(net)
     b = dnn_to_bnn(net, estimator="flipout").eval()
     calib = [torch.randn(4, 2, 10, 10) for _ in range(2)]
-    q = quantize_bnn(b, calib, mode="fresh")
+    q = quantize_bnn(b, calib, sampler="fresh")
     x = torch.randn(3, 2, 10, 10)
     with torch.no_grad(), sampling(q, "mean"), sampling(b, "mean"):
         out, ref = q(x), b(x)
@@ -281,7 +281,7 @@ def test_sequential_net_without_stubs_and_flipout(tmp_path):
 
 def test_input_model_untouched(bnn, calib):
     before = {k: v.clone() for k, v in bnn.state_dict().items()}
-    quantize_bnn(bnn, calib, calib_batches=1, mc_samples=1, mode="bank", bank_size=2)
+    quantize_bnn(bnn, calib, calib_batches=1, mc_samples=1, sampler="bank", bank_size=2)
     after = bnn.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, nn.BatchNorm2d) for m in bnn.modules())
@@ -308,13 +308,13 @@ def test_errors(bnn, calib):
     with pytest.raises(ValueError, match="unknown quantized backend"):
         quantize_bnn(bnn, calib, backend="nope")
     with pytest.raises(ValueError):
-        convert(prepare(bnn), mode="sometimes")
+        convert(prepare(bnn), sampler="sometimes")
 
 
 def test_resnet50_conversion_smoke():
     torch.manual_seed(0)
     b = dnn_to_bnn(resnet50(num_classes=5).eval()).eval()
-    q = quantize_bnn(b, [torch.randn(1, 3, 32, 32)], mc_samples=1, mode="bank", bank_size=1)
+    q = quantize_bnn(b, [torch.randn(1, 3, 32, 32)], mc_samples=1, sampler="bank", bank_size=1)
     assert len(quant_layers(q)) == 54
     with torch.no_grad():
         out = q(torch.randn(2, 3, 32, 32))

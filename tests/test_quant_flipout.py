@@ -1,4 +1,4 @@
-"""Per-example INT8 Flipout (sampling='flipout'): its elementwise kernels, per-example samples, its law."""
+"""Per-example INT8 Flipout (sampler='flipout'): its elementwise kernels, per-example samples, its law."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ from helpers_run import compose_config
 from torch import nn
 
 from qbdl.bayes import dnn_to_bnn, mc_predict, set_mc_index
+from qbdl.experiment.pipeline import run
 from qbdl.models import resnet20
 from qbdl.quant import calibrate, convert, load_qbnn, native, prepare, quant_layers, save_qbnn
-from qbdl.run import run
 
 SIZE = 16
 
@@ -29,7 +29,7 @@ def prepared(bnn):
 
 @pytest.fixture(scope="module")
 def qflip(prepared):
-    return convert(prepared, mode="flipout", bank_size=4, seed=3)
+    return convert(prepared, sampler="flipout", bank_size=4, seed=3)
 
 
 def _x(n=4, seed=5):
@@ -68,7 +68,7 @@ def test_elementwise_kernels_reject_channels_first():
 
 def test_each_example_gets_its_own_weight_sample(prepared, qflip):
     x = _x(1).repeat(6, 1, 1, 1)  # six copies of one image
-    fresh = convert(prepared, mode="fresh", seed=3)
+    fresh = convert(prepared, sampler="fresh", seed=3)
     with torch.no_grad():
         set_mc_index(qflip, 0)  # one bank entry: only the Flipout signs differ between examples
         y = qflip(x)
@@ -89,7 +89,7 @@ def test_flipout_seed_reproduces_and_passes_differ(qflip, tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c)
     save_qbnn(qflip, tmp_path / "f.qbdl")
     loaded = load_qbnn(tmp_path / "f.qbdl")
-    assert all(m.sampling == "flipout" for m in quant_layers(loaded))
+    assert all(m.sampler == "flipout" for m in quant_layers(loaded))
     with torch.no_grad():
         torch.manual_seed(4)
         d = loaded(x)
@@ -112,21 +112,21 @@ def test_flipout_needs_its_calibration_and_a_onednn_backend(bnn):
     calib = [torch.randn(4, 3, SIZE, SIZE)]
     plain = calibrate(prepare(bnn), calib, mc_samples=1)
     with pytest.raises(ValueError, match="per_example=True"):
-        convert(plain, mode="flipout")
+        convert(plain, sampler="flipout")
 
 
 def test_qat_model_does_not_convert_to_flipout(bnn):
     from qbdl.quant import convert_qat, prepare_qat
 
     with pytest.raises(ValueError, match="post-training mode"):
-        convert_qat(prepare_qat(bnn), mode="flipout")
+        convert_qat(prepare_qat(bnn), sampler="flipout")
 
 
 def test_flipout_on_a_linear_net(tmp_path):
     torch.manual_seed(0)
     b = dnn_to_bnn(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), moped_delta=0.2).eval()
     prep = calibrate(prepare(b, per_example=True), [torch.randn(16, 20)], mc_samples=2)
-    q = convert(prep, mode="flipout", bank_size=2)
+    q = convert(prep, sampler="flipout", bank_size=2)
     x = torch.randn(1, 20).repeat(4, 1)
     with torch.no_grad():
         y = q(x)
@@ -137,7 +137,7 @@ def test_pipeline_runs_with_quant_flipout(tmp_path):
     results = run(compose_config(tmp_path, ["quant=flipout"]))
     q = results["variants"]["qbnn"]
     assert 0 <= q["accuracy"] <= 1 and q["mi_mean"] > 0
-    assert results["config"]["quant"]["mode"] == "flipout"
+    assert results["config"]["quant"]["sampler"] == "flipout"
 
 
 def test_int8_flipout_bias_noise_is_per_example():
@@ -149,7 +149,7 @@ def test_int8_flipout_bias_noise_is_per_example():
     last.estimator = "flipout"
     last.set_posterior(last.mu_weight, last.sigma_weight, last.mu_bias, torch.full((6,), 0.3))
     prep = calibrate(prepare(b, per_example=True), [torch.randn(64, 12)], mc_samples=4)
-    q = convert(prep, mode="flipout", bank_size=64, seed=1)
+    q = convert(prep, sampler="flipout", bank_size=64, seed=1)
     x = torch.randn(1, 12).repeat(2, 1)
     n = 1500
     with torch.no_grad():

@@ -85,7 +85,7 @@ def _assert_every_layer_exact(q: nn.Module, batches: list[torch.Tensor]) -> None
             torch.manual_seed(7)
             _, _, eps_b = m._draw(None)
             w = m._sampler.unpacked(m._sampler.packed, tuple(m.mu_q.shape))
-            packed, bias, _ = m._pack_sample(w, m._bias(eps_b))
+            packed, bias = m._prepack(w, m._w_scale, m.in_scale, m.in_zp), m._bias(eps_b)
             post = "relu" if m.relu else "none"
             expected = m._onednn(
                 x, m.in_scale, m.in_zp, packed, m._w_scale.float(), bias, m.out_scale, m.out_zp, post
@@ -98,7 +98,7 @@ def _assert_every_layer_exact(q: nn.Module, batches: list[torch.Tensor]) -> None
 
 def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
     # the layout is measured on the first batch (4); a later batch of another size (9) must stay exact
-    _assert_every_layer_exact(convert(prepared, mode="fresh", seed=3), [_x(4), _x(9)])
+    _assert_every_layer_exact(convert(prepared, sampler="fresh", seed=3), [_x(4), _x(9)])
 
 
 def test_inplace_exact_on_grouped_depthwise_strided_dilated_convs():
@@ -112,14 +112,14 @@ def test_inplace_exact_on_grouped_depthwise_strided_dilated_convs():
     prep = calibrate(
         prepare(dnn_to_bnn(net, moped_delta=0.1).eval()), [torch.randn(4, 8, 10, 10)], mc_samples=1
     )
-    _assert_every_layer_exact(convert(prep, mode="fresh"), [torch.randn(3, 8, 10, 10)])
+    _assert_every_layer_exact(convert(prep, sampler="fresh"), [torch.randn(3, 8, 10, 10)])
 
 
 def test_inplace_spread_matches_sigma():
     torch.manual_seed(0)
     b = dnn_to_bnn(nn.Sequential(nn.Conv2d(32, 32, 3, bias=False), nn.ReLU()), moped_delta=0.05)
     prep = calibrate(prepare(b), [torch.randn(4, 32, 6, 6)], mc_samples=1)
-    q = convert(prep, mode="fresh", seed=0)
+    q = convert(prep, sampler="fresh", seed=0)
     with torch.no_grad():
         q(torch.randn(2, 32, 6, 6))
     layer = quant_layers(q)[0]
@@ -136,8 +136,8 @@ def test_inplace_spread_matches_sigma():
 def test_inplace_and_prepack_kernels_agree_in_distribution(prepared):
     """Same model, both fresh kernels: MC mean predictions agree (the noise order differs, not its law)."""
     x = _x(16, seed=9)
-    fast = convert(prepared, mode="fresh", seed=3)
-    slow = convert(prepared, mode="fresh", seed=3, fresh_kernel="prepack")
+    fast = convert(prepared, sampler="fresh", seed=3)
+    slow = convert(prepared, sampler="fresh", seed=3, fresh_kernel="prepack")
     with torch.no_grad():
         pf = mc_predict(fast, x, 64, seed=1).softmax(-1).mean(0)
         ps = mc_predict(slow, x, 64, seed=1).softmax(-1).mean(0)
@@ -154,7 +154,7 @@ def test_inplace_and_prepack_kernels_agree_in_distribution(prepared):
 def test_copy_and_reseed_rebuild_the_sampler(prepared):
     import copy
 
-    q = convert(prepared, mode="fresh", seed=3)
+    q = convert(prepared, sampler="fresh", seed=3)
     x = _x()
     with torch.no_grad():
         q(x)
@@ -179,12 +179,12 @@ from qbdl.quant import calibrate, convert, native, prepare, quant_layers
 torch.manual_seed(0)
 bnn = dnn_to_bnn(resnet20(num_classes=10, in_chans=3).eval(), moped_delta=0.1).eval()
 prep = calibrate(prepare(bnn, per_example=True), [torch.randn(4, 3, 16, 16)], mc_samples=1)
-q = convert(prep, mode="fresh")
+q = convert(prep, sampler="fresh")
 with torch.no_grad():
     y = q(torch.randn(2, 3, 16, 16))
 print("native", native.available(), "inplace", sum(m._sampler is not None for m in quant_layers(q)), y.shape[1])
 try:
-    convert(prep, mode="flipout")
+    convert(prep, sampler="flipout")
 except ValueError as e:
     print("flipout refused:", "C++ ops" in str(e))
 """

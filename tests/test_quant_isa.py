@@ -1,4 +1,4 @@
-"""INT8 exact on every ISA: every INT8 conv/linear equals an integer reference, in every sampling mode.
+"""INT8 exact on every ISA: every INT8 conv/linear equals an integer reference, with every sampler.
 
 u8 x s8 kernels without VNNI (oneDNN below AVX512_CORE_VNNI / AVX2_VNNI) add pairs of products in int16 and
 saturate on full-range activations. These tests fail on a CPU where qbdl's kernel plan is wrong for it: the
@@ -166,11 +166,11 @@ def prepared():
     return out
 
 
-def _modes(engine: str) -> list[tuple[str, str]]:
-    modes = [("fresh", "auto"), ("fresh", "prepack"), ("bank", "auto")]
+def _samplers(engine: str) -> list[tuple[str, str]]:
+    samplers = [("fresh", "auto"), ("fresh", "prepack"), ("bank", "auto")]
     if engine in ("x86", "onednn"):
-        modes.append(("flipout", "auto"))
-    return modes
+        samplers.append(("flipout", "auto"))
+    return samplers
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -179,13 +179,13 @@ def test_every_int8_layer_equals_the_integer_reference(prepared, engine):
     x = _data(6, 2)  # in the calibrated range: activations spread over the whole 0..qmax
     q = convert(pd)
     assert _check_trace(q, x, f"{engine} qdnn") == 3
-    for mode, kernel in _modes(engine):
-        q = convert(pf if mode == "flipout" else pb, mode=mode, bank_size=2, fresh_kernel=kernel)
+    for sampler, kernel in _samplers(engine):
+        q = convert(pf if sampler == "flipout" else pb, sampler=sampler, bank_size=2, fresh_kernel=kernel)
         with sampling(q, "mean"):
-            assert _check_trace(q, x, f"{engine} {mode} mean") >= 3
+            assert _check_trace(q, x, f"{engine} {sampler} mean") >= 3
         for batch in (1, 6):
             torch.manual_seed(batch)
-            assert _check_trace(q, x[:batch], f"{engine} {mode}/{kernel} b={batch}") >= 3
+            assert _check_trace(q, x[:batch], f"{engine} {sampler}/{kernel} b={batch}") >= 3
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -202,7 +202,7 @@ def test_activations_are_full_range_where_exact(prepared, engine):
     assert all(m.qmax == meta["activation_qmax"] for m in quant_layers(q))
 
 
-# -- end to end: the digits resnet20 keeps its accuracy on every backend x mode
+# -- end to end: the digits resnet20 keeps its accuracy on every backend x sampler
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -221,16 +221,18 @@ def test_digits_int8_keeps_accuracy(digits_nets, engine):
     acc_bnn = (p_bnn.argmax(1) == yte).double().mean().item()
     with torch.no_grad(), sampling(bnn, "mean"):
         acc_mean = (bnn(xte).argmax(1) == yte).double().mean().item()
-    for mode, kernel in _modes(engine):
-        pb = calibrate(prepare(bnn, backend=engine, per_example=mode == "flipout"), train[:4], mc_samples=2)
-        q = convert(pb, mode=mode, fresh_kernel=kernel)
+    for sampler, kernel in _samplers(engine):
+        pb = calibrate(
+            prepare(bnn, backend=engine, per_example=sampler == "flipout"), train[:4], mc_samples=2
+        )
+        q = convert(pb, sampler=sampler, fresh_kernel=kernel)
         with torch.no_grad(), sampling(q, "mean"):
             acc_qmean = (q(xte).argmax(1) == yte).double().mean().item()
-        assert abs(acc_qmean - acc_mean) <= 0.005 + 1e-9, (engine, mode, acc_mean, acc_qmean)
+        assert abs(acc_qmean - acc_mean) <= 0.005 + 1e-9, (engine, sampler, acc_mean, acc_qmean)
         acc_qbnn = (mc_predict(q, xte, s, seed=3).mean(0).argmax(1) == yte).double().mean().item()
         # Sampled: QBNN and BNN draw different noise, so their gap has MC noise of its own (8 samples: the
         # BNN alone spans 1.1 pt over MC seeds 0-7 here); the saturation bug cost 5-11 pt.
-        assert abs(acc_qbnn - acc_bnn) <= 0.012 + 1e-9, (engine, mode, kernel, acc_bnn, acc_qbnn)
+        assert abs(acc_qbnn - acc_bnn) <= 0.012 + 1e-9, (engine, sampler, kernel, acc_bnn, acc_qbnn)
 
 
 # -- the same files on the non-VNNI kernels
@@ -245,6 +247,7 @@ def test_quant_suites_under_avx2_kernels(tmp_path):
     here = Path(__file__).parent
     files = [
         "test_quant_isa.py",
+        "test_quant_engine.py",
         "test_quant_inplace.py",
         "test_quant_flipout.py",
         "test_quant_digits.py",
@@ -272,7 +275,7 @@ def test_full_range_file_loads_exact_on_a_cpu_that_needs_reduced_range(prepared,
     _, pb, _ = prepared[engine]
     monkeypatch.setattr(qb, "cpu_caps", lambda: ICELAKE)  # saved on a VNNI CPU (whose probes pass)
     monkeypatch.setattr(qb, "probe_full_range", lambda *a: True)
-    q = convert(pb, mode="bank", bank_size=2)
+    q = convert(pb, sampler="bank", bank_size=2)
     assert q.qbdl_meta["activation_qmax"] == 255
     save_qbnn(q, tmp_path / "m.qbdl")
     monkeypatch.setattr(qb, "cpu_caps", lambda: ZEN1)  # loaded on an AVX2 CPU without VNNI
@@ -282,7 +285,7 @@ def test_full_range_file_loads_exact_on_a_cpu_that_needs_reduced_range(prepared,
     x = _data(6, 4)
     assert _check_trace(q2, x, "loaded") == 3
     monkeypatch.undo()
-    q3 = convert(pb, mode="bank", bank_size=2)  # quantized for this CPU's own kernels: exact here too
+    q3 = convert(pb, sampler="bank", bank_size=2)  # quantized for this CPU's own kernels: exact here too
     with torch.no_grad(), sampling(q3, "mean"), sampling(q2, "mean"):
         a, b = q3(x), q2(x)
     assert ((a - b).norm() / a.norm()) < 0.05

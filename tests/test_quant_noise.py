@@ -27,7 +27,7 @@ def qbnn():
             layer.sigma_bias,
         )
     prep = calibrate(prepare(bnn), [torch.randn(32, N_IN)], mc_samples=2)
-    q = convert(prep, mode="fresh", seed=5)
+    q = convert(prep, sampler="fresh", seed=5)
     with torch.no_grad():
         q(torch.randn(2, N_IN))  # builds the in-place samplers (the default fresh path)
     return q

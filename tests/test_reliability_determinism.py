@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from reliability_log import record, tiny_config
 from torch.utils.data import Dataset
 
-import qbdl.data.base as data_base
 import qbdl.data.leak as data_leak
+import qbdl.data.splits as data_splits
+from qbdl.bayes import dnn_to_bnn
 from qbdl.data import DigitsDataModule
 from qbdl.data.errors import DataLeakError
 from qbdl.lit import callbacks as cb_mod
+from qbdl.models import resnet20
 
 TIMING_KEYS = {"images_per_s", "forward_images_per_s", "eval_seconds"}
 PTQ = True  # these runs include PTQ: calibration is where test data could leak in, qbnn/qdnn must be reproducible
@@ -76,7 +78,7 @@ def _install_recorder(mp: pytest.MonkeyPatch) -> list[DigitsDataModule]:
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """One tiny run with every read of the underlying digits data recorded by phase."""
-    from qbdl.run import run
+    from qbdl.experiment.pipeline import run
 
     with pytest.MonkeyPatch.context() as mp:
         made = _install_recorder(mp)
@@ -91,7 +93,7 @@ def _strip(variants: dict) -> dict:
 
 def test_same_seed_gives_identical_metrics(recorded_run, tmp_path):
     """Two runs with seed 7 (the first with the read recorder in place): results.json variants equal exactly."""
-    from qbdl.run import run
+    from qbdl.experiment.pipeline import run
 
     first, _ = recorded_run
     second = run(tiny_config(tmp_path, ["seed=7"], ptq=PTQ))
@@ -151,10 +153,20 @@ def test_ptq_callback_calibrates_on_training_items_only(monkeypatch, tmp_path):
         return model
 
     monkeypatch.setattr(cb_mod.quant, "quantize_bnn", fake_quantize)
-    monkeypatch.setattr(cb_mod.quant, "save_qbnn", lambda model, path: None)
-    ptq = cb_mod.PTQCallback("x86", "fresh", 2, "auto", 16, 4, None, 1, "minmax", 0, False, str(tmp_path))
+    monkeypatch.setattr(cb_mod.quant, "save_qbnn", lambda model, path: Path(path).write_bytes(b""))
+    ptq = cb_mod.PTQCallback(
+        str(tmp_path),
+        quantize_dnn=False,
+        backend="x86",
+        sampler="fresh",
+        bank_size=2,
+        calib_batches=4,
+        mc_samples=1,
+        observer="minmax",
+        seed=0,
+    )
     trainer = SimpleNamespace(is_global_zero=True, datamodule=dm)
-    ptq.on_fit_end(trainer, SimpleNamespace(model=torch.nn.Identity()))
+    ptq.on_fit_end(trainer, SimpleNamespace(model=dnn_to_bnn(resnet20(10, 1))))
     split = dm.split_indices()
     calib = [i for p, i in made[0].recorder.reads if p == "calibration"]
     assert len(calib) == sum(seen_batches) > 0
@@ -178,7 +190,7 @@ def test_split_bug_is_caught_in_code():
     for attr in ("calib", "val"):
         broken = copy.copy(dm)
         test = dm._datasets["test"]
-        leaky = data_base.TransformSubset(test.base, [*test.indices[:3], *dm._split_idx["train"][:10]])
+        leaky = data_splits.TransformSubset(test.base, [*test.indices[:3], *dm._split_idx["train"][:10]])
         if attr == "calib":
             broken._calib = leaky
             call = broken.calib_dataloader

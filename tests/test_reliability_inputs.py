@@ -17,8 +17,8 @@ from PIL import Image
 from reliability_log import record, tiny_config, tiny_overrides
 
 from qbdl.data import ColorectalDataModule, ImageNetDataModule
-from qbdl.data.base import check_labels
 from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
+from qbdl.data.splits import check_labels
 
 FULL = os.environ.get("QBDL_RELIABILITY_FULL") == "1"
 
@@ -103,7 +103,7 @@ def _leak_overrides() -> list[str]:
 
 
 def test_ood_set_equal_to_test_set_is_refused(tmp_path):
-    from qbdl.run import run
+    from qbdl.experiment.pipeline import run
 
     with pytest.raises(ValueError, match="OOD set 'leak'") as info:
         run(tiny_config(tmp_path, _leak_overrides()))
@@ -277,10 +277,20 @@ def test_empty_calibration_set():
     bnn = dnn_to_bnn(resnet20(10, 1)).eval()
     with pytest.raises(ValueError, match="calibration set is empty"):
         quant.quantize_bnn(
-            bnn, [], backend="x86", mode="fresh", calib_batches=4, mc_samples=1, observer="minmax"
+            bnn, [], backend="x86", sampler="fresh", calib_batches=4, mc_samples=1, observer="minmax"
         )
     with pytest.raises(ValueError, match="calib_batches"):
-        PTQCallback("x86", "fresh", 2, "auto", 16, 0, None, 1, "minmax", 0, False, "unused")
+        PTQCallback(
+            "unused",
+            quantize_dnn=False,
+            backend="x86",
+            sampler="fresh",
+            bank_size=2,
+            calib_batches=0,
+            mc_samples=1,
+            observer="minmax",
+            seed=0,
+        )
     record(
         "test_empty_calibration_set",
         "bad input",
@@ -316,8 +326,8 @@ class Poison(L.Callback):
 
 @pytest.mark.parametrize(("value", "target"), [("nan", "weights"), ("inf", "weights"), ("nan", "input")])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, value, target):
+    from qbdl.experiment.pipeline import run
     from qbdl.lit.module import NonFiniteLossError
-    from qbdl.run import run
 
     step = 2
     overrides = [
@@ -351,7 +361,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, value, t
 
 def test_truncated_tiff_png_jpeg_in_memory():
     """The PIL decoders the readers use fail loudly (never silently) on truncated bytes of each format."""
-    from qbdl.data.base import image_problem
+    from qbdl.data.sources import image_problem
 
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB")

@@ -20,7 +20,7 @@ from reliability_log import record, tiny_config, tiny_overrides
 
 from qbdl.io import safe_torch_load
 from qbdl.models import load_weights, resnet20
-from qbdl.stages import load_state
+from qbdl.models.files import load_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -122,14 +122,14 @@ def test_lightning_resume_refuses_crafted_last_ckpt(tmp_path, stage):
     overrides = ["dnn.max_epochs=1"]
     if stage == "bnn":
         # the DNN stage is complete (its output exists), so the BNN fit is the one that resumes
-        from qbdl.stages import save_state
+        from qbdl.models.files import save_state
 
         out.mkdir()
         save_state(resnet20(10, 1), out / "dnn.safetensors")
     ckpt = out / "checkpoints" / stage / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     craft(ckpt, marker, wrap="lightning")
-    from qbdl.run import run
+    from qbdl.experiment.pipeline import run
 
     with pytest.raises(ValueError, match="refusing to resume") as info:
         run(tiny_config(out, overrides))

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_paired_claims_with_t_interval(hand_made):
     assert q.verdict == "different"
     assert cl["qbnn", "bnn", "nll"].verdict == "equivalent within ±0.01"  # identical: d = 0 on every seed
     assert cl["qbnn", "bnn", "size_bytes"].kind == "difference"  # no margin: the two-sided test only
-    assert {m for a, b, m in cl if a == "qbnn"} == set(multi.METRICS)
+    assert {m for a, b, m in cl if a == "qbnn"} == set(multi.SEED_METRICS)
 
 
 def _group(diffs, metric="accuracy", margin=None, devices=("cpu", "cpu")):
@@ -109,7 +110,7 @@ def _group(diffs, metric="accuracy", margin=None, devices=("cpu", "cpu")):
             "qbnn": {metric: 0.5 + d, "device": devices[0]},
             "bnn": {metric: 0.5, "device": devices[1]},
         }
-        runs.append(multi.Run(multi.Path(f"r{i}"), {"variants": variants, "config": cfg}))
+        runs.append(multi.Run(Path(f"r{i}"), {"variants": variants, "config": cfg}))
     return multi.Group(runs)
 
 

@@ -6,9 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from helpers_run import compose_config
 
-from qbdl.run import run
+from qbdl.experiment.pipeline import run
 
 KEYS = [
     "accuracy",
@@ -118,3 +119,37 @@ def test_bad_config_gives_clear_error(tmp_path):
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "nosuch" in text and "backend" in text
+
+
+def test_start_up_estimate_is_kept_beside_the_actual_times(tiny_run):
+    _, res = tiny_run
+    est = res["estimate"]
+    assert set(est["seconds"]["evaluation"]) == {"dnn", "qdnn", "bnn", "bnn_mean", "qbnn"}
+    assert min(est["seconds"]["evaluation"].values()) > 0 and est["seconds"]["calibration"] > 0
+    assert est["seconds"]["dnn_fit"] > 0 and est["seconds"]["bnn_fit"] > 0
+    assert est["images"]["test"] == res["variants"]["bnn"]["n_test"]
+    # the probe's per-image forward time against the evaluation's own measurement of the same variant
+    for v in ("dnn", "bnn", "qbnn"):
+        r = res["variants"][v]
+        actual = r["eval_seconds"] / (r["timed_images"] * r["samples"])
+        assert 0.1 < est["per_image_forward"][v] / actual < 10, (v, est["per_image_forward"][v], actual)
+
+
+def test_estimate_arithmetic(monkeypatch):
+    """Every probe timed at 1 s: the estimate is the run's counts times that, exactly."""
+    from qbdl.experiment import estimate as E
+    from qbdl.models import resnet20
+
+    assert [E.limited(10, lim) for lim in (None, 4, 0.5, 1.0, 30)] == [10, 4, 5, 10, 10]
+    monkeypatch.setattr(E, "_seconds", lambda fn, reps=2: 1.0)
+    est = E.estimate_run(
+        dnn=resnet20(10, 1), train_batch=(torch.randn(4, 1, 16, 16), torch.arange(4)),
+        eval_batch=torch.randn(8, 1, 16, 16), n_train=100, dnn_steps=6, bnn_steps=3, val_images=40,
+        val_mc_samples=2, bayes={}, quant_options=None, quantize_dnn=False,
+        variants=["dnn", "bnn", "bnn_ts", "qbnn"], mc_samples=4,
+        images={"test": 80, "ood": 20, "val": 16, "shift": 0},
+    )  # fmt: skip
+    s = est["seconds"]
+    assert s["dnn_fit"] == 6 and s["bnn_fit"] == 3 + (1 / 8) * 2 * 40 and s["calibration"] == 0
+    assert s["evaluation"] == {"dnn": 100 / 8, "bnn": 4 * (100 + 16) / 8}  # no qbnn without PTQ
+    assert s["total"] == 6 + 13 + 12.5 + 58

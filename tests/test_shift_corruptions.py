@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from qbdl.data.shift import (
+from qbdl.data.corruptions import (
     CORRUPTIONS,
     DEFAULT_LISTS,
     IMAGENET_C,

@@ -27,6 +27,7 @@ from qbdl.data import (
     ImageNetDataModule,
     MNISTDataModule,
 )
+from qbdl.data.corruptions import IMAGENET_C
 from qbdl.data.shift import shift_datasets, validate_shift
 
 CONF = Path(shift.__file__).resolve().parents[1] / "conf" / "shift"
@@ -99,7 +100,7 @@ def test_config_files_validate_for_their_data(digits: DigitsDataModule) -> None:
         assert set(cfg) == set(shift.SHIFT_KEYS), fname
         validate_shift(cfg, dm)
     imc = OmegaConf.load(CONF / "imagenet_c.yaml")
-    assert list(imc.corruptions) == list(shift.IMAGENET_C) and list(imc.severities) == [1, 2, 3, 4, 5]
+    assert list(imc.corruptions) == list(IMAGENET_C) and list(imc.severities) == [1, 2, 3, 4, 5]
 
 
 def test_mnist_and_colorectal_shift_datasets(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Data-shift evaluation (qbdl.shift_eval) on a tiny real model and the embedded digits at 8x8."""
+"""Data-shift evaluation (qbdl.experiment.shift) on a tiny real model and the embedded digits at 8x8."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import qbdl.shift_eval as se
+import qbdl.experiment.shift as se
 from qbdl import metrics
 from qbdl.bayes import dnn_to_bnn
 from qbdl.data import DigitsDataModule
 from qbdl.data.shift import shift_datasets
-from qbdl.evaluation import Variant, predict_loader
+from qbdl.experiment.evaluate import Variant, predict_loader
 from qbdl.io import atomic_write_json
 from qbdl.report import multi
 
@@ -288,7 +288,7 @@ def test_multi_seed_report_has_a_data_shift_section(tmp_path: Path) -> None:
 def test_bad_shift_config_fails_at_start_up_before_any_training(tmp_path, overrides, match):
     from helpers_run import compose_config
 
-    from qbdl.run import run
+    from qbdl.experiment.pipeline import run
 
     with pytest.raises(ValueError, match=match):
         run(compose_config(tmp_path, overrides))

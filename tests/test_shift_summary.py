@@ -7,8 +7,8 @@ import math
 import pytest
 from matplotlib.patches import PathPatch
 
+from qbdl.metrics.shift import box_stats, corruption_errors, paired_differences, severity_summary
 from qbdl.report.shift_plots import save_figure, severity_boxplot, shift_difference_plot
-from qbdl.shift_summary import box_stats, corruption_errors, paired_differences, severity_summary
 
 # results[variant][corruption][severity] = {metric: value}; severities as strings (JSON) for bnn
 RESULTS = {

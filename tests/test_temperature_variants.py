@@ -6,7 +6,7 @@ from torch import nn
 
 from qbdl import metrics
 from qbdl.bayes import dnn_to_bnn, mc_logits
-from qbdl.evaluation import Variant, evaluate_variants
+from qbdl.experiment.evaluate import Variant, evaluate_variants
 
 
 def _data(n, seed):
@@ -32,13 +32,14 @@ def nets():
 def test_ts_variants_fit_on_validation_and_scale_each_sample(nets):
     dnn, bnn = nets
     test, val, ood = _data(160, 2), _data(96, 3), _data(64, 4)
-    res, pred, _ = evaluate_variants(
+    ev = evaluate_variants(
         [Variant("dnn", dnn, 1, 0), Variant("bnn", bnn, 4, 0)],
         test,
         {"shifted": [(x * 3, y) for x, y in ood]},
         seed=7, target_accuracy=0.9, n_bins=10, score="entropy",
         temperature_scaled=["dnn", "bnn"], val_loader=val, ood_groups={"shifted": "far"},
     )  # fmt: skip
+    res, pred = ev.metrics, ev.predictions
     assert list(res) == ["dnn", "dnn_ts", "bnn", "bnn_ts"]
     for name, v in (("dnn", dnn), ("bnn", bnn)):
         samples = 1 if name == "dnn" else 4

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qbdl.bayes import WeightBank, dnn_to_bnn, set_mc_index
-from qbdl.evaluation import state_dict_bytes
 from qbdl.io import atomic_write_bytes, atomic_write_json
 from qbdl.machine import machine_info
+from qbdl.models.files import state_dict_bytes
 from qbdl.quant import calibrate, convert, prepare, save_qbnn
 from qbdl.quant.backend import int8_summary
 
@@ -71,7 +71,7 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
     if "bnn_fp32_bank" in want:
         out["bnn_fp32_bank"] = WeightBank(bnn, cfg.bank_size, seed=cfg.seed)
         sizes["bnn_fp32_bank"] = state_dict_bytes(bnn)  # the bank is redrawn from the seed, not stored
-    qbnns = {  # name: (sampling, fresh_kernel); fresh_prepack: the re-packing path, for comparison
+    qbnns = {  # name: (sampler, fresh_kernel); fresh_prepack: the re-packing path, for comparison
         "qbnn_int8_fresh": ("fresh", "auto"),
         "qbnn_int8_fresh_prepack": ("fresh", "prepack"),
         "qbnn_int8_bank": ("bank", "auto"),
@@ -81,10 +81,10 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
         per_example = "qbnn_int8_flipout" in want
         prep = prepare(bnn, backend=cfg.backend, per_example=per_example)
         prep = calibrate(prep, calib, mc_samples=1, seed=cfg.seed)
-        for name, (mode, kernel) in qbnns.items():
+        for name, (sampler, kernel) in qbnns.items():
             if name in want:
                 q = convert(
-                    prep, mode=mode, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend,
+                    prep, sampler=sampler, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend,
                     fresh_kernel=kernel,
                 )  # fmt: skip
                 out[name], sizes[name] = q, _int8_size(q)

@@ -1,5 +1,7 @@
 """How the format-1 files here were written: with qbdl at commit f21607b (the quantized-tensor engine), run
-`PYTHONPATH=<that checkout>/src python tests/data/make_v1_files.py tests/data x86` (and `fbgemm`)."""
+`PYTHONPATH=<that checkout>/src python tests/data/make_v1_files.py tests/data x86` (and `fbgemm`).
+qbnn_v2_bank.qbdl (+ _outputs): the same script at commit fade3a1 (format 2, before `mode` became `sampler`),
+its x86 output files renamed."""
 
 import sys
 

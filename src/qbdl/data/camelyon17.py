@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from qbdl.data.base import (
-    ImageDataModule,
-    ImageSource,
-    ImageSpec,
-    SpecTransform,
-    TransformSubset,
-    as_float_tuple,
-    check_labels,
-    seeded_subset,
-    verify_source,
-)
 from qbdl.data.colorectal import histology_transforms
 from qbdl.data.errors import DataNotFoundError, not_found_message
+from qbdl.data.module import CLASS_DEFAULT, DataSettings, ImageDataModule
+from qbdl.data.sources import ImageSource, verify_source
+from qbdl.data.splits import TransformSubset, check_labels, seeded_subset
+from qbdl.data.transforms import ImageSpec, SpecTransform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +74,26 @@ class Camelyon17DataModule(ImageDataModule):
     """Camelyon17-WILDS: 96x96 RGB lymph-node patches, 2 classes (tumor in the central 32x32 or not)."""
 
     name = "camelyon17"
+    num_classes = 2
+    class_names = ("normal", "tumor")
+    root = "data/wilds"
+    image_size = 96
 
     def __init__(
         self,
-        root: str | Path | None = "data/wilds",
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 96,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        root: str | Path | None = CLASS_DEFAULT,
+        *,
         download: bool = False,
         split_scheme: str = "official",
         splits: Mapping[str, str] = DEFAULT_ROLES,
         max_train: int | None = None,
         max_val: int | None = None,
         max_test: int | None = None,
-        augment: bool = True,
         verify: bool = True,
         on_bad_file: str = "skip",
+        **settings: Unpack[DataSettings],
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
+        super().__init__(root, **settings)
         self.download = bool(download)
         self.split_scheme = str(split_scheme)
         # which wilds split plays which role when Camelyon17 is the in-distribution data
@@ -108,12 +101,8 @@ class Camelyon17DataModule(ImageDataModule):
         if set(self.splits) != {"train", "val", "test"} or not set(self.splits.values()) <= set(WILDS_SPLITS):
             raise ValueError(f"camelyon17: splits maps train/val/test to {WILDS_SPLITS}, got {self.splits}")
         self.caps = {"train": max_train, "val": max_val, "test": max_test}
-        self.augment = bool(augment)
         self.verify = bool(verify)
         self.on_bad_file = str(on_bad_file)
-        self.num_classes = 2
-        self.class_names = ["normal", "tumor"]
-        self.spec = ImageSpec(self.image_size, 3, as_float_tuple(mean), as_float_tuple(std))
         self.wilds_dataset: Any = None
         self._wilds_idx: dict[str, np.ndarray] = {}
 

@@ -7,24 +7,19 @@ import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision.transforms.v2 as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from qbdl.data.base import (
-    FileSource,
-    ImageDataModule,
-    ImageSource,
-    ImageSpec,
-    TransformSubset,
-    ZipSource,
-    as_float_tuple,
-    check_labels,
-    stratified_split,
-    verify_source,
-)
 from qbdl.data.errors import DataNotFoundError, not_found_message
+from qbdl.data.module import CLASS_DEFAULT, DataSettings, ImageDataModule
+from qbdl.data.sources import FileSource, ImageSource, ZipSource, verify_source
+from qbdl.data.splits import TransformSubset, check_labels, stratified_split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -79,37 +74,30 @@ class ColorectalDataModule(ImageDataModule):
     """Kather 2016: 5,000 tiles, 8 classes in folder order; seeded stratified train/val/test split."""
 
     name = "colorectal"
+    num_classes = len(KATHER_CLASSES)
+    class_names = tuple(KATHER_CLASSES)
+    root = "data/colorectal"
+    batch_size = 32
 
     def __init__(
         self,
-        root: str | Path | None = "data/colorectal",
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        root: str | Path | None = CLASS_DEFAULT,
+        *,
         test_fraction: float = 0.2,
         val_fraction: float = 0.1,
         source: str = "auto",
-        augment: bool = True,
         verify: bool = True,
         on_bad_file: str = "skip",
+        **settings: Unpack[DataSettings],
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
+        super().__init__(root, **settings)
         if source not in ("auto", "folder", "zip"):
             raise ValueError(f"colorectal: source must be auto, folder or zip, got {source!r}")
         self.test_fraction = float(test_fraction)
         self.val_fraction = float(val_fraction)
         self.source_kind = source
-        self.augment = bool(augment)
         self.verify = bool(verify)
         self.on_bad_file = str(on_bad_file)
-        self.num_classes = len(KATHER_CLASSES)
-        self.class_names = list(KATHER_CLASSES)
-        self.spec = ImageSpec(self.image_size, 3, as_float_tuple(mean), as_float_tuple(std))
         self.source: ImageSource | None = None
 
     def _missing(self, path: Path | None, problem: str = "not found") -> DataNotFoundError:

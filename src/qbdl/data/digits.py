@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits, load_sample_images
 from torch.utils.data import Dataset, TensorDataset
 
-from qbdl.data.base import (
-    ImageDataModule,
-    ImageSpec,
-    TransformSubset,
-    as_float_tuple,
-    check_labels,
-    stratified_split,
-)
+from qbdl.data.module import CLASS_DEFAULT, DataSettings, ImageDataModule
+from qbdl.data.splits import TransformSubset, check_labels, stratified_split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 DIGITS_MAX = 16.0  # load_digits pixel values are integers 0..16
 
@@ -55,27 +52,28 @@ class DigitsDataModule(ImageDataModule):
     """sklearn digits (1,797 real 8x8 images, 10 classes) upsampled to ``image_size``, 1 channel."""
 
     name = "digits"
+    in_chans = 1
+    num_classes = 10
+    class_names = tuple(str(i) for i in range(10))
+    num_workers = 0
+    image_size = 16
+    mean = (0.3053,)
+    std = (0.3760,)
+    augment = False
 
     def __init__(
         self,
-        root: str | Path | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 16,
+        root: str | Path | None = CLASS_DEFAULT,
+        *,
         train_fraction: float = 0.6,
         val_fraction: float = 0.12,
         test_fraction: float = 0.28,
-        mean: Sequence[float] = (0.3053,),
-        std: Sequence[float] = (0.3760,),
-        augment: bool = False,
         augment_shift: int = 1,
         n_photos: int | None = 256,
         photo_min_levels: int = 10,
+        **settings: Unpack[DataSettings],
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
+        super().__init__(root, **settings)
         total = train_fraction + val_fraction + test_fraction
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"digits: train/val/test fractions must sum to 1, got {total}")
@@ -84,13 +82,9 @@ class DigitsDataModule(ImageDataModule):
             "val": float(val_fraction),
             "test": float(test_fraction),
         }
-        self.augment = bool(augment)
         self.augment_shift = int(augment_shift)
         self.n_photos = n_photos
         self.photo_min_levels = int(photo_min_levels)
-        self.num_classes = 10
-        self.class_names = [str(i) for i in range(10)]
-        self.spec = ImageSpec(self.image_size, 1, as_float_tuple(mean), as_float_tuple(std))
         self._ood: dict[str, Dataset] = {}
 
     def transform_raw(self, x: torch.Tensor) -> torch.Tensor:

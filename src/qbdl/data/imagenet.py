@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,18 +13,13 @@ import torchvision.transforms.v2 as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from qbdl.data.base import (
-    FileSource,
-    ImageDataModule,
-    ImageSpec,
-    TransformSubset,
-    as_float_tuple,
-    check_labels,
-    seeded_subset,
-    stratified_split,
-    verify_source,
-)
 from qbdl.data.errors import DataNotFoundError, not_found_message
+from qbdl.data.module import CLASS_DEFAULT, DataSettings, ImageDataModule
+from qbdl.data.sources import FileSource, verify_source
+from qbdl.data.splits import TransformSubset, check_labels, seeded_subset, stratified_split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 IMAGENET_LAYOUT = """
 ROOT/
@@ -92,35 +88,28 @@ class ImageNetDataModule(ImageDataModule):
     """ImageNet-1k: train = train/ minus a seeded val carve-out; test = the official val/ folder."""
 
     name = "imagenet"
+    root = "data/imagenet"
+    num_workers = 4
 
     def __init__(
         self,
-        root: str | Path | None = "data/imagenet",
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 224,
+        root: str | Path | None = CLASS_DEFAULT,
+        *,
         resize_size: int = 256,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
         val_fraction: float = 0.01,
         max_train: int | None = None,
         max_val: int | None = None,
         max_test: int | None = None,
-        augment: bool = True,
         verify: bool = False,
         on_bad_file: str = "skip",
+        **settings: Unpack[DataSettings],
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
+        super().__init__(root, **settings)
         self.resize_size = int(resize_size)
         self.val_fraction = float(val_fraction)
         self.caps = {"train": max_train, "val": max_val, "test": max_test}
-        self.augment = bool(augment)
         self.verify = bool(verify)
         self.on_bad_file = str(on_bad_file)
-        self.spec = ImageSpec(self.image_size, 3, as_float_tuple(mean), as_float_tuple(std))
 
     def _setup(self) -> None:
         if self.root is None or not self.root.is_dir():

@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from qbdl.data.base import SpecTransform, check_labels
+from qbdl.data.corruptions import IMAGENET_C, IMAGENET_C_EXTRA, MNIST_C_OFFICIAL
 from qbdl.data.errors import DataNotFoundError, not_found_message
-from qbdl.data.shift import IMAGENET_C, IMAGENET_C_EXTRA, MNIST_C_OFFICIAL
+from qbdl.data.splits import check_labels
+from qbdl.data.transforms import SpecTransform
 
 IMAGENET_C_LAYOUT = """
 ROOT/

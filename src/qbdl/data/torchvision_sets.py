@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from torchvision import datasets as tvd
 
-from qbdl.data.base import (
-    ImageDataModule,
-    ImageSpec,
-    TransformSubset,
-    as_float_tuple,
-    check_labels,
-    seeded_subset,
-    stratified_split,
-)
 from qbdl.data.errors import DataNotFoundError, not_found_message
+from qbdl.data.module import CLASS_DEFAULT, DataSettings, ImageDataModule
+from qbdl.data.splits import TransformSubset, check_labels, seeded_subset, stratified_split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 
 class TorchvisionDataModule(ImageDataModule):
@@ -28,36 +23,32 @@ class TorchvisionDataModule(ImageDataModule):
 
     name = "torchvision"
     native_size: ClassVar[int] = 28
-    native_chans: ClassVar[int] = 1
+    in_chans = 1
+    num_classes = 10
     required: ClassVar[tuple[str, ...]] = ()  # files (relative to root) torchvision reads
     layout: ClassVar[str] = ""
     url: ClassVar[str] = ""
     flip: ClassVar[bool] = False  # horizontal flips keep the class (CIFAR) or not (digits, SVHN)
+    root = "data"
+    batch_size = 128
+    image_size = 32
+    augment = False
 
     def __init__(
         self,
-        root: str | Path | None,
-        batch_size: int,
-        eval_batch_size: int | None,
-        num_workers: int,
-        pin_memory: bool,
-        seed: int,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        val_fraction: float,
-        max_train: int | None,
-        max_val: int | None,
-        max_test: int | None,
-        augment: bool,
-        download: bool,
+        root: str | Path | None = CLASS_DEFAULT,
+        *,
+        val_fraction: float = 0.1,
+        max_train: int | None = None,
+        max_val: int | None = None,
+        max_test: int | None = None,
+        download: bool = False,
+        **settings: Unpack[DataSettings],
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size)
+        super().__init__(root, **settings)
         self.val_fraction = float(val_fraction)
         self.caps = {"train": max_train, "val": max_val, "test": max_test}
-        self.augment = bool(augment)
         self.download = bool(download)
-        self.spec = ImageSpec(self.image_size, self.native_chans, as_float_tuple(mean), as_float_tuple(std))
 
     # -- per data set
     def _make(self, train: bool) -> Any:  # pragma: no cover - interface
@@ -80,7 +71,7 @@ class TorchvisionDataModule(ImageDataModule):
 
     def transforms(self, train: bool) -> T.Compose:
         """PIL -> normalised tensor; resize when image_size differs from the native size; light augmentation."""
-        ops: list[Any] = [T.RGB()] if self.native_chans == 3 else []
+        ops: list[Any] = [T.RGB()] if self.in_chans == 3 else []
         if self.image_size != self.native_size:
             ops.append(T.Resize((self.image_size, self.image_size), antialias=True))
         if train and self.augment:
@@ -153,31 +144,9 @@ class MNISTDataModule(TorchvisionDataModule):
     required = _idx_files("MNIST")
     layout = _MNIST_LAYOUT.format(d="MNIST")
     url = "https://yann.lecun.com/exdb/mnist/ (torchvision mirrors)"
-
-    def __init__(
-        self,
-        root: str | Path | None = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.1307,),
-        std: Sequence[float] = (0.3081,),
-        val_fraction: float = 0.1,
-        max_train: int | None = None,
-        max_val: int | None = None,
-        max_test: int | None = None,
-        augment: bool = False,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size, mean, std,
-            val_fraction, max_train, max_val, max_test, augment, download,
-        )  # fmt: skip
-        self.num_classes = 10
-        self.class_names = list(tvd.MNIST.classes)
+    class_names = tuple(tvd.MNIST.classes)
+    mean = (0.1307,)
+    std = (0.3081,)
 
     def _make(self, train: bool) -> Any:
         return tvd.MNIST(str(self.root), train=train, download=self.download)
@@ -190,31 +159,9 @@ class FashionMNISTDataModule(TorchvisionDataModule):
     required = _idx_files("FashionMNIST")
     layout = _MNIST_LAYOUT.format(d="FashionMNIST")
     url = "https://github.com/zalandoresearch/fashion-mnist"
-
-    def __init__(
-        self,
-        root: str | Path | None = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.2860,),
-        std: Sequence[float] = (0.3530,),
-        val_fraction: float = 0.1,
-        max_train: int | None = None,
-        max_val: int | None = None,
-        max_test: int | None = None,
-        augment: bool = False,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size, mean, std,
-            val_fraction, max_train, max_val, max_test, augment, download,
-        )  # fmt: skip
-        self.num_classes = 10
-        self.class_names = list(tvd.FashionMNIST.classes)
+    class_names = tuple(tvd.FashionMNIST.classes)
+    mean = (0.2860,)
+    std = (0.3530,)
 
     def _make(self, train: bool) -> Any:
         return tvd.FashionMNIST(str(self.root), train=train, download=self.download)
@@ -225,7 +172,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     name = "cifar10"
     native_size = 32
-    native_chans = 3
+    in_chans = 3
     flip = True
     required = tuple(
         f"cifar-10-batches-py/{f}" for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -236,42 +183,10 @@ ROOT/
     data_batch_1 ... data_batch_5  test_batch  batches.meta
 """
     url = "https://www.cs.toronto.edu/~kriz/cifar.html"
-
-    def __init__(
-        self,
-        root: str | Path | None = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-        std: Sequence[float] = (0.2470, 0.2435, 0.2616),
-        val_fraction: float = 0.1,
-        max_train: int | None = None,
-        max_val: int | None = None,
-        max_test: int | None = None,
-        augment: bool = True,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size, mean, std,
-            val_fraction, max_train, max_val, max_test, augment, download,
-        )  # fmt: skip
-        self.num_classes = 10
-        self.class_names = [
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ]
+    class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    augment = True
 
     def _make(self, train: bool) -> Any:
         return tvd.CIFAR10(str(self.root), train=train, download=self.download)
@@ -282,7 +197,7 @@ class SVHNDataModule(TorchvisionDataModule):
 
     name = "svhn"
     native_size = 32
-    native_chans = 3
+    in_chans = 3
     required = ("train_32x32.mat", "test_32x32.mat")
     layout = """
 ROOT/
@@ -290,31 +205,10 @@ ROOT/
   test_32x32.mat
 """
     url = "http://ufldl.stanford.edu/housenumbers/"
-
-    def __init__(
-        self,
-        root: str | Path | None = "data/svhn",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        seed: int = 0,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.4377, 0.4438, 0.4728),
-        std: Sequence[float] = (0.1980, 0.2010, 0.1970),
-        val_fraction: float = 0.1,
-        max_train: int | None = None,
-        max_val: int | None = None,
-        max_test: int | None = None,
-        augment: bool = False,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, pin_memory, seed, image_size, mean, std,
-            val_fraction, max_train, max_val, max_test, augment, download,
-        )  # fmt: skip
-        self.num_classes = 10
-        self.class_names = [str(i) for i in range(10)]
+    class_names = tuple(str(i) for i in range(10))
+    root = "data/svhn"
+    mean = (0.4377, 0.4438, 0.4728)
+    std = (0.1980, 0.2010, 0.1970)
 
     @staticmethod
     def _targets(ds: Any) -> np.ndarray:

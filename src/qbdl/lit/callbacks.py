@@ -1,238 +1,253 @@
-"""Callbacks run after the BNN fit: post-training quantization, then uncertainty evaluation."""
+"""Lightning adapters of qbdl's stages: post-training quantization, then evaluation, after any BNN fit.
+
+Both work in any Trainer whose LightningModule holds a Bayesian network (from qbdl.bayes.dnn_to_bnn) as
+`.model` (or is one) and whose LightningDataModule has test_dataloader() (val_dataloader() for the `_ts`
+variants). The evaluation writes results.json, predictions, plots and report.html to `out_dir`.
+"""
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qbdl import quant
-from qbdl.bayes import sampling
-from qbdl.evaluation import (
-    Variant,
-    evaluate_variants,
-    model_fingerprint,
-    save_plots,
-    save_predictions,
-    state_dict_bytes,
-    tensors_fingerprint,
-)
-from qbdl.io import atomic_write_json
+from qbdl.bayes.layers import BayesianLayer
+from qbdl.experiment.evaluate import Variant, evaluate_variants, model_variants, save_plots, save_predictions
+from qbdl.experiment.loggers import log_results
+from qbdl.experiment.quantize import Quantized, calibration_batches, load_quantized, quantize_to_file
+from qbdl.experiment.results import RESULTS_FILE, build_results, data_summary, write_results
+from qbdl.experiment.shard import Shard, cpu_threads_per_rank, current_shard, destroy_group_at_exit
+from qbdl.experiment.stages import build_ood_loaders
 
 log = logging.getLogger(__name__)
-EVALUATION_FILE = "evaluation.json"  # the evaluation callback's results, written by rank 0
 
 
-def find_callback(callbacks: list, cls: type):
-    """The first callback of type `cls`, or None."""
-    return next((c for c in callbacks if isinstance(c, cls)), None)
-
-
-class MeanWeights(nn.Module):
-    """The BNN run on its posterior-mean weights: the control for 'Bayesian averaging vs extra training'."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        with sampling(self.model, "mean"):
-            return self.model(x)
+def bayesian_model(pl_module: L.LightningModule) -> nn.Module:
+    """The Bayesian network a LightningModule holds: its `.model`, else the module itself."""
+    model = getattr(pl_module, "model", pl_module)
+    if not isinstance(model, nn.Module) or not any(isinstance(m, BayesianLayer) for m in model.modules()):
+        raise ValueError(
+            f"{type(pl_module).__name__} holds no Bayesian network: qbdl's callbacks quantize and evaluate "
+            "the BNN at `pl_module.model` (or the module itself). Convert the network with "
+            "qbdl.bayes.dnn_to_bnn(net) and keep it as self.model."
+        )
+    return model
 
 
 class PTQCallback(L.Callback):
-    """After fit: prepare -> calibrate on training batches -> convert, for the BNN (qbnn) and the DNN (qdnn)."""
+    """After fit: calibrate on training batches and convert the BNN (qbnn) and, given one, the DNN (qdnn).
+
+    `options` are quant.quantize_bnn's (backend, sampler, bank_size, calib_batches, mc_samples, observer, seed,
+    fresh_kernel, noise_slots); the models are saved as `out_dir`/<name>.qbdl and reused by a resumed run
+    when made from the same weights, calibration batches and options.
+    """
 
     def __init__(
         self,
-        backend: str,
-        mode: str,
-        bank_size: int,
-        fresh_kernel: str,
-        noise_slots: int,
-        calib_batches: int,
-        calib_batch_size: int | None,
-        mc_samples: int,
-        observer: str,
-        seed: int,
-        quantize_dnn: bool,
         out_dir: str,
+        calib_batch_size: int | None = None,
+        quantize_dnn: bool = True,
+        reference: nn.Module | None = None,
+        **options: Any,
     ) -> None:
-        # Fail at start-up, not after hours of training: the options are only used once the fit ends.
-        quant.check_backend(backend)
-        for name, value, allowed in (
-            ("mode", mode, quant.SAMPLINGS),
-            ("fresh_kernel", fresh_kernel, quant.FRESH_KERNELS),
-            ("observer", observer, quant.OBSERVERS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown quant.{name} {value!r}; choose one of {list(allowed)}")
-        if calib_batches is not None and calib_batches < 1:
-            raise ValueError(
-                f"quant.calib_batches must be >= 1, got {calib_batches} (calibration needs data)"
-            )
-        self.cfg = dict(
-            backend=backend,
-            mode=mode,
-            bank_size=bank_size,
-            fresh_kernel=fresh_kernel,
-            noise_slots=noise_slots,
-            calib_batches=calib_batches,
-            mc_samples=mc_samples,
-            observer=observer,
-            seed=seed,
-        )
+        quant.check_options(**options)  # fail at start-up, not after hours of training
+        self.options = dict(options)
         self.calib_batch_size = calib_batch_size
         self.quantize_dnn = quantize_dnn
+        self.reference = reference  # the stage-1 DNN (qdnn when quantize_dnn)
         self.out_dir = Path(out_dir)
-        self.models: dict[str, nn.Module] = {}
-        self.reference: nn.Module | None = None
-        self.seconds: dict[str, float] = {}
+        self.quantized: dict[str, Quantized] = {}
 
-    def attach_reference(self, dnn: nn.Module) -> None:
-        """The stage-1 DNN, quantized too (qdnn) when quantize_dnn is set."""
-        self.reference = dnn
+    def settings(self) -> dict[str, Any]:
+        """The options this callback quantizes with (results.json's config.quant outside qbdl.run)."""
+        return {**self.options, "calib_batch_size": self.calib_batch_size, "quantize_dnn": self.quantize_dnn}
 
-    def fingerprint(self, model: nn.Module, calib: list) -> str:
-        """What determines a quantized model: the options, the weights and the calibration batches."""
-        h = hashlib.sha256(json.dumps(self.cfg, sort_keys=True).encode())
-        h.update(model_fingerprint(model).encode())
-        h.update(tensors_fingerprint(b[0] if isinstance(b, (tuple, list)) else b for b in calib).encode())
-        return h.hexdigest()
+    def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Quantized]:
+        """Run PTQ once (calibration reads training images only, never test data); later calls return it.
 
-    def _quantize(self, name: str, model: nn.Module, calib: list) -> None:
-        path = self.out_dir / f"{name}.qbdl"
-        fp = self.fingerprint(model, calib)
-        if path.exists():  # a resumed run: reused only if made from the same weights, batches and options
-            loaded = quant.load_qbnn(path)
-            if loaded.qbdl_meta.get("fingerprint") == fp:
-                log.info("loading %s from %s (already quantized)", name, path)
-                self.models[name] = loaded
-                return
-            log.info("%s: %s was made with other options, weights or data; quantizing again", name, path)
-        t0 = time.perf_counter()
-        cpu_model = copy.deepcopy(model).cpu().eval()
-        batches = tqdm(calib, desc=f"calibrate {name}", leave=False, dynamic_ncols=True)
-        q = quant.quantize_bnn(cpu_model, batches, **self.cfg)
-        q.qbdl_meta = {**getattr(q, "qbdl_meta", {}), "fingerprint": fp}
-        self.models[name] = q
-        self.seconds[name] = time.perf_counter() - t0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        quant.save_qbnn(self.models[name], path)
+        Under DDP every rank calls this: rank 0 calibrates, converts and saves, the others load its files.
+        """
+        if not self.quantized:
+            shard = current_shard()
+            models = {"qbnn": bayesian_model(pl_module)}
+            if self.quantize_dnn and self.reference is not None:
+                models["qdnn"] = self.reference
+            if shard.is_main:
+                calib = calibration_batches(
+                    trainer.datamodule, self.calib_batch_size, self.options.get("calib_batches")
+                )
+                for name, model in models.items():
+                    path = self.out_dir / f"{name}.qbdl"
+                    self.quantized[name] = quantize_to_file(name, model, calib, self.options, path)
+            shard.barrier()
+            if not shard.is_main:
+                self.quantized = {n: load_quantized(self.out_dir / f"{n}.qbdl") for n in models}
+        return self.quantized
 
-    def calibration_batches(self, trainer: L.Trainer) -> list:
-        """The calibration batches, drawn once: qbnn and qdnn are calibrated on the same images."""
-        loader = trainer.datamodule.calib_dataloader(self.calib_batch_size)
-        n = self.cfg["calib_batches"]
-        return list(loader if n is None else itertools.islice(loader, n))
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        destroy_group_at_exit()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        # Calibration reads training images only (DESIGN: never test data).
-        calib = self.calibration_batches(trainer)
-        self._quantize("qbnn", pl_module.model, calib)
-        if self.quantize_dnn and self.reference is not None:
-            self._quantize("qdnn", self.reference, calib)
+        self.quantize(trainer, pl_module)
 
 
 class EvaluationCallback(L.Callback):
-    """After fit (and PTQ): evaluate dnn, bnn, bnn_mean, qbnn, qdnn on the test and OOD sets with the same seeds."""
+    """After fit (and PTQ): evaluate the variants on the test and OOD sets with the same MC seeds.
+
+    Writes `out_dir`/results.json, predictions.npz, plots/ and report.html, and logs the numbers to the
+    Trainer's loggers. Variants: bnn, bnn_mean, dnn (with `reference`), qbnn/qdnn (with a PTQCallback),
+    each also as <name>_ts (temperature-scaled on the validation split); `variants=None` evaluates all
+    that the run has. OOD sets: `ood_loaders` ({name: DataLoader}, transformed like the test data), the
+    datamodule's built-in sets named in `builtin_ood`, and `ood` ({name: {datamodule, n, seed, split}}).
+    """
 
     def __init__(
         self,
-        variants: list[str],
-        mc_samples: int,
-        seed: int,
-        target_accuracy: float,
-        n_bins: int,
-        score: str,
         out_dir: str,
-        ood_groups: dict[str, str] | None = None,
-        shift: dict | None = None,
+        variants: Sequence[str] | None = None,
+        mc_samples: int = 8,
+        seed: int = 0,
+        target_accuracy: float = 0.995,
+        n_bins: int = 15,
+        score: str = "entropy",
+        batch_size: int = 256,
+        builtin_ood: Sequence[str] = (),
+        ood: Mapping[str, Mapping[str, Any]] | None = None,
+        ood_groups: Mapping[str, str] | None = None,
+        equivalence: Mapping[str, float] | None = None,
+        shift: Mapping[str, Any] | None = None,
+        reference: nn.Module | None = None,
+        ood_loaders: Mapping[str, Any] | None = None,
+        run_info: Mapping[str, Any] | None = None,
     ) -> None:
         bad = {k: g for k, g in (ood_groups or {}).items() if g not in ("near", "far")}
         if bad:
             raise ValueError(f"eval.ood_groups: each OOD set is 'near' or 'far', got {bad}")
-        self.ood_groups = dict(ood_groups or {})
-        self.shift = dict(shift or {})  # conf/shift: corruptions x severities of the test split
-        self.shift_results: dict = {}
-        self.variant_names = list(variants)
+        self.variant_names = None if variants is None else list(variants)
         self.mc_samples = mc_samples
         self.seed = seed
         self.target_accuracy = target_accuracy
         self.n_bins = n_bins
         self.score = score
+        self.batch_size = batch_size
+        self.builtin_ood = list(builtin_ood)
+        self.ood = dict(ood or {})
+        self.ood_groups = dict(ood_groups or {})
+        self.equivalence = dict(equivalence or {})
+        self.shift = dict(shift or {})  # conf/shift: corruptions x severities of the test split
+        self.reference = reference  # the stage-1 DNN (variant 'dnn')
+        self.user_ood = dict(ood_loaders or {})
+        # qbdl.run's config and earlier stages' timings; outside qbdl.run, the callbacks' own settings
+        self.run_info = dict(run_info or {})
         self.out_dir = Path(out_dir)
-        self.reference: nn.Module | None = None
-        self.ood_loaders: dict = {}
+        self._ood_loaders: dict | None = None
         self.results: dict = {}
-        self.plots: dict[str, str] = {}
 
-    def attach_reference(self, dnn: nn.Module) -> None:
-        """The stage-1 DNN (variant 'dnn')."""
-        self.reference = dnn
-
-    def attach_ood(self, loaders: dict) -> None:
-        """OOD loaders {name: DataLoader}, transformed like the in-distribution data."""
-        self.ood_loaders = dict(loaders)
-
-    def _variants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Variant]:
-        ptq = find_callback(trainer.callbacks, PTQCallback)
-        quantized = ptq.models if ptq else {}
-        bnn = pl_module.model.eval()
-        device = str(pl_module.device)
-        available: dict[str, Variant] = {
-            "bnn": Variant("bnn", bnn, self.mc_samples, state_dict_bytes(bnn), device),
-            "bnn_mean": Variant("bnn_mean", MeanWeights(bnn), 1, state_dict_bytes(bnn), device),
+    def settings(self) -> dict[str, Any]:
+        """What this callback evaluates with (results.json's config.eval outside qbdl.run)."""
+        keys = ("variant_names", "mc_samples", "seed", "target_accuracy", "n_bins", "score", "batch_size")
+        out = {k.removesuffix("_names"): getattr(self, k) for k in keys}
+        return out | {
+            "builtin_ood": self.builtin_ood,
+            "ood_groups": self.ood_groups,
+            "equivalence": self.equivalence,
+            "ood": sorted(self.ood_loaders_cached()),
         }
-        if self.reference is not None:
-            ref = self.reference.eval()
-            available["dnn"] = Variant("dnn", ref, 1, state_dict_bytes(ref), device)
-        for name, model in quantized.items():
-            size = (ptq.out_dir / f"{name}.qbdl").stat().st_size
-            available[name] = Variant(name, model, self.mc_samples if name == "qbnn" else 1, size, "cpu")
-        missing = [n for n in self.variant_names if n.removesuffix("_ts") not in available]
+
+    def ood_loaders_for(self, dm: Any) -> dict:
+        """The OOD loaders on `dm`'s transforms, built once; bad names and leaks into the test set fail here."""
+        if self._ood_loaders is None:
+            built = {}
+            if self.builtin_ood or self.ood:
+                built = build_ood_loaders(dm, self.builtin_ood, self.ood, self.batch_size)
+            self._ood_loaders = {**built, **self.user_ood}
+        return self._ood_loaders
+
+    def ood_loaders_cached(self) -> dict:
+        """The OOD loaders once built (or the user's, before)."""
+        return self._ood_loaders if self._ood_loaders is not None else self.user_ood
+
+    def _variants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[Variant], list[str]]:
+        """The models to evaluate and the requested names (with their `_ts` twins)."""
+        quantized: dict[str, Quantized] = {}
+        for cb in trainer.callbacks:  # PTQ first, whatever the callbacks' order
+            if isinstance(cb, PTQCallback):
+                quantized |= cb.quantize(trainer, pl_module)
+        available = model_variants(
+            bayesian_model(pl_module),
+            self.mc_samples,
+            str(pl_module.device),
+            reference=self.reference,
+            quantized={n: (q.model, q.size_bytes) for n, q in quantized.items()},
+        )
+        names = self.variant_names if self.variant_names is not None else list(available)
+        missing = [n for n in names if n.removesuffix("_ts") not in available]
         if missing:
             raise ValueError(
                 f"eval.variants asks for {missing}, which this run does not produce (it has {sorted(available)}, "
                 "each also temperature-scaled as <name>_ts). 'dnn' needs the DNN stage, 'qbnn'/'qdnn' the quant "
                 "callback (quant.quantize_dnn for qdnn)."
             )
-        bases = dict.fromkeys(n.removesuffix("_ts") for n in self.variant_names)
-        return [available[n] for n in bases]
+        return [available[n] for n in dict.fromkeys(n.removesuffix("_ts") for n in names)], names
 
-    def data_key(self, dm) -> str:
+    def data_key(self, dm: Any) -> str:
         """The test and OOD data a prediction is made on: datamodule, its settings and splits, the OOD sets."""
         parts = {
             "datamodule": type(dm).__name__,
             "spec": repr(getattr(dm, "spec", None)),
             "splits": dm.split_indices() if hasattr(dm, "split_indices") else None,
-            "ood": {k: len(getattr(v, "dataset", ())) for k, v in self.ood_loaders.items()},
+            "ood": {k: len(getattr(v, "dataset", ())) for k, v in self.ood_loaders_cached().items()},
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        destroy_group_at_exit()  # in every DDP worker, whoever's Trainer and module it is
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_end = time.perf_counter()  # before any on_fit_end (PTQ runs there)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank evaluates its share of each set; rank 0 gathers, computes the metrics and writes.
+        shard = current_shard()
+        threads = torch.get_num_threads()
+        if shard.world > 1:  # one process per rank on this machine's cores, not each on all of them
+            cap = self.run_info.get("threads") or threads  # qbdl.run's `threads`, else this process's
+            torch.set_num_threads(min(cap, cpu_threads_per_rank(trainer.num_devices)))
+        try:
+            self._evaluate(trainer, pl_module, shard)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, shard: Shard) -> None:
+        now = time.perf_counter()
+        fit_seconds = getattr(self, "_fit_end", now) - getattr(self, "_fit_start", now)
         dm = trainer.datamodule
-        test_loader = dm.test_dataloader()
-        ts = [n.removesuffix("_ts") for n in self.variant_names if n.endswith("_ts")]
-        variants = self._variants(trainer, pl_module)
+        if dm is None or not hasattr(dm, "test_dataloader"):
+            raise ValueError(
+                "EvaluationCallback needs the test set: pass a LightningDataModule with test_dataloader() "
+                "to trainer.fit(module, datamodule=dm)"
+            )
+        ood_loaders = self.ood_loaders_for(dm)
+        variants, names = self._variants(trainer, pl_module)
+        ts = [n.removesuffix("_ts") for n in names if n.endswith("_ts")]
         data_key = self.data_key(dm)
-        clean_logits: dict = {}
-        results, predictions, curves = evaluate_variants(
+        t0 = time.perf_counter()
+        ev = evaluate_variants(
             variants,
-            test_loader,
-            self.ood_loaders,
+            dm.test_dataloader(),
+            ood_loaders,
             seed=self.seed,
             target_accuracy=self.target_accuracy,
             n_bins=self.n_bins,
@@ -242,69 +257,45 @@ class EvaluationCallback(L.Callback):
             temperature_scaled=ts,
             val_loader=dm.val_dataloader() if ts else None,
             ood_groups=self.ood_groups,
-            test_logits=clean_logits,
+            shard=shard,
         )
-        self.results = results
-        save_predictions(predictions, self.out_dir / "predictions.npz")
-        self.plots = save_plots(curves, self.out_dir / "plots", self.target_accuracy)
-        # Under ddp_spawn this runs in the rank-0 worker: run() in the main process reads this file back.
-        ptq = find_callback(trainer.callbacks, PTQCallback)
-        state = {"variants": results, "plots": self.plots, "quantization_seconds": ptq.seconds if ptq else {}}
-        if self.shift.get("corruptions"):
-            self.shift_results = self._evaluate_shift(dm, variants, clean_logits, results, data_key)
-            state["shift"] = self.shift_results
-        atomic_write_json(self.out_dir / EVALUATION_FILE, state)
-        log_to_logger(trainer, results, self.plots, self.shift_results)
+        shift, shift_plots = {}, {}
+        if self.shift.get("corruptions"):  # every rank: its share of the corrupted sets too
+            from qbdl.experiment.shift import evaluate_shift_stage
 
-    def _evaluate_shift(
-        self, dm, variants: list[Variant], clean_logits: dict, results: dict, data_key: str
-    ) -> dict:
-        """Every variant on the corrupted test sets (conf/shift), with the clean evaluation's MC seeds."""
-        from qbdl.data.shift import shift_datasets
-        from qbdl.shift_eval import evaluate_shift, save_shift_plots, shift_table
-
-        sets = shift_datasets(dm, self.shift, cache_dir=self.out_dir / "shift_cache")
-        shift = evaluate_shift(
-            variants,
-            sets,
-            seed=self.seed,
-            batch_size=dm.eval_batch_size,
-            n_bins=self.n_bins,
-            clean_logits=clean_logits,
-            cache_dir=self.out_dir / "eval_cache" / "shift",
-            data_key=data_key,
-            baseline="dnn",
-            clean=results,
-            temperatures={
-                n.removesuffix("_ts"): r["temperature"] for n, r in results.items() if "temperature" in r
+            shift, shift_plots = evaluate_shift_stage(
+                dm, variants, self.shift, ev, seed=self.seed, n_bins=self.n_bins,
+                out_dir=self.out_dir, data_key=data_key, shard=shard,
+            )  # fmt: skip
+        if not shard.is_main:
+            return
+        save_predictions(ev.predictions, self.out_dir / "predictions.npz")
+        plots = save_plots(ev.curves, self.out_dir / "plots", self.target_accuracy) | shift_plots
+        eval_seconds = time.perf_counter() - t0
+        ptq = [cb for cb in trainer.callbacks if isinstance(cb, PTQCallback)]
+        quantized = {n: q for cb in ptq for n, q in cb.quantized.items()}
+        ptq_seconds = {n: q.seconds for n, q in quantized.items() if q.seconds is not None}
+        config = self.run_info.get("config") or {
+            "eval": self.settings(),
+            **({"quant": ptq[0].settings()} if ptq else {}),
+        }
+        self.results = build_results(
+            variants=ev.metrics,
+            plots=plots,
+            shift=shift,
+            quantization_seconds=ptq_seconds,
+            validation={k: v for k, v in trainer.callback_metrics.items() if "/val/" in k},
+            timings={
+                **self.run_info.get("timings", {}),
+                "bnn_fit": fit_seconds,
+                "ptq": sum(ptq_seconds.values()),  # 0 when the saved models were reused
+                "evaluation": eval_seconds,
+                "evaluation_ranks": shard.world,  # processes that shared the evaluation
             },
+            data=data_summary(dm, list(ood_loaders)),
+            config=config,
+            estimate=self.run_info.get("estimate"),
         )
-        self.plots |= save_shift_plots(shift, self.out_dir / "plots", clean=results)
-        log.info("data shift (mean over corruptions):\n%s", shift_table(shift))
-        return shift
-
-
-def _numeric_leaves(d: dict, prefix: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _numeric_leaves(v, f"{prefix}/{k}")
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[f"{prefix}/{k}"] = v
-    return out
-
-
-def log_to_logger(
-    trainer: L.Trainer, results: dict, plots: dict[str, str], shift: dict | None = None
-) -> None:
-    """Every numeric result as '<variant>/<key>[/<subkey>...]' (and 'shift/...'), plus tables and images."""
-    flat: dict[str, float] = {}
-    for v, res in results.items():
-        flat |= _numeric_leaves(res, v)
-    flat |= _numeric_leaves({k: val for k, val in (shift or {}).items() if k != "_meta"}, "shift")
-    for logger in trainer.loggers:
-        logger.log_metrics(flat, step=trainer.global_step)
-        if type(logger).__name__ == "WandbLogger":
-            from qbdl.report.wandb_log import log_wandb_extras
-
-            log_wandb_extras(logger, results, plots)
+        path = write_results(self.results, self.out_dir)
+        log_results(trainer.loggers, self.results, trainer.global_step, path)
+        log.info("results in %s", self.out_dir / RESULTS_FILE)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qbdl.bayes import bayesian_layers, elbo_terms, mc_predict
+from qbdl.experiment.shard import destroy_group_at_exit
 from qbdl.metrics import UncertaintyCalibrationError
 
 
@@ -56,6 +57,9 @@ class BayesianClassifier(L.LightningModule):
                 "val_mc_samples": val_mc_samples,
             }
         )
+
+    def setup(self, stage: str) -> None:
+        destroy_group_at_exit()  # each DDP worker of either stage tears its gloo group down cleanly
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -1,11 +1,43 @@
 """Uncertainty, calibration, selective-prediction and OOD metrics for MC predictions ``p [S, B, C]``.
 
-See :mod:`qbdl.metrics.functional` for conventions (shapes, dtypes, tie handling, fractions vs percent);
-OOD detection (OpenOOD v1.5 protocol) is in :mod:`qbdl.metrics.ood`, temperature scaling in
-:mod:`qbdl.metrics.temperature`.
+Modules: :mod:`~qbdl.metrics.validation` (input checks), :mod:`~qbdl.metrics.uncertainty` (entropies,
+MI, scores), :mod:`~qbdl.metrics.scoring` (accuracy, NLL, Brier), :mod:`~qbdl.metrics.calibration`
+(ECE, MCE, UCE, adaptive ECE), :mod:`~qbdl.metrics.selective` (referral curve, AURC, AUGRC, risk /
+coverage), :mod:`~qbdl.metrics.ood` (OOD detection, OpenOOD v1.5 protocol),
+:mod:`~qbdl.metrics.temperature` (temperature scaling), :mod:`~qbdl.metrics.classes` (torchmetrics
+wrappers), :mod:`~qbdl.metrics.summary` (``summarize``) and :mod:`~qbdl.metrics.registry` (every
+metric's label, display scale and better direction, for the tables and reports).
 This package depends only on torch and torchmetrics (no lightning / hydra / omegaconf).
+
+Conventions
+-----------
+* ``p`` holds Monte-Carlo class probabilities of shape ``[S, B, C]`` (``S`` samples, ``B`` points,
+  ``C >= 2`` classes); a deterministic model uses ``S = 1`` (pass ``probs.unsqueeze(0)``).  A 2-D
+  ``[B, C]`` tensor is rejected on purpose, so that ``[S, C]`` mix-ups cannot pass silently.
+* ``y`` holds integer targets of shape ``[B]`` in ``[0, C)``.
+* The predictive distribution is ``pbar = p.mean(0)``; logarithms are natural.
+* Scalar metrics are returned as Python floats, per-point quantities as tensors.
+* Calibration errors (ECE, MCE, UCE, MUCE) are **fractions in [0, 1]**; multiplying by 100 for
+  reporting in percent is the caller's job.
+* Uncertainty scores are oriented so that *larger means more uncertain*.
+* Per-point quantities (entropies, MI, scores) are returned in the input's floating dtype, as in
+  torchmetrics' functional API; the maths inside runs in float64.
+* Ties in a ranking (equal scores or confidences) are broken *at random in expectation*: inside each
+  run of equal values every position gets the run's mean correctness, so referral / risk-coverage
+  curves are the expectation over all orderings of the tied points and do not depend on data order.
 """
 
+from qbdl.metrics.calibration import (
+    ReliabilityBins,
+    UncertaintyCalibrationBins,
+    adaptive_calibration_error,
+    expected_calibration_error,
+    maximum_calibration_error,
+    maximum_uncertainty_calibration_error,
+    reliability_bins,
+    uncertainty_calibration_bins,
+    uncertainty_calibration_error,
+)
 from qbdl.metrics.classes import (
     AUGRC,
     AURC,
@@ -20,37 +52,6 @@ from qbdl.metrics.classes import (
     ReferralRate,
     RiskAtCoverage,
     UncertaintyCalibrationError,
-)
-from qbdl.metrics.functional import (
-    EPS,
-    ReferralCurve,
-    ReliabilityBins,
-    UncertaintyCalibrationBins,
-    accuracy,
-    adaptive_calibration_error,
-    aleatoric_entropy,
-    augrc,
-    aurc,
-    brier,
-    coverage_at_risk,
-    eaurc,
-    expected_calibration_error,
-    maximum_calibration_error,
-    maximum_uncertainty_calibration_error,
-    mutual_information,
-    nll,
-    predictive_entropy,
-    predictive_mean,
-    referral_auc,
-    referral_curve,
-    referral_rate_at_accuracy,
-    reliability_bins,
-    risk_at_coverage,
-    uncertainty_calibration_bins,
-    uncertainty_calibration_error,
-    uncertainty_scores,
-    validate_probs,
-    validate_targets,
 )
 from qbdl.metrics.ood import (
     LOGIT_SCORES,
@@ -70,8 +71,37 @@ from qbdl.metrics.ood import (
     ood_scores,
     validate_logits,
 )
+from qbdl.metrics.registry import MetricSpec, find_metric, metric_spec
+from qbdl.metrics.scoring import (
+    EPS,
+    accuracy,
+    brier,
+    nll,
+)
+from qbdl.metrics.selective import (
+    ReferralCurve,
+    augrc,
+    aurc,
+    coverage_at_risk,
+    eaurc,
+    referral_auc,
+    referral_curve,
+    referral_rate_at_accuracy,
+    risk_at_coverage,
+)
 from qbdl.metrics.summary import OOD_KEYS, SUMMARY_KEYS, summarize
 from qbdl.metrics.temperature import apply_temperature, fit_temperature, temperature_nll
+from qbdl.metrics.uncertainty import (
+    aleatoric_entropy,
+    mutual_information,
+    predictive_entropy,
+    predictive_mean,
+    uncertainty_scores,
+)
+from qbdl.metrics.validation import (
+    validate_probs,
+    validate_targets,
+)
 
 __all__ = [
     "AUGRC",
@@ -85,6 +115,7 @@ __all__ = [
     "MCBrier",
     "MCNLL",
     "MeanMutualInformation",
+    "MetricSpec",
     "OODAUROC",
     "OOD_KEYS",
     "OOD_METRIC_KEYS",
@@ -110,10 +141,12 @@ __all__ = [
     "coverage_at_risk",
     "eaurc",
     "expected_calibration_error",
+    "find_metric",
     "fit_temperature",
     "logit_scores",
     "maximum_calibration_error",
     "maximum_uncertainty_calibration_error",
+    "metric_spec",
     "mutual_information",
     "nll",
     "ood_aupr",

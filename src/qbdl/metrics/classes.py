@@ -1,4 +1,4 @@
-"""Stateful ``torchmetrics.Metric`` wrappers of :mod:`qbdl.metrics.functional` (DDP-syncable).
+"""Stateful ``torchmetrics.Metric`` wrappers of the pure-function metrics in :mod:`qbdl.metrics` (DDP-syncable).
 
 Every ``update`` takes MC probabilities ``p [S, B, C]`` (plus targets ``y [B]`` where relevant) and
 accumulates states registered with ``add_state``: sum states for the decomposable metrics and
@@ -14,34 +14,29 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from qbdl.metrics.functional import (
-    ReferralCurve,
+from qbdl.metrics.calibration import (
     _adaptive_bin_sums_from,
-    _augrc,
-    _aurc,
-    _brier_terms,
-    _check_bins,
-    _check_fraction,
-    _check_score,
     _confidence_bin_sums,
-    _correct,
-    _coverage_at_risk,
-    _eaurc,
     _ece_from_sums,
     _max_from_sums,
-    _mi,
-    _nll_terms,
-    _rate_at_accuracy,
-    _referral_from_scores,
-    _risk_at_coverage,
-    _scores,
     _uncertainty_bin_sums,
-    validate_probs,
-    validate_targets,
 )
 from qbdl.metrics.ood import (
     binary_auroc,
 )
+from qbdl.metrics.scoring import _brier_terms, _correct, _nll_terms
+from qbdl.metrics.selective import (
+    ReferralCurve,
+    _augrc,
+    _aurc,
+    _coverage_at_risk,
+    _eaurc,
+    _rate_at_accuracy,
+    _referral_from_scores,
+    _risk_at_coverage,
+)
+from qbdl.metrics.uncertainty import _check_score, _mi, _scores
+from qbdl.metrics.validation import _check_bins, _check_fraction, validate_probs, validate_targets
 
 __all__ = [
     "MCAccuracy",

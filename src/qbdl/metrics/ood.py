@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qbdl.metrics.functional import _SCORES, _scores, validate_probs
+from qbdl.metrics.registry import OOD_SCORE_METRICS
+from qbdl.metrics.uncertainty import _SCORES, _scores
+from qbdl.metrics.validation import validate_probs
 
 __all__ = [
     "OOD_SCORES",
@@ -38,7 +40,7 @@ LOGIT_SCORES = ("maxlogit", "energy")
 #: Every OOD score name: probability scores first, then logit scores.
 OOD_SCORES = (*_SCORES, *LOGIT_SCORES)
 #: Keys of one score's block in :func:`ood_metrics` / :func:`ood_detection_metrics`.
-OOD_METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+OOD_METRIC_KEYS = tuple(OOD_SCORE_METRICS)
 
 
 def validate_logits(logits: Tensor, name: str = "logits") -> Tensor:

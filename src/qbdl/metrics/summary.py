@@ -6,62 +6,44 @@ from typing import Any
 
 from torch import Tensor
 
-from qbdl.metrics.functional import (
-    _SCORES,
+from qbdl.metrics.calibration import (
     _adaptive_bin_sums,
-    _aleatoric,
-    _augrc,
-    _aurc,
-    _brier_terms,
-    _check_bins,
-    _check_fraction,
     _confidence_bin_sums,
-    _correct,
-    _coverage_at_risk,
-    _eaurc,
     _ece_from_sums,
     _max_from_sums,
-    _mi,
-    _nll_terms,
-    _pred_entropy,
+    _uncertainty_bin_sums,
+)
+from qbdl.metrics.ood import OOD_METRIC_KEYS, ood_metrics
+from qbdl.metrics.registry import OOD_SET_METRICS, summary_keys
+from qbdl.metrics.scoring import _brier_terms, _correct, _nll_terms
+from qbdl.metrics.selective import (
+    _augrc,
+    _aurc,
+    _coverage_at_risk,
+    _eaurc,
     _rate_at_accuracy,
     _referral_auc,
     _referral_from_scores,
     _risk_at_coverage,
-    _scores,
-    _uncertainty_bin_sums,
-    validate_probs,
-    validate_targets,
 )
-from qbdl.metrics.ood import OOD_METRIC_KEYS, ood_metrics
+from qbdl.metrics.uncertainty import _SCORES, _aleatoric, _mi, _pred_entropy, _scores
+from qbdl.metrics.validation import _check_bins, _check_fraction, validate_probs, validate_targets
 
 __all__ = ["summarize", "SUMMARY_KEYS", "OOD_KEYS", "OOD_METRIC_KEYS"]
 
-SUMMARY_KEYS = (
-    "accuracy",
-    "nll",
-    "brier",
-    "ece",
-    "ece_adaptive",
-    "mce",
-    "uce",
-    "muce",
-    "entropy_mean",
-    "aleatoric_mean",
-    "mi_mean",
-    "referral_rate_at_target",
-    "referral_auc",
-    "aurc",
-    "eaurc",
-    "augrc",
-    "risk_at_coverage",
-    "coverage_at_risk",
-    "ood",
-    "ood_auroc",
-    "ood_groups",
-)
+#: Keys of the result, in order: the registry's summary entries (qbdl.metrics.registry.METRICS).
+SUMMARY_KEYS = summary_keys()
 #: Keys of ``result["ood"][name]``: flat metrics of the selected score, MI metrics, and the details.
-OOD_KEYS = ("auroc", "aupr", "fpr95", "auroc_mi", "aupr_mi", "fpr95_mi", "score", "group", "scores")
+OOD_KEYS = (*OOD_SET_METRICS, "score", "group", "scores")
+
+
+def _ordered(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``values`` in the order of ``keys``; a value computed without a registry entry (or vice versa) is an error."""
+    if set(values) != set(keys):
+        raise RuntimeError(
+            f"summarize and qbdl.metrics.registry disagree on {sorted(set(values) ^ set(keys))}"
+        )
+    return {k: values[k] for k in keys}
 
 
 def _ood_block(
@@ -85,7 +67,7 @@ def _ood_block(
         "group": group,
         "scores": scores,
     }
-    return {k: block[k] for k in OOD_KEYS}
+    return _ordered(block, OOD_KEYS)
 
 
 def _group_means(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -186,4 +168,4 @@ def summarize(
         if i == 0:
             result["ood_auroc"] = block["auroc"]
     result["ood_groups"] = _group_means(result["ood"])
-    return {k: result[k] for k in SUMMARY_KEYS}
+    return _ordered(result, SUMMARY_KEYS)

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from qbdl.metrics.functional import validate_targets
 from qbdl.metrics.ood import validate_logits
+from qbdl.metrics.validation import validate_targets
 
 __all__ = ["fit_temperature", "apply_temperature", "temperature_nll"]
 

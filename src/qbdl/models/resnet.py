@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from qbdl.io import safe_load_safetensors, safe_torch_load
+from .files import load_weights
 
 
 class BasicBlock(nn.Module):
@@ -146,20 +146,3 @@ def resnet50(
 ) -> nn.Module:
     """torchvision ResNet-50; `weights` names torchvision weights (online), `weights_path` a local file."""
     return _torchvision_resnet("resnet50", num_classes, weights, weights_path, in_chans)
-
-
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict from a .safetensors or torch file (weights_only=True: no code can run)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weights file {path!r} does not exist. Give the path of a state dict saved with "
-            "torch.save(model.state_dict(), path) or safetensors (e.g. torchvision's resnet50-0676ba61.pth "
-            "from download.pytorch.org/models), or set the weights option to download when online."
-        )
-    if path.endswith(".safetensors"):
-        state = safe_load_safetensors(path)
-    else:
-        state = safe_torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    model.load_state_dict(state)

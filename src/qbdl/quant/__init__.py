@@ -7,17 +7,17 @@ from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Qu
 from .backend import BACKENDS, check_backend, supported_backends
 from .fold import bn_scale_shift, fold_bn
 from .io import load_qbnn, save_qbnn
-from .layers import FRESH_KERNELS, SAMPLINGS, QuantLayer
+from .layers import FRESH_KERNELS, SAMPLERS, QuantLayer
 from .observers import OBSERVERS, ActObserver
 from .prepared import PreparedLayer
-from .ptq import calibrate, convert, prepare, quant_layers, quantize_bnn, set_sampling
-from .qat import convert_qat, prepare_qat, set_fake_quant, simulate
+from .ptq import calibrate, check_options, convert, prepare, quant_layers, quantize_bnn, set_sampler
+from .qat import convert_qat, finetune_qat, prepare_qat, set_fake_quant, simulate
 
 __all__ = [
     "BACKENDS",
     "FRESH_KERNELS",
     "OBSERVERS",
-    "SAMPLINGS",
+    "SAMPLERS",
     "ActObserver",
     "DeQuantize",
     "PreparedLayer",
@@ -30,8 +30,10 @@ __all__ = [
     "bn_scale_shift",
     "calibrate",
     "check_backend",
+    "check_options",
     "convert",
     "convert_qat",
+    "finetune_qat",
     "fold_bn",
     "load_qbnn",
     "prepare",
@@ -40,7 +42,7 @@ __all__ = [
     "quantize_bnn",
     "save_qbnn",
     "set_fake_quant",
-    "set_sampling",
+    "set_sampler",
     "simulate",
     "supported_backends",
 ]

@@ -214,11 +214,11 @@ def probe_full_range(kind: str, depthwise: bool) -> bool:
 
 
 def int8_summary(meta: dict) -> dict:
-    """What an INT8 model's kernels are (from its qbdl_meta): backend, mode, kernel families, activation range."""
+    """What an INT8 model's kernels are (from its qbdl_meta): backend, sampler, kernel families, activation range."""
     fams = sorted({f for fs in meta.get("kernels", {}).values() for f in fs})
     return {
         "backend": meta.get("backend"),
-        "mode": meta.get("mode") if meta.get("kind") == "qbnn" else None,
+        "sampler": meta.get("sampler") if meta.get("kind") == "qbnn" else None,
         "kernel_families": fams,
         "activation_qmax": meta.get("activation_qmax", FULL_QMAX),
         "reduced_range": meta.get("activation_qmax", FULL_QMAX) < FULL_QMAX,

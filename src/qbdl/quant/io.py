@@ -13,14 +13,16 @@ from torch import fx, nn
 
 from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
 from .backend import BACKENDS, FULL_QMAX, kernel_plan
+from .conversion import attach_module
 from .layers import QuantLayer, enable_prefetch
 from .lower import lower
-from .ptq import attach_module
 
-# 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (written by the quantized-tensor
-# engine, up to commit f21607b) still loads: lower() re-derives what 2 adds.
-FORMAT = "qbdl-qbnn/2"
-_READABLE = ("qbdl-qbnn/1", FORMAT)
+# 3: the sampler is stored as "sampler" (2 and 1 store it as "sampling" in layer configs and "mode" in the model
+# meta: _old_keys renames them); a new number so that a reader of 2 refuses a 3 file instead of running every
+# layer as `fresh`. 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (written by the
+# quantized-tensor engine, up to commit f21607b) still loads: lower() re-derives what 2 adds.
+FORMAT = "qbdl-qbnn/3"
+_READABLE = ("qbdl-qbnn/1", "qbdl-qbnn/2", FORMAT)
 _QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd,
              "QReLU": QReLU, "QAdaptiveAvgPool": QAdaptiveAvgPool, "QMaxPool": QMaxPool}  # fmt: skip
 _TENSORS = ("mu_q", "mu_scale", "sigma_q", "sigma_scale", "bias_q", "bias_sigma_q")
@@ -116,6 +118,16 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
     save_file(tensors, path, metadata={"qbdl": json.dumps(meta)})
 
 
+def _old_keys(meta: dict) -> None:
+    """Rename the keys older files stored the sampler under (in place): layer "sampling", model meta "mode"."""
+    for s in meta["modules"].values():
+        if s["type"] == "QuantLayer" and "sampling" in s["config"]:
+            s["config"].setdefault("sampler", s["config"].pop("sampling"))
+    m = meta.get("meta", {})
+    if "mode" in m:  # in the meta, "mode" always meant the sampler (a layer's own "mode" is sample/mean)
+        m.setdefault("sampler", m.pop("mode"))
+
+
 def _old_backends(meta: dict, path: str) -> None:
     """Files of format 1 may name the fbgemm / qnnpack engines, which ran on quantized tensors: run them on oneDNN."""
     old = {s["config"].get("backend") for s in meta["modules"].values() if s["type"] == "QuantLayer"}
@@ -204,6 +216,7 @@ def load_qbnn(path: str) -> fx.GraphModule:
             f"{path!r}: unsupported format {meta.get('format')!r}; this qbdl reads {_READABLE}. Re-create the "
             "file with this version's qbdl.quant.save_qbnn (quantize the BNN again)"
         )
+    _old_keys(meta)
     _old_backends(meta, str(path))
     _fit_activation_range(meta, tensors, str(path))
     root = nn.Module()

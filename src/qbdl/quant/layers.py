@@ -1,18 +1,17 @@
-"""The INT8 conv/linear layers of a QBNN (fresh / bank / flipout sampling) on plain uint8 / int8 tensors."""
+"""The INT8 conv/linear layer of a QBNN on plain uint8 / int8 tensors; how it samples is in samplers.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
-from . import inplace, native, noise
+from . import inplace, native, noise, samplers
 from .activations import clamp_qmax
 from .backend import FULL_QMAX, check_backend
 
-SAMPLINGS = ("fresh", "bank", "flipout")
+SAMPLERS = ("fresh", "bank", "flipout")
 FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 
@@ -21,10 +20,10 @@ class QuantLayer(nn.Module):
     """INT8 conv/linear on uint8 activations: int8 mu (and sigma for a Bayesian layer) per output channel.
 
     Deterministic (sigma None): one packed int8 weight. Bayesian: `mode` 'mean' uses int8 mu; 'sample'
-    draws per `sampling`: 'fresh' = a new int8 weight every forward (integer pool noise, see noise.py),
-    written into the packed weight in place (inplace.py) or re-packed; 'bank' = K samples drawn, quantized
-    and packed once (from `seed`), MC sample s uses entry s mod K (set_mc_index), a random entry from the
-    global generator when no index is set; 'flipout' = per-example signs over K banked perturbations.
+    asks its `sampler` (samplers.py): 'fresh' = a new int8 weight every forward (integer pool noise, see
+    noise.py), written into the packed weight in place (inplace.py) or re-packed; 'bank' = K samples drawn,
+    quantized and packed once (from `seed`), MC sample s uses entry s mod K (set_mc_index), a random entry from
+    the global generator when no index is set; 'flipout' = per-example signs over K banked perturbations.
     Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias (in
     units of input_scale * S) is exact for every sample. Every kernel is a oneDNN op on plain uint8 / int8
     tensors; the input's scale and zero point are `in_scale` / `in_zp` (set from the graph).
@@ -54,9 +53,9 @@ class QuantLayer(nn.Module):
         # activations 0..qmax (in and out): 127 where a kernel of this model sums u8*s8 pairs in int16
         self.qmax: int = int(c.get("qmax", FULL_QMAX))
         self.backend: str = c["backend"]
-        self.sampling: str = c.get("sampling", "fresh")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
+        self.sampler: str = c.get("sampler", "fresh")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         self.bank_size: int = int(c.get("bank_size", 16))
         self.seed: int = int(c.get("seed", 0))
         self.index: int = int(c.get("index", 0))
@@ -78,17 +77,7 @@ class QuantLayer(nn.Module):
         # a list: every kernel call appends what it computed with (int8 operands, uint8 in/out), for the
         # exactness tests against an integer reference (tests/test_quant_isa.py)
         self.trace: list[dict] | None = None
-        self._pending: Future | None = None
-        self._pending_draws: tuple | None = None
-        self._sampler: inplace.PackedSampler | None = None
         self._build()
-
-    def __getstate__(self) -> dict:
-        # oneDNN-packed tensors cannot be copied or pickled: a copy packs its own on first use
-        state = self.__dict__.copy()
-        state["_sampler"] = state["_pending_draws"] = state["_pending"] = None
-        state["_packed"] = {}
-        return state
 
     def set_input_qparams(self, scale: float, zero_point: int) -> None:
         """The qparams of the uint8 activation this layer reads (from the graph; checked against calibration)."""
@@ -121,29 +110,11 @@ class QuantLayer(nn.Module):
         self._w_scale = self.weight_scale()
         self._bias_scale = self.in_scale * self._w_scale
         self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
-        self._packed: dict = {}  # packed oneDNN weights, by key: packed on first use
         self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
-        self._bank_draws: list[tuple] = []
         self._fresh: tuple | None = None
-        self._sampler = None
-        if not self.bayesian:
-            return
-        if self.sampling == "flipout":
-            self._check_flipout()
-            gen = self._bank_generator()
-            sigma = self._deq(self.sigma_q, self.sigma_scale)
-            # fixed per-channel scale: 4 sigma_max covers all but ~6e-5 of the N(0,1) draws
-            self._pert_w_scale = (4 * sigma.flatten(1).amax(1) / 127).clamp_min(1e-12)
-            s = self._pert_w_scale.view(-1, *[1] * (sigma.dim() - 1))
-            self._pert_q = [
-                torch.round(sigma * torch.randn(sigma.shape, generator=gen) / s)
-                .clamp_(-127, 127)
-                .to(torch.int8)
-                for _ in range(self.bank_size)
-            ]
-        elif self.sampling == "bank":
-            gen = self._bank_generator()
-            self._bank_draws = [self._draw(gen, k) for k in range(self.bank_size)]
+        self._mean = samplers.MeanSampler()
+        # the sampler of mode 'sample' (the bank and flipout ones draw their samples now, from the seed)
+        self.impl: samplers.Sampler = samplers.make(self) if self.bayesian else self._mean
 
     def _bank_generator(self) -> torch.Generator:
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
@@ -192,13 +163,10 @@ class QuantLayer(nn.Module):
         return noise.sample_int8(mu32, sg32, pool, offset, negate), self._bias(eps_b)
 
     def bank_weight(self, i: int) -> tuple[Tensor, Tensor | None]:
-        """Bank entry i's int8 weight and float bias (what sampling='bank' computes with at MC index i)."""
-        return self._make(*self._bank_draws[i % self.bank_size])
-
-    def fresh_job(self) -> Callable[[], object]:
-        """Draw this forward's random numbers now (global generator) and return the pack job for later."""
-        draws = self._draw(None)
-        return lambda: self._pack_sample(*self._make(*draws))
+        """Bank entry i's int8 weight and float bias (what sampler='bank' computes with at MC index i)."""
+        if not isinstance(self.impl, samplers.BankSampler):
+            raise ValueError(f"INT8 layer {self.index} has no bank (sampler {self.sampler!r})")
+        return self.impl.weight(self, i)
 
     def _prepack(self, w: Tensor, w_scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
         # packed for the first input's shape: oneDNN picks its kernel by it (a 512-channel 3x3 conv on 7x7
@@ -218,45 +186,6 @@ class QuantLayer(nn.Module):
         if self.kind == "conv1d":
             return [1, *c["stride"]], [0, *c["padding"]], [1, *c["dilation"]], c["groups"]
         return c["stride"], c["padding"], c["dilation"], c["groups"]
-
-    def _pack_sample(self, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(packed weight, bias, the int8 weight) of one sample."""
-        return self._prepack(w, self._w_scale, self.in_scale, self.in_zp), bias, w
-
-    def _packed_weight(self, key) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(packed weight, float bias, weight scales) of the mean ('mean') or of bank entry `key`, cached."""
-        hit = self._packed.get(key)
-        if hit is None:
-            if key == "mean":
-                bias = None if self.bias_q is None else self.bias_q.float() * self._bias_scale
-                w, ws = self.mu_q, self.mu_scale
-            else:
-                (w, bias), ws = self.bank_weight(key), self._w_scale
-            hit = self._packed[key] = (self._prepack(w, ws, self.in_scale, self.in_zp), bias, ws.float())
-        return hit
-
-    def _check_flipout(self) -> None:
-        if "pert_scale" not in self.config:
-            raise ValueError(
-                "sampling='flipout' needs the calibrated ranges of INT8 Flipout's two terms: quantize with "
-                "quantize_bnn(..., mode='flipout') or prepare(..., per_example=True) + calibrate + convert"
-            )
-        if not (self.kind in ("conv2d", "linear") and native.available()):
-            raise ValueError(
-                f"sampling='flipout' needs conv2d/linear layers (got {self.kind}) and qbdl's C++ ops "
-                f"(available: {native.available()}); use 'fresh' or 'bank' otherwise"
-            )
-
-    def _flipout_packed(self) -> tuple[Tensor, list[Tensor]]:
-        """(packed int8 mu, packed perturbations), packed on the first sampled forward."""
-        hit = self._packed.get("flipout")
-        if hit is None:
-            mu = self._prepack(self.mu_q, self.mu_scale, self.in_scale, self.in_zp)
-            pert = [
-                self._prepack(w, self._pert_w_scale, 2 * self.in_scale, self._flip_zp) for w in self._pert_q
-            ]
-            hit = self._packed["flipout"] = (mu, pert)
-        return hit
 
     def _onednn(
         self,
@@ -294,45 +223,28 @@ class QuantLayer(nn.Module):
                 "relu": relu, "qmax": qmax, "kind": self.kind, "config": dict(self.config),
             })  # fmt: skip
 
-    def _flipout_forward(self, x: Tensor) -> Tensor:
-        """y = conv(x, mu) + s_out * conv(x * s_in, delta_k): per-example, per-channel signs (Wen et al. 2018)."""
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        mu, pert = self._flipout_packed()
-        i = self._mc_index
-        k = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
-        batch, c_out = x.shape[0], self.mu_q.shape[0]
-        s_in = torch.randint(0, 2, (batch, x.shape[1]), dtype=torch.int8).mul_(2).sub_(1)
-        s_out = torch.randint(0, 2, (batch, c_out), dtype=torch.int8).mul_(2).sub_(1)
-        _, _, eps_b = self._draw(None)
-        c = self.config
-        xs, xz = self.in_scale, self.in_zp
-        bias = self._bias(None)
-        # bias noise goes into the sign-flipped term, as in FP32 Flipout: one draw per example
-        bias_noise = None if eps_b is None else self.bias_sigma_q.float() * eps_b * self._bias_scale
-        y1 = self._onednn(x, xs, xz, mu, self.mu_scale.float(), bias, c["mean_scale"], c["mean_zp"])
-        self._record(x, xs, xz, self.mu_q, self.mu_scale, bias, y1, c["mean_scale"], c["mean_zp"], False, 255)
-        # x * s_in needs signs: uint8 with zero point (qmax+1)/2 at twice the scale (one bit of the input lost;
-        # reduced range: 0..128 at most, whose int16 pair sums 2 * 128 * 127 still fit)
-        xf = torch.ops.qbdl.flip_requant(x, s_in, xz, 0.5, self._flip_zp)
-        y2 = self._onednn(
-            xf, 2 * xs, self._flip_zp, pert[k], self._pert_w_scale, bias_noise, c["pert_scale"], 128
+    def run(
+        self, x: Tensor, packed: Tensor, ws: Tensor, bias: Tensor | None, w: Tensor | None = None
+    ) -> Tensor:
+        """This layer's kernel on uint8 `x` with a packed weight (scales `ws`); `w`: its int8 weight, traced."""
+        post = "relu" if self.relu else "none"
+        y = self._onednn(
+            x, self.in_scale, self.in_zp, packed, ws.float(), bias, self.out_scale, self.out_zp, post
         )
-        self._record(xf, 2 * xs, self._flip_zp, self._pert_q[k], self._pert_w_scale, bias_noise, y2,
-                     c["pert_scale"], 128, False, 255)  # fmt: skip
-        out = torch.ops.qbdl.signed_add(
-            y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, self.out_scale, self.out_zp,
-            self.relu,
-        )  # fmt: skip
-        return clamp_qmax(out, self.qmax)
-
-    @property
-    def _flip_zp(self) -> int:
-        return (self.qmax + 1) // 2
+        y = clamp_qmax(y, self.qmax)
+        self._record(
+            x, self.in_scale, self.in_zp, w, ws, bias, y, self.out_scale, self.out_zp, self.relu, self.qmax
+        )
+        return y
 
     def set_mc_index(self, index: int | None) -> None:
         """Select bank entry index mod K for the following forwards (None: a random entry per forward)."""
         self._mc_index = index
+
+    @property
+    def _sampler(self) -> inplace.PackedSampler | None:
+        """The in-place sampler of a 'fresh' layer once its first sampled forward built it (qbdl.fidelity reads it)."""
+        return getattr(self.impl, "inplace", None)
 
     def sampled_int8_weight(self) -> Tensor:
         """One fresh int8 weight sample (global generator; scale weight_scale()); for tests.
@@ -350,84 +262,23 @@ class QuantLayer(nn.Module):
         """True when fresh samples can be written into oneDNN-packed weights (checked again on first use)."""
         return (
             self.bayesian
-            and self.sampling == "fresh"
+            and self.sampler == "fresh"
             and self.fresh_kernel == "auto"
             and self.kind in ("conv2d", "linear")
             and self.mu_q.shape[0] <= torch.iinfo(torch.int16).max
             and native.available()
         )
 
-    def _inplace_sampler(self) -> inplace.PackedSampler | None:
-        """The in-place sampler, built on the first sampled forward (it packs for the input's shape)."""
-        if self._sampler is None and self.inplace_capable:
-            shape, ws = tuple(self.mu_q.shape), self._w_scale
-
-            def pack(w: Tensor) -> Tensor:
-                return self._prepack(w, ws, self.in_scale, self.in_zp)
-
-            layout = inplace.discover_layout(pack, shape)
-            if layout is None:
-                self.fresh_kernel = "prepack"  # this layer's packed format is not a plain permutation
-                return None
-            mu16, sg16 = noise.fixed_point16(
-                self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
-            )
-            pool = noise.noise_pool(self.seed, self.index, layout.data_bytes, self.noise_slots)
-            self._sampler = inplace.PackedSampler(pack, layout, mu16, sg16, pool, self.noise_slots)
-        return self._sampler
-
     def forward(self, x: Tensor) -> Tensor:
         if self._x_shape is None:
             self._x_shape = list(x.shape)
-        post = "relu" if self.relu else "none"
-        ws = self._w_scale
-        if not self.bayesian or self.mode == "mean":
-            packed, bias, ws = self._packed_weight("mean")
-            traced = (self.mu_q, bias) if self.trace is not None else None
-        elif self.sampling == "flipout":
-            return self._flipout_forward(x)
-        elif self.sampling == "bank":
-            i = self._mc_index
-            i = int(torch.randint(0, self.bank_size, (1,))) if i is None else i % self.bank_size
-            if i not in self._packed:  # the whole bank at once, for the first input's shape
-                for k in range(self.bank_size):
-                    self._packed_weight(k)
-            packed, bias, ws = self._packed_weight(i)
-            traced = self.bank_weight(i) if self.trace is not None else None
-        elif self._pending_draws is not None or self.inplace_capable:
-            draws, self._pending_draws = self._pending_draws, None
-            draws = self._draw(None) if draws is None else draws
-            sampler = self._inplace_sampler()
-            if sampler is not None:
-                packed, bias = sampler.sample(draws[0], draws[1]), self._bias(draws[2])
-                traced = (
-                    (sampler.unpacked(packed, tuple(self.mu_q.shape)), bias)
-                    if self.trace is not None
-                    else None
-                )
-            else:  # layout check failed: same draws, re-packed
-                packed, bias, w = self._pack_sample(*self._make(*draws))
-                traced = (w, bias)
-        else:
-            if self._pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
-                (packed, bias, w), self._pending = self._pending.result(), None
-            else:
-                packed, bias, w = self._pack_sample(*self._make(*self._draw(None)))
-            traced = (w, bias)
-        y = self._onednn(
-            x, self.in_scale, self.in_zp, packed, ws.float(), bias, self.out_scale, self.out_zp, post
-        )
-        y = clamp_qmax(y, self.qmax)
-        if self.trace is not None:
-            self._record(x, self.in_scale, self.in_zp, traced[0], ws, traced[1], y, self.out_scale, self.out_zp,
-                         self.relu, self.qmax)  # fmt: skip
-        return y
+        return (self.impl if self.bayesian and self.mode == "sample" else self._mean).forward(self, x)
 
-    def set_sampling(self, sampling: str, bank_size: int | None = None, seed: int | None = None) -> None:
-        """Switch between 'fresh' and 'bank' (rebuilds the bank)."""
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
-        self.sampling = self.config["sampling"] = sampling
+    def set_sampler(self, sampler: str, bank_size: int | None = None, seed: int | None = None) -> None:
+        """Switch to another sampler (rebuilds the bank)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        self.sampler = self.config["sampler"] = sampler
         if bank_size is not None:
             self.bank_size = self.config["bank_size"] = int(bank_size)
         if seed is not None:
@@ -444,8 +295,8 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}"
         if self.bayesian:
-            s += f", mode={self.mode}, sampling={self.sampling}"
-            if self.sampling == "bank":
+            s += f", mode={self.mode}, sampler={self.sampler}"
+            if self.sampler == "bank":
                 s += f", K={self.bank_size}"
         return s
 
@@ -464,7 +315,7 @@ def _prefetch_hook(model: nn.Module, args) -> None:
     layers = [
         m
         for m in model.modules()
-        if isinstance(m, QuantLayer) and m.bayesian and m.mode == "sample" and m.sampling == "fresh"
+        if isinstance(m, QuantLayer) and m.bayesian and m.mode == "sample" and m.sampler == "fresh"
     ]
     if not layers:
         return
@@ -472,17 +323,11 @@ def _prefetch_hook(model: nn.Module, args) -> None:
     # Draw every layer's random numbers now, in layer order (exactly what the sequential path draws), then
     # sample + pack in worker threads while the forward runs: packing is the dominant cost at small batch.
     for m in layers:
-        if m._pending is not None:
-            m._pending.cancel()
-            m._pending = None
-        if m.inplace_capable:  # sampled into its packed weight right before its kernel: nothing to prefetch
-            m._pending_draws = m._draw(None)
-        else:
-            m._pending = ex.submit(m.fresh_job())
+        m.impl.prefetch(m, ex)
 
 
 def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
-    """Pack fresh-mode weight samples in `workers` background threads during the forward (0: off)."""
+    """Pack fresh weight samples in `workers` background threads during the forward (0: off)."""
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is _prefetch_hook:
             del model._forward_pre_hooks[key]

@@ -60,7 +60,7 @@ def available() -> bool:
             warnings.warn(
                 f"qbdl could not build its C++ ops ({type(e).__name__}: {str(e).strip()[:300]}). Fresh INT8 "
                 "sampling falls back to re-packing every weight each forward (same distribution, ~3x slower "
-                "at batch 1) and sampling='flipout' is unavailable. Fix: install a C++ compiler (g++) and "
+                "at batch 1) and sampler='flipout' is unavailable. Fix: install a C++ compiler (g++) and "
                 "`pip install ninja`, or set QBDL_NATIVE=0 to silence this.",
                 RuntimeWarning,
                 stacklevel=2,

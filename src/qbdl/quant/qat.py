@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import fx, nn
 
 from .prepared import ObservedAdd, ObservedQuant, PreparedLayer
-from .ptq import calibrate, convert, prepare
+from .ptq import calibrate, convert, freeze_ranges, prepare
 
 
 def set_fake_quant(model: nn.Module, bits: int | None) -> nn.Module:
@@ -36,20 +36,63 @@ def prepare_qat(
     return prepared.train(model.training)
 
 
+def finetune_qat(
+    model: nn.Module,
+    calib: Iterable,
+    train: Iterable,
+    n_train: int,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    beta: float = 1.0,
+    backend: str = "x86",
+    observer: str = "minmax",
+    mc_samples: int = 4,
+    seed: int = 0,
+    fake_quant: bool = True,
+) -> fx.GraphModule:
+    """A short QAT fine-tune of a BNN: PTQ-calibrated activation ranges (frozen), then `epochs` passes of the
+    ELBO over `train` ((x, y) batches; n_train examples in the full training set) with fake-quantized weights
+    and activations (straight-through gradients). Returns the QAT model in eval mode; convert_qat() it.
+
+    Frozen ranges: the fine-tune adapts mu and sigma to the int8 grids the calibration chose, so a QBNN
+    after QAT differs from the PTQ one by its weights only. Adam at `lr`; the input model is untouched.
+    fake_quant=False: the same steps in FP32 (the control that tells QAT's effect from more training's).
+    """
+    import torch
+
+    from qbdl.bayes.loss import elbo_loss
+
+    if epochs < 1:
+        raise ValueError(f"finetune_qat: epochs must be >= 1, got {epochs}")
+    prepared = prepare(model, backend=backend, observer=observer)
+    freeze_ranges(calibrate(prepared, calib, mc_samples=mc_samples, seed=seed))
+    set_fake_quant(prepared, 8 if fake_quant else None)
+    opt = torch.optim.Adam([p for p in prepared.parameters() if p.requires_grad], lr=lr)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random stream left as it was
+        torch.manual_seed(seed)
+        prepared.train()
+        for _ in range(epochs):
+            for x, y in train:
+                opt.zero_grad()
+                elbo_loss(prepared(x), y, prepared, n_train, beta).backward()
+                opt.step()
+    return prepared.eval()
+
+
 def convert_qat(
-    prepared: fx.GraphModule, mode: str = "fresh", bank_size: int = 16, seed: int = 0
+    prepared: fx.GraphModule, sampler: str = "fresh", bank_size: int = 16, seed: int = 0
 ) -> fx.GraphModule:
     """INT8 QBNN from a QAT model (the same conversion as PTQ, using the trained weights and ranges)."""
-    if mode == "flipout":
+    if sampler == "flipout":
         raise ValueError(
-            "convert_qat: QAT fine-tunes one shared weight sample per pass, so it converts with mode 'fresh' or "
+            "convert_qat: QAT fine-tunes one shared weight sample per pass, so it converts with sampler 'fresh' or "
             "'bank'; per-example INT8 Flipout is a post-training mode: quantize_bnn(bnn, train_batches, "
-            "mode='flipout') on the BNN"
+            "sampler='flipout') on the BNN"
         )
     bits = next((m.fq_bits for m in prepared.modules() if isinstance(m, PreparedLayer)), 8)
     if bits not in (None, 8):
         raise ValueError(f"only 8-bit QAT models convert to INT8 kernels (this one uses {bits} bits)")
-    return convert(prepared, mode=mode, bank_size=bank_size, seed=seed)
+    return convert(prepared, sampler=sampler, bank_size=bank_size, seed=seed)
 
 
 def simulate(
@@ -67,9 +110,8 @@ def simulate(
     prepared = prepare(model, backend=None, observer=observer)
     if calib_batches is not None:
         batches = itertools.islice(batches, calib_batches)
-    calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)
-    for m in prepared.modules():
-        if hasattr(m, "obs"):
-            m.obs.enabled = False  # frozen ranges: evaluation must not move them
+    freeze_ranges(
+        calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)
+    )  # evaluation must not move them
     set_fake_quant(prepared, bits)
     return prepared.eval()

@@ -53,7 +53,7 @@ def _ood_table(variants: dict) -> str:
 def _shift_section(shift: dict) -> str:
     if not shift:
         return ""
-    from qbdl.shift_eval import shift_table
+    from qbdl.experiment.shift import shift_table
 
     return f"<h2>Data shift (mean over corruptions per severity)</h2><pre>{html.escape(shift_table(shift))}</pre>"
 

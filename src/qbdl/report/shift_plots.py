@@ -2,7 +2,7 @@
 
 Headless like :mod:`qbdl.report.plots` (plain :class:`~matplotlib.figure.Figure` + Agg canvas); save
 with :func:`qbdl.report.plots.save_figure`. Input: ``results[variant][corruption][severity] =
-{metric: value}`` as in :mod:`qbdl.shift_summary`.
+{metric: value}`` as in :mod:`qbdl.metrics.shift`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qbdl.metrics.shift import Results, metric_values, paired_differences, severities
 from qbdl.report.plots import save_figure
-from qbdl.shift_summary import Results, metric_values, paired_differences, severities
 
 __all__ = ["severity_boxplot", "shift_difference_plot", "save_figure"]
 

@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
-# (column title, results key, formatter). ECE/UCE/referral are fractions in results.json, shown in %.
-COLUMNS = [
-    ("accuracy %", "accuracy", lambda v: f"{100 * v:.2f}"),
-    ("NLL", "nll", lambda v: f"{v:.4f}"),
-    ("ECE %", "ece", lambda v: f"{100 * v:.2f}"),
-    ("UCE %", "uce", lambda v: f"{100 * v:.2f}"),
-    ("mean MI", "mi_mean", lambda v: f"{v:.4f}"),
-    ("referral %", "referral_rate_at_target", lambda v: f"{100 * v:.1f}"),
-    ("AUGRC %", "augrc", lambda v: f"{100 * v:.3f}"),
-    ("OOD AUROC", "ood_auroc", lambda v: f"{v:.3f}"),
-    ("near", "ood_near_auroc", lambda v: f"{v:.3f}"),
-    ("far", "ood_far_auroc", lambda v: f"{v:.3f}"),
-    ("size MiB", "size_bytes", lambda v: f"{v / 2**20:.2f}"),
-    ("img/s", "images_per_s", lambda v: f"{v:.0f}"),
-]
+from qbdl.metrics.registry import metric_spec
+
+# Results keys of the columns, in order; titles and formats come from the metric registry
+# (ECE/UCE/referral are fractions in results.json, shown in %).
+COLUMNS = (
+    "accuracy",
+    "nll",
+    "ece",
+    "uce",
+    "mi_mean",
+    "referral_rate_at_target",
+    "augrc",
+    "ood_auroc",
+    "ood_near_auroc",
+    "ood_far_auroc",
+    "size_bytes",
+    "images_per_s",
+)
+
+
+def column_title(key: str, target: float | None = None) -> str:
+    """A column's heading (the registry's); the referral column names the target accuracy when given."""
+    title = metric_spec(key).heading
+    return f"{title} @{100 * target:g}" if (key == "referral_rate_at_target" and target) else title
+
+
+def format_cell(key: str, value: float | None) -> str:
+    """One value in the registry's table format ('-' when missing)."""
+    return "-" if value is None else metric_spec(key).format(value)
 
 
 def table_rows(variants: dict, target: float | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the comparison table."""
-    header = ["variant"] + [
-        f"referral % @{100 * target:g}" if (key == "referral_rate_at_target" and target) else title
-        for title, key, _ in COLUMNS
-    ]
-    rows = []
-    for name, res in variants.items():
-        row = [name]
-        for _, key, fmt in COLUMNS:
-            val = res.get(key)
-            row.append("-" if val is None else fmt(val))
-        rows.append(row)
+    header = ["variant"] + [column_title(key, target) for key in COLUMNS]
+    rows = [[name] + [format_cell(key, res.get(key)) for key in COLUMNS] for name, res in variants.items()]
     return header, rows
 
 

@@ -26,10 +26,10 @@ def report_blocks(runs: Sequence[multi.Run], entity: str, project: str) -> list[
     media = sorted({f"plots/{name}" for r in runs for name in (r.results.get("plots") or {})})
     for gi, g in enumerate(multi.group_runs(runs)):
         blocks.append({"type": "h2", "text": f"Group {gi}: {g.label} (seeds {g.seeds})"})
-        blocks.append({"type": "markdown", "text": multi._md_table(*multi.stats_rows(g))})
+        blocks.append({"type": "markdown", "text": multi.md_table(*multi.stats_rows(g))})
         cl = multi.claims(g)
         if cl:
-            blocks.append({"type": "markdown", "text": multi._md_table(*multi.claim_rows(cl))})
+            blocks.append({"type": "markdown", "text": multi.md_table(*multi.claim_rows(cl))})
     blocks.append(
         {
             "type": "panel_grid",

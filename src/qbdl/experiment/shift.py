@@ -13,7 +13,7 @@ Result schema (what goes to ``results.json["shift"]``), JSON-serialisable (strin
                       n: {c: {s: images}}}
 
 Top-level keys starting with ``_`` are reserved (variant names may not start with ``_``);
-:func:`cell_results` returns the per-cell part alone, the input of :mod:`qbdl.shift_summary` and
+:func:`cell_results` returns the per-cell part alone, the input of :mod:`qbdl.metrics.shift` and
 :mod:`qbdl.report.shift_plots`. ``_mce`` is ``{}`` when the baseline variant (default ``dnn``) is not
 among the variants. Fractions everywhere (accuracy, error, ECE, UCE in [0, 1]), as in
 :func:`qbdl.metrics.summarize`; non-finite values become ``null`` through
@@ -27,7 +27,7 @@ everywhere: 0.5). Every variant uses its own MC ``samples`` and the clean evalua
 
 Resume: with ``cache_dir``, each cell's logits [S, N, C] and targets [N] are written atomically
 (safetensors) as soon as the cell is done, under ``<cache_dir>/<variant>-<corruption>-<severity>-
-<fingerprint>.safetensors``; the fingerprint is :func:`qbdl.evaluation.variant_fingerprint` of the
+<fingerprint>.safetensors``; the fingerprint is :func:`qbdl.experiment.evaluate.variant_fingerprint` of the
 variant with ``data_key`` + the set (corruption, severity, its corruption seed and item ids). A
 killed-and-restarted evaluation recomputes only the cells without a file; a file that cannot be read
 or does not match the set (shape, targets) is reported with a warning and recomputed. The files are
@@ -52,9 +52,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qbdl import metrics
-from qbdl.evaluation import Variant, predict_loader, variant_fingerprint
+from qbdl.experiment.evaluate import Variant, predict_loader, variant_fingerprint
+from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
-from qbdl.shift_summary import corruption_errors, severity_summary
+from qbdl.metrics.shift import corruption_errors, severity_summary
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def evaluate_shift(
     clean: Mapping[str, Mapping[str, Any]] | None = None,
     temperatures: Mapping[str, float] | None = None,
     num_workers: int = 0,
+    shard: Shard | None = None,
 ) -> dict:
     """Every variant on every (corruption, severity) set: the dict of the module docstring.
 
@@ -168,6 +170,10 @@ def evaluate_shift(
     through a DataLoader at all.
     """
     if not sets:
+        return {}
+    shard = shard or Shard()
+    if not shard.is_main:
+        _predict_share(variants, sets, seed, batch_size, num_workers, shard)
         return {}
     bad = [v.name for v in variants if v.name.startswith("_")]
     if bad:
@@ -199,13 +205,14 @@ def evaluate_shift(
         loader = None
         for v in variants:
             path = _cache_file(cache, v, seed, data_key, c, s, ds) if cache is not None else None
-            got = _load_cell(path, v, n) if path is not None else None
-            if got is None:
+            got = _load_cell(path, v, n) if path is not None and shard.is_main else None
+            if not shard.broadcast(got is not None):  # rank 0 decides: every rank predicts, or none does
                 if loader is None:
                     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-                logits, y, _, _ = predict_loader(
-                    v.model, loader, v.samples, seed, v.device, desc=f"shift {c}/{s} {v.name}"
+                pred = predict_loader(
+                    v.model, loader, v.samples, seed, v.device, desc=f"shift {c}/{s} {v.name}", shard=shard
                 )
+                logits, y, _, _ = pred
                 if path is not None:
                     atomic_write_bytes(
                         path, save_tensors({"logits": logits.contiguous(), "y": y.contiguous()})
@@ -234,6 +241,19 @@ def evaluate_shift(
             "n": sizes,
         },
     }
+
+
+def _predict_share(
+    variants: list[Variant], sets: list, seed: int, batch_size: int, num_workers: int, shard: Shard
+) -> None:
+    """A rank other than 0: its share of every cell rank 0 does not have cached, in rank 0's order."""
+    for c, s, ds in sets:
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        for v in variants:
+            if not shard.broadcast(None):
+                predict_loader(
+                    v.model, loader, v.samples, seed, v.device, desc=f"shift {c}/{s} {v.name}", shard=shard
+                )
 
 
 def _mean_over_corruptions(per_c: Mapping[str, Any], metric: str, severity: int) -> float:
@@ -315,3 +335,53 @@ def save_shift_plots(
             name = f"shift_diff_qbnn_bnn_{metric}"
             files[name] = str(save_figure(fig, out_dir / f"{name}.png"))
     return files
+
+
+def evaluate_shift_stage(
+    dm: Any,
+    variants: list[Variant],
+    shift: Mapping[str, Any],
+    clean: Any,
+    *,
+    seed: int,
+    n_bins: int,
+    out_dir: Path,
+    data_key: str,
+    shard: Shard | None = None,
+) -> tuple[dict, dict[str, str]]:
+    """Every variant on `dm`'s corrupted test sets (conf/shift) with the clean evaluation's MC seeds; plots.
+
+    clean: the clean test evaluation (qbdl.experiment.evaluate.Evaluation): its metrics, temperatures and
+    test logits (the detection negatives); None on ranks other than 0, which only predict their share.
+    Returns the shift results and {plot name: file} (empty on those ranks).
+    """
+    from qbdl.data.shift import shift_datasets
+
+    shard = shard or Shard()
+    if not shard.is_main:
+        shard.barrier()  # rank 0 renders (and caches) the corrupted sets first; the others then read them
+    sets = shift_datasets(dm, dict(shift), cache_dir=out_dir / "shift_cache")
+    if shard.is_main:
+        shard.barrier()
+    metrics = clean.metrics if clean is not None else {}
+    results = evaluate_shift(
+        variants,
+        sets,
+        seed=seed,
+        batch_size=dm.eval_batch_size,
+        n_bins=n_bins,
+        clean_logits=clean.test_logits if clean is not None else {},
+        cache_dir=out_dir / "eval_cache" / "shift",
+        data_key=data_key,
+        baseline="dnn",
+        clean=metrics,
+        temperatures={
+            n.removesuffix("_ts"): r["temperature"] for n, r in metrics.items() if "temperature" in r
+        },
+        shard=shard,
+    )
+    if not shard.is_main:  # its share predicted; rank 0 has the results
+        return {}, {}
+    plots = save_shift_plots(results, out_dir / "plots", clean=clean.metrics)
+    log.info("data shift (mean over corruptions):\n%s", shift_table(results))
+    return results, plots

@@ -7,7 +7,7 @@ import io
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbdl import metrics
-from qbdl.bayes import mc_logits
+from qbdl.bayes import mc_logits, sampling
+from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
+from qbdl.models.files import state_dict_bytes
 from qbdl.quant.backend import int8_summary
 
 
@@ -34,41 +36,89 @@ class Variant:
     device: str = "cpu"
 
 
-def state_dict_bytes(model: nn.Module, skip_prefixes: tuple[str, ...] = ("prior_",)) -> int:
-    """Size of the inference weights as saved by torch.save (prior buffers are training-only, left out)."""
-    state = {
-        k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith(skip_prefixes)
+class MeanWeights(nn.Module):
+    """The BNN run on its posterior-mean weights: the control for 'Bayesian averaging vs extra training'."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with sampling(self.model, "mean"):
+            return self.model(x)
+
+
+def model_variants(
+    bnn: nn.Module,
+    mc_samples: int,
+    device: str = "cpu",
+    reference: nn.Module | None = None,
+    quantized: dict[str, tuple[nn.Module, int]] | None = None,
+) -> dict[str, Variant]:
+    """Every variant a run can evaluate: bnn, bnn_mean, dnn (the reference), and the INT8 models (on the CPU).
+
+    quantized: {name: (converted model, saved file size)}; 'qbnn' is sampled `mc_samples` times, the rest once.
+    """
+    bnn = bnn.eval()
+    out = {
+        "bnn": Variant("bnn", bnn, mc_samples, state_dict_bytes(bnn), device),
+        "bnn_mean": Variant("bnn_mean", MeanWeights(bnn), 1, state_dict_bytes(bnn), device),
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getbuffer().nbytes
+    if reference is not None:
+        out["dnn"] = Variant("dnn", reference.eval(), 1, state_dict_bytes(reference), device)
+    for name, (model, size) in (quantized or {}).items():
+        out[name] = Variant(name, model, mc_samples if name == "qbnn" else 1, size, "cpu")
+    return out
+
+
+@dataclass
+class Evaluation:
+    """What evaluate_variants returns: metrics, per-example predictions and curves per variant, test MC logits."""
+
+    metrics: dict = field(default_factory=dict)
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
+    test_logits: dict[str, Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
 def predict_loader(
-    model: nn.Module, loader: Iterable, samples: int, seed: int, device: str = "cpu", desc: str = ""
-) -> tuple[Tensor, Tensor, float, int]:
+    model: nn.Module,
+    loader: Iterable,
+    samples: int,
+    seed: int,
+    device: str = "cpu",
+    desc: str = "",
+    shard: Shard | None = None,
+) -> tuple[Tensor, Tensor, float, int] | None:
     """MC logits [S, N, C] over a loader, targets [N], compute seconds and the images they cover.
 
     Every batch uses the same per-sample seeds, so MC sample s is one network applied to all the data.
-    The time covers the model's compute only (no data loading), and leaves out the first batch (warm-up:
-    weight packing, noise pools, allocator), unless it is the only one.
+    The time covers the model's compute only (no data loading), and leaves out each process's first batch
+    (warm-up: weight packing, noise pools, allocator), unless it is its only one. With `shard`, this rank
+    predicts its batches and rank 0 returns everything in loader order (seconds and images summed over the
+    ranks); the other ranks return None.
     """
+    shard = shard or Shard()
     model.eval().to(device)
-    probs, targets, times = [], [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    parts, times = [], []
+    for i, (x, y) in tqdm(shard.batches(loader), desc=desc, leave=False, dynamic_ncols=True):
         x = x.to(device)
         _sync(device)
         t0 = time.perf_counter()
         p = mc_logits(model, x, samples, seed=seed)
         _sync(device)
         times.append((time.perf_counter() - t0, x.shape[0]))
-        probs.append(p.cpu())
-        targets.append(y)
-    if not probs:
-        raise ValueError(f"no data to evaluate {desc!r}: the loader is empty")
+        parts.append((i, p.cpu(), y))
     timed = times[1:] or times
-    return torch.cat(probs, dim=1), torch.cat(targets), sum(t for t, _ in timed), sum(n for _, n in timed)
+    gathered = shard.gather((parts, sum(t for t, _ in timed), sum(n for _, n in timed)))
+    if gathered is None:
+        return None
+    batches = sorted((b for rank_parts, _, _ in gathered for b in rank_parts), key=lambda b: b[0])
+    if not batches:
+        raise ValueError(f"no data to evaluate {desc!r}: the loader is empty")
+    secs, n = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+    return torch.cat([b[1] for b in batches], dim=1), torch.cat([b[2] for b in batches]), secs, n
 
 
 def _sync(device: str) -> None:
@@ -120,26 +170,33 @@ def variant_fingerprint(v: Variant, seed: int, data_key: str) -> str:
 
 
 def _predict_variant(
-    v: Variant, loaders: dict[str, Iterable], seed: int, cache_dir: Path | None, data_key: str
-) -> dict[str, tuple]:
+    v: Variant, loaders: dict[str, Iterable], seed: int, cache_dir: Path | None, data_key: str, shard: Shard
+) -> dict[str, tuple] | None:
     """{split: (logits, targets, seconds, timed images)} of one variant over `loaders` ('test', 'val', 'ood/<name>').
 
-    Reused from cache_dir when the same variant (weights, settings, seeds) saw the same data.
+    Reused from cache_dir when the same variant (weights, settings, seeds) saw the same data (rank 0 decides,
+    every rank follows). On ranks other than 0: predicts this rank's share, returns None.
     """
     key = f"{v.name}-{variant_fingerprint(v, seed, data_key)[:24]}"
     cached = cache_dir / f"{key}.safetensors" if cache_dir else None
-    if cached is not None and cached.exists():
+    hit = None
+    if shard.is_main and cached is not None and cached.exists():
         t = load_file(str(cached))
-        have = {k.rsplit("/", 1)[0] for k in t}
-        if set(loaders) <= have:
-            return {
+        if set(loaders) <= {k.rsplit("/", 1)[0] for k in t}:
+            hit = {
                 s: (t[f"{s}/logits"], t[f"{s}/y"], float(t[f"{s}/seconds"]), int(t[f"{s}/timed"]))
                 for s in loaders
             }
+    if shard.broadcast(hit is not None):
+        return hit
     out = {}
     for split, loader in loaders.items():
-        out[split] = predict_loader(v.model, loader, v.samples, seed, v.device, desc=f"{split} {v.name}")
-    if cached is not None:
+        out[split] = predict_loader(
+            v.model, loader, v.samples, seed, v.device, desc=f"{split} {v.name}", shard=shard
+        )
+    if not shard.is_main:
+        return None
+    if cached is not None:  # written once every split of the variant is complete: a kill never leaves a part
         tensors = {}
         for split, (lg, y, secs, timed) in out.items():
             tensors |= {f"{split}/logits": lg, f"{split}/y": y}
@@ -162,20 +219,20 @@ def evaluate_variants(
     temperature_scaled: Iterable[str] = (),
     val_loader: Iterable | None = None,
     ood_groups: dict[str, str] | None = None,
-    test_logits: dict[str, Tensor] | None = None,
-) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict]:
-    """Metrics per variant, per-example predictions, and the curve data the plots need.
+    shard: Shard | None = None,
+) -> Evaluation | None:
+    """Metrics per variant, per-example predictions, the curve data the plots need, and the test logits.
 
     With `cache_dir`, each variant's predictions are kept as they complete, so an interrupted evaluation
     resumes without redoing finished variants; `data_key` identifies the test and OOD data in the cache key.
     temperature_scaled: variant names that also get '<name>_ts': one temperature fitted by NLL on the
     validation split (`val_loader`, never test) and applied to each MC sample's logits before averaging.
     ood_groups: {OOD set: 'near' | 'far'} for the OpenOOD-style group means.
-    test_logits: filled with each variant's test MC logits [S, N, C] when given (the shift evaluation's negatives).
+    shard: this rank's share under DDP (every rank calls this; rank 0 gathers and returns the evaluation,
+    the other ranks None).
     """
-    results: dict = {}
-    predictions: dict[str, dict[str, np.ndarray]] = {}
-    curves: dict = {}
+    shard = shard or Shard()
+    ev = Evaluation()
     cache_dir = Path(cache_dir) if cache_dir else None
     ts = set(temperature_scaled)
     if ts and val_loader is None:
@@ -187,9 +244,10 @@ def evaluate_variants(
         loaders = {"test": test_loader} | {f"ood/{k}": ld for k, ld in ood_loaders.items()}
         if v.name in ts:
             loaders["val"] = val_loader
-        out = _predict_variant(v, loaders, seed, cache_dir, data_key)
-        if test_logits is not None:
-            test_logits[v.name] = out["test"][0]
+        out = _predict_variant(v, loaders, seed, cache_dir, data_key, shard)
+        if out is None:
+            continue
+        ev.test_logits[v.name] = out["test"][0]
         scaled = [(v.name, 1.0)]
         if v.name in ts:
             val_logits, val_y, _, _ = out["val"]
@@ -201,8 +259,8 @@ def evaluate_variants(
             )  # fmt: skip
             if name != v.name:
                 res["temperature"] = temperature
-            results[name], predictions[name], curves[name] = res, pred, curve
-    return results, predictions, curves
+            ev.metrics[name], ev.predictions[name], ev.curves[name] = res, pred, curve
+    return ev if shard.is_main else None
 
 
 def _assess(

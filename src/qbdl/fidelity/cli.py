@@ -1,0 +1,123 @@
+"""python -m qbdl.fidelity RUN_DIR: the error budget of a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qbdl.fidelity.budget import error_budget
+from qbdl.fidelity.render import _json_safe, format_budget, plot_budget
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, dict, dict]:
+    """(bnn, qbnn, datamodule, ood loaders, config) of a finished `python -m qbdl.run` output directory."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from qbdl.bayes import dnn_to_bnn
+    from qbdl.experiment.stages import build_ood_loaders
+    from qbdl.models.files import load_state
+    from qbdl.quant import load_qbnn
+
+    run_dir = Path(run_dir)
+    res_file = run_dir / "results.json"
+    if not res_file.is_file():
+        raise FileNotFoundError(
+            f"{res_file} does not exist: give the output directory of a finished qbdl.run"
+        )
+    cfg = OmegaConf.create(json.loads(res_file.read_text())["config"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    for k in ("weights", "weights_path"):  # the BNN state replaces every weight: never fetch pretrained ones
+        if k in model_cfg:
+            model_cfg[k] = None
+    dnn = instantiate(model_cfg, num_classes=dm.num_classes, in_chans=dm.spec.in_chans)
+    bnn = dnn_to_bnn(dnn, **OmegaConf.to_container(cfg.bayes, resolve=True))
+    load_state(bnn, run_dir / "bnn.safetensors")
+    qbnn = load_qbnn(str(run_dir / "models" / "qbnn.qbdl"))
+    ood = build_ood_loaders(dm, cfg.eval.builtin_ood, cfg.eval.ood or {}, cfg.eval.batch_size)
+    return bnn.eval(), qbnn, dm, ood, OmegaConf.to_container(cfg, resolve=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: error budget of a finished run; writes RUN_DIR/fidelity.json and fidelity.png, prints a table."""
+    ap = argparse.ArgumentParser(prog="python -m qbdl.fidelity", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "run_dir", help="output directory of python -m qbdl.run (results.json, bnn.safetensors, models/)"
+    )
+    ap.add_argument("--mc-samples", type=int, default=None, help="default: the run's eval.mc_samples")
+    ap.add_argument("--seed", type=int, default=None, help="default: the run's eval.seed")
+    ap.add_argument("--floor-seeds", type=int, default=3, help="extra BNN seeds for the MC noise floor")
+    ap.add_argument("--max-batches", type=int, default=None, help="first B batches of each set only")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--out", default=None, help="output directory (default: RUN_DIR)")
+    ap.add_argument(
+        "--shift",
+        default=None,
+        metavar="CORRUPTION:SEVERITY",
+        help="the budget on this corrupted copy of the test split (a conf/shift corruption, severity 1-5) "
+        "instead of the clean one; writes fidelity_<corruption>_<severity>.json/.png",
+    )
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        bnn, qbnn, dm, ood, cfg = load_run(args.run_dir)
+        test, stem = dm.test_dataloader(), "fidelity"
+        if args.shift:
+            test, shift = _shifted_test(dm, args.shift, int(cfg.get("seed") or 0))
+            stem = f"fidelity_{shift['corruption']}_{shift['severity']}"
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ev = cfg.get("eval", {})
+    budget = error_budget(
+        bnn,
+        qbnn,
+        test,
+        ood,
+        mc_samples=args.mc_samples or int(ev.get("mc_samples", 8)),
+        seed=args.seed if args.seed is not None else int(ev.get("seed", 0)),
+        floor_seeds=args.floor_seeds,
+        n_bins=int(ev.get("n_bins", 15)),
+        score=str(ev.get("score", "entropy")),
+        max_batches=args.max_batches,
+        progress=lambda s: print(f"  evaluating {s}", file=sys.stderr, flush=True),
+    )
+    from qbdl.machine import machine_info
+
+    budget["machine"] = machine_info()
+    budget["run_dir"] = str(Path(args.run_dir).resolve())
+    if args.shift:
+        budget["shift"] = shift
+    out = Path(args.out or args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from qbdl.io import atomic_write_json
+
+    atomic_write_json(out / f"{stem}.json", _json_safe(budget))
+    plot_budget(budget, out / f"{stem}.png")
+    print(format_budget(budget))
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')} ({budget['seconds']:.0f} s)")
+    return 0
+
+
+def _shifted_test(dm: Any, spec: str, seed: int) -> tuple[Any, dict]:
+    """A loader of the corrupted test split named by 'CORRUPTION:SEVERITY', and its description."""
+    from torch.utils.data import DataLoader
+
+    from qbdl.data.shift import shift_datasets
+
+    corruption, _, severity = spec.partition(":")
+    if not severity.strip().isdigit():
+        raise ValueError(f"--shift {spec!r}: give CORRUPTION:SEVERITY, e.g. gaussian_noise:3")
+    cfg = {"corruptions": [corruption], "severities": [int(severity)], "seed": seed, "cache": False}
+    ((c, s, ds),) = shift_datasets(dm, cfg)
+    loader = DataLoader(ds, batch_size=dm.eval_batch_size, shuffle=False)
+    return loader, {"corruption": c, "severity": s, "seed": seed}
