@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from qbdl.quant import native
-from qbdl.quant.backend import FULL_QMAX, REDUCED_QMAX, cpu_caps
 from qbdl.quant.activations import QAdaptiveAvgPool, QAdd, QMaxPool, quantize_act
+from qbdl.quant.backend import FULL_QMAX, REDUCED_QMAX, cpu_caps
 from qbdl.quant.layers import QuantLayer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "qbdl"
