@@ -29,26 +29,32 @@ def test_native_ops_build_here():
     assert native.available()
 
 
-def _conv_pack(shape, x_zp, x_shape):
+def _conv_pack(shape, x_zp, x_shape, groups=1):
     ws = torch.rand(shape[0], generator=torch.Generator().manual_seed(0)) * 0.01 + 1e-3
 
     def pack(w):
-        return torch.ops.onednn.qconv_prepack(w, ws, 0.05, x_zp, [1, 1], [1, 1], [1, 1], 1, x_shape)
+        return torch.ops.onednn.qconv_prepack(w, ws, 0.05, x_zp, [1, 1], [1, 1], [1, 1], groups, x_shape)
 
     return pack
 
 
 @pytest.mark.parametrize(
-    "shape, x_zp", [((64, 3, 7, 7), 10), ((10, 16, 3, 3), 10), ((32, 32, 3, 3), 0), ((100, 64, 1, 1), 3)]
-)
-def test_layout_is_measured_and_predicts_packed_bytes(shape, x_zp):
-    pack = _conv_pack(shape, x_zp, [8, shape[1], 12, 12])
+    "shape, x_zp, groups",
+    [((64, 3, 7, 7), 10, 1), ((10, 16, 3, 3), 10, 1), ((32, 32, 3, 3), 0, 1), ((100, 64, 1, 1), 3, 1),
+     ((16, 4, 3, 3), 10, 2), ((300, 1, 3, 3), 7, 300)],
+)  # fmt: skip
+def test_layout_is_measured_and_predicts_packed_bytes(shape, x_zp, groups):
+    # grouped: with AMX oneDNN pads each group's 8 channel sums to 16, so channel c's sum is not int32 number c
+    pack = _conv_pack(shape, x_zp, [8, shape[1] * groups, 12, 12], groups)
     layout = discover_layout(pack, shape)
     assert layout is not None
     # padding (input channels 3 -> 4, output channels 10 -> 16) is zero, every weight appears once
     n = torch.tensor(shape).prod().item()
     assert layout.data_bytes >= n and int((layout.src >= 0).sum()) == n
     assert layout.n_comp >= shape[0] if x_zp else layout.n_comp in (0, *range(shape[0], 4 * shape[0]))
+    if layout.n_comp:  # one sum per channel, each in its own slot
+        assert sorted(layout.comp_slot.tolist()) == sorted(set(layout.comp_slot.tolist()))
+        assert len(layout.comp_slot) == shape[0] and int(layout.comp_slot.max()) < layout.n_comp
     for seed in range(3):
         w = torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(torch.ops.qbdl.packed_bytes(pack(w)), expected_bytes(layout, w))

@@ -26,10 +26,15 @@ _BASE = 254  # int8 values except 0 (0 marks padding)
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where each packed byte comes from: src[p] = flat weight index or -1 (padding); n_comp int32 after."""
+    """Where each packed byte comes from: src[p] = flat weight index or -1 (padding); n_comp int32 after.
+
+    Output channel c's sum is int32 number comp_slot[c] of those: not always c, since oneDNN may pad each group
+    of a grouped conv to its own block (with AMX: 8 channels per group padded to 16).
+    """
 
     src: Tensor  # int64 [data_bytes]
     n_comp: int
+    comp_slot: Tensor  # int64 [output channels]; empty when n_comp == 0
 
     @property
     def data_bytes(self) -> int:
@@ -46,6 +51,29 @@ def _encode(idx: Tensor, digit: int) -> Tensor:
 def _decode(v: Tensor, digit: int) -> Tensor:
     v = v.long()
     return (torch.where(v > 0, v - 1, v) + 127) * _BASE**digit
+
+
+def _comp_slots(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...], data: int, n_comp: int) -> Tensor | None:
+    """Which of the n_comp int32 after `data` bytes holds each output channel's sum (None: not one each)."""
+    oc, row = shape[0], math.prod(shape[1:])
+    src, pad = torch.zeros(n_comp, dtype=torch.long), None
+    for d in range(max(1, math.ceil(math.log(max(oc, 2), _BASE)))):
+        w = torch.zeros(oc, row, dtype=torch.int8)
+        w[:, 0] = _encode(torch.arange(oc), d)  # each channel's sum is its index's digit d, never 0
+        comp = torch.ops.qbdl.packed_bytes(pack(w.view(shape)))[data:].view(torch.int32)
+        if comp.numel() != n_comp or bool((comp.abs() > 127).any()):
+            return None
+        if pad is None:
+            pad = comp == 0
+        elif not torch.equal(pad, comp == 0):
+            return None
+        src += _decode((-comp).to(torch.int8), d)
+    keep = ~pad
+    if not torch.equal(src[keep].sort().values, torch.arange(oc)):
+        return None
+    slot = torch.empty(oc, dtype=torch.long)
+    slot[src[keep]] = torch.nonzero(keep).flatten()
+    return slot
 
 
 def discover_layout(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> PackedLayout | None:
@@ -75,7 +103,10 @@ def discover_layout(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...]) ->
         src[pad] = -1
         if not torch.equal(src[~pad].sort().values, idx):
             continue
-        layout = PackedLayout(src, ocp)
+        slot = _comp_slots(pack, shape, data, ocp) if ocp else torch.empty(0, dtype=torch.long)
+        if slot is None:
+            continue
+        layout = PackedLayout(src, ocp, slot)
         w = torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(n))
         if torch.equal(torch.ops.qbdl.packed_bytes(pack(w)), expected_bytes(layout, w)):
             return layout
@@ -88,7 +119,7 @@ def expected_bytes(layout: PackedLayout, w: Tensor) -> Tensor:
     data = torch.where(layout.src >= 0, flat[layout.src.clamp_min(0)], torch.zeros((), dtype=torch.int8))
     comp = torch.zeros(layout.n_comp, dtype=torch.int32)
     if layout.n_comp:  # oneDNN adds no compensation when the input zero point is 0
-        comp[: w.shape[0]] = -w.reshape(w.shape[0], -1).sum(1, dtype=torch.int32)
+        comp[layout.comp_slot] = -w.reshape(w.shape[0], -1).sum(1, dtype=torch.int32)
     return torch.cat([data.view(torch.uint8), comp.view(torch.uint8)])
 
 
@@ -114,7 +145,9 @@ class PackedSampler:
         zero = torch.zeros((), dtype=torch.int16)
         self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
         self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
-        self.oc = (s // mu16[0].numel()).to(torch.int16).contiguous()
+        channel = s // mu16[0].numel()
+        # the C++ loop adds each byte to the sum at oc[p]: its channel's slot
+        self.oc = (layout.comp_slot[channel] if layout.n_comp else channel).to(torch.int16).contiguous()
         if layout.n_comp and int(self.oc.max()) >= layout.n_comp:  # the C++ loop indexes the sums by it
             raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels")
 
