@@ -53,7 +53,9 @@ def _decode(v: Tensor, digit: int) -> Tensor:
     return (torch.where(v > 0, v - 1, v) + 127) * _BASE**digit
 
 
-def _comp_slots(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...], data: int, n_comp: int) -> Tensor | None:
+def _comp_slots(
+    pack: Callable[[Tensor], Tensor], shape: tuple[int, ...], data: int, n_comp: int
+) -> Tensor | None:
     """Which of the n_comp int32 after `data` bytes holds each output channel's sum (None: not one each)."""
     oc, row = shape[0], math.prod(shape[1:])
     src, pad = torch.zeros(n_comp, dtype=torch.long), None
