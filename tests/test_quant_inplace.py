@@ -107,6 +107,20 @@ def test_inplace_kernel_equals_eager_kernel_on_the_same_int8_weights(prepared):
     _assert_every_layer_exact(convert(prepared, sampler="fresh", seed=3), [_x(4), _x(9)])
 
 
+def test_a_layout_that_does_not_check_out_warns_and_re_packs_the_same_samples(prepared, monkeypatch):
+    # a CPU whose oneDNN packs some layer in a format that is not a permutation: never silent, still exact
+    ref = convert(prepared, sampler="fresh", seed=3, fresh_kernel="prepack")
+    q = convert(prepared, sampler="fresh", seed=3)
+    monkeypatch.setattr("qbdl.quant.inplace.discover_layout", lambda pack, shape: None)
+    with pytest.warns(RuntimeWarning, match="re-packed every forward"), torch.no_grad():
+        torch.manual_seed(11)
+        y = q(_x())
+    torch.manual_seed(11)
+    with torch.no_grad():
+        assert torch.equal(y, ref(_x()))
+    assert all(m._sampler is None and m.fresh_kernel == "prepack" for m in quant_layers(q) if m.bayesian)
+
+
 def test_inplace_exact_on_grouped_depthwise_strided_dilated_convs():
     torch.manual_seed(0)
     net = nn.Sequential(

@@ -9,6 +9,7 @@ weights are dropped on copy or pickle (oneDNN cannot copy them), and a copy pack
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -105,8 +106,15 @@ class FreshSampler(Sampler):
                 return q._prepack(w, ws, q.in_scale, q.in_zp)
 
             layout = inplace.discover_layout(pack, shape)
-            if layout is None:
-                q.fresh_kernel = "prepack"  # this layer's packed format is not a plain permutation
+            if layout is None:  # this layer's packed format is not a plain permutation here
+                q.fresh_kernel = "prepack"
+                warnings.warn(
+                    f"INT8 layer {q.index} ({q.kind} {shape}): oneDNN's packed weight layout on this CPU did not "
+                    "check out, so its fresh samples are re-packed every forward (the same samples, slower); "
+                    "please report the CPU and layer shape.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return None
             mu16, sg16 = noise.fixed_point16(q._deq(q.mu_q, q.mu_scale), q._deq(q.sigma_q, q.sigma_scale), ws)
             pool = noise.noise_pool(q.seed, q.index, layout.data_bytes, q.noise_slots)
