@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qbdl.bayes.layers import BayesianLayer, random_signs
-from qbdl.quant import inplace
 from qbdl.quant.activations import QAdd, Quantize
 from qbdl.quant.fold import bn_scale_shift
 from qbdl.quant.layers import QuantLayer
@@ -90,25 +86,6 @@ class _Requant(_AblationQuant):
         _Site.__init__(self, name, src.scale, src.zp, src.qmax)
 
 
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedSampler -> its measured layout
-
-
-def _unpacked(q: QuantLayer, packed: Tensor) -> Tensor:
-    """PackedSampler.unpacked with the layout measured once per sampler (it re-measures on every call)."""
-    sampler, shape = q._sampler, tuple(q.mu_q.shape)
-    hit = _LAYOUTS.get(sampler)
-    if hit is None:
-        layout = inplace.discover_layout(sampler.pack, shape)
-        keep = layout.src >= 0
-        # packed byte p holds weight src[p]: read back in weight order with one gather
-        order = torch.empty(math.prod(shape), dtype=torch.long)
-        order[layout.src[keep]] = torch.nonzero(keep).flatten()
-        hit = _LAYOUTS[sampler] = (layout.data_bytes, order)
-    n, order = hit
-    data = torch.ops.qbdl.packed_bytes(packed)[:n].view(torch.int8)
-    return data[order].view(shape)
-
-
 def _int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
     """The dequantized int8 weight sample and float bias the QuantLayer computes with for this forward.
 
@@ -124,7 +101,7 @@ def _int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError(f"error budget: sampler {q.sampler!r} is not supported (fresh, bank)")
     slot, negate, eps_b = q._draw(None)
     if q._sampler is not None:  # the in-place kernel: read back the bytes it will compute with
-        wq = _unpacked(q, q._sampler.sample(slot, negate))
+        wq = q._sampler.unpacked(q._sampler.sample(slot, negate), tuple(q.mu_q.shape))
         w = wq.float() * _chan(q._w_scale.float(), wq.dim())
     else:
         wq = q._make(slot, negate, eps_b)[0]

@@ -53,29 +53,47 @@ def _decode(v: Tensor, digit: int) -> Tensor:
     return (torch.where(v > 0, v - 1, v) + 127) * _BASE**digit
 
 
+def _digits(count: int) -> int:
+    """Base-254 digits needed to tell `count` indices apart."""
+    return max(1, math.ceil(math.log(max(count, 2), _BASE)))
+
+
+def _positions(probes: list[Tensor], count: int) -> Tensor | None:
+    """The index each position holds (-1: padding) from its `_encode`d digits, one int8 probe per digit.
+
+    None unless every probe pads the same positions and the others hold 0..count-1 once each.
+    """
+    pad = probes[0] == 0
+    if any(not torch.equal(p == 0, pad) for p in probes[1:]) or int((~pad).sum()) != count:
+        return None
+    src = sum(_decode(p, d) for d, p in enumerate(probes))
+    src[pad] = -1
+    return src if torch.equal(src[~pad].sort().values, torch.arange(count)) else None
+
+
+def inverse(src: Tensor, count: int) -> Tensor:
+    """The position of each index 0..count-1 in `src` (a `_positions` result): src[inverse(src)[i]] == i."""
+    keep = src >= 0
+    where = torch.empty(count, dtype=torch.long)
+    where[src[keep]] = torch.nonzero(keep).flatten()
+    return where
+
+
 def _comp_slots(
     pack: Callable[[Tensor], Tensor], shape: tuple[int, ...], data: int, n_comp: int
 ) -> Tensor | None:
     """Which of the n_comp int32 after `data` bytes holds each output channel's sum (None: not one each)."""
     oc, row = shape[0], math.prod(shape[1:])
-    src, pad = torch.zeros(n_comp, dtype=torch.long), None
-    for d in range(max(1, math.ceil(math.log(max(oc, 2), _BASE)))):
+    probes = []
+    for d in range(_digits(oc)):
         w = torch.zeros(oc, row, dtype=torch.int8)
         w[:, 0] = _encode(torch.arange(oc), d)  # each channel's sum is its index's digit d, never 0
         comp = torch.ops.qbdl.packed_bytes(pack(w.view(shape)))[data:].view(torch.int32)
         if comp.numel() != n_comp or bool((comp.abs() > 127).any()):
             return None
-        if pad is None:
-            pad = comp == 0
-        elif not torch.equal(pad, comp == 0):
-            return None
-        src += _decode((-comp).to(torch.int8), d)
-    keep = ~pad
-    if not torch.equal(src[keep].sort().values, torch.arange(oc)):
-        return None
-    slot = torch.empty(oc, dtype=torch.long)
-    slot[src[keep]] = torch.nonzero(keep).flatten()
-    return slot
+        probes.append((-comp).to(torch.int8))  # the sums are minus the digits
+    src = _positions(probes, oc)
+    return None if src is None else inverse(src, oc)
 
 
 def discover_layout(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> PackedLayout | None:
@@ -86,9 +104,9 @@ def discover_layout(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...]) ->
     """
     n, oc = math.prod(shape), shape[0]
     idx = torch.arange(n)
-    digits = max(1, math.ceil(math.log(max(n, 2), _BASE)))
     probes = [
-        torch.ops.qbdl.packed_bytes(pack(_encode(idx, d).view(shape))).view(torch.int8) for d in range(digits)
+        torch.ops.qbdl.packed_bytes(pack(_encode(idx, d).view(shape))).view(torch.int8)
+        for d in range(_digits(n))
     ]
     total = probes[0].numel()
     candidates = sorted({0} | {-(-oc // b) * b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
@@ -96,14 +114,8 @@ def discover_layout(pack: Callable[[Tensor], Tensor], shape: tuple[int, ...]) ->
         data = total - 4 * ocp
         if data < n or data % 4:
             continue
-        pad = probes[0][:data] == 0
-        if any(not torch.equal(p[:data] == 0, pad) for p in probes[1:]) or int((~pad).sum()) != n:
-            continue
-        src = torch.zeros(data, dtype=torch.long)
-        for d, p in enumerate(probes):
-            src += _decode(p[:data], d)
-        src[pad] = -1
-        if not torch.equal(src[~pad].sort().values, idx):
+        src = _positions([p[:data] for p in probes], n)
+        if src is None:
             continue
         slot = _comp_slots(pack, shape, data, ocp) if ocp else torch.empty(0, dtype=torch.long)
         if slot is None:
@@ -150,6 +162,7 @@ class PackedSampler:
         channel = s // mu16[0].numel()
         # the C++ loop adds each byte to the sum at oc[p]: its channel's slot
         self.oc = (layout.comp_slot[channel] if layout.n_comp else channel).to(torch.int16).contiguous()
+        self._order: tuple[int, Tensor] | None = None  # unpacked()'s gather
         if layout.n_comp and int(self.oc.max()) >= layout.n_comp:  # the C++ loop indexes the sums by it
             raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels")
 
@@ -163,10 +176,12 @@ class PackedSampler:
         return self.packed
 
     def unpacked(self, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """The int8 weight (original layout) held by `packed`; re-measures the layout (slow: for tests)."""
-        layout = discover_layout(self.pack, shape)
-        data = torch.ops.qbdl.packed_bytes(packed)[: layout.data_bytes].view(torch.int8)
-        w = torch.empty(math.prod(shape), dtype=torch.int8)
-        keep = layout.src >= 0
-        w[layout.src[keep]] = data[keep]
-        return w.view(shape)
+        """The int8 weight (original layout) held by `packed`, for tests and qbdl.fidelity.
+
+        The first call measures the layout again and keeps its inverse (8 bytes a weight, paid only here).
+        """
+        if self._order is None:
+            layout = discover_layout(self.pack, shape)
+            self._order = (layout.data_bytes, inverse(layout.src, math.prod(shape)))
+        n, order = self._order
+        return torch.ops.qbdl.packed_bytes(packed)[:n].view(torch.int8)[order].view(shape)
