@@ -176,12 +176,10 @@ class EvaluationCallback(L.Callback):
         """The OOD loaders once built (or the user's, before)."""
         return self._ood_loaders if self._ood_loaders is not None else self.user_ood
 
-    def _variants(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[Variant], list[str]]:
+    def _variants(
+        self, pl_module: L.LightningModule, quantized: Mapping[str, Quantized]
+    ) -> tuple[list[Variant], list[str]]:
         """The models to evaluate and the requested names (with their `_ts` twins)."""
-        quantized: dict[str, Quantized] = {}
-        for cb in trainer.callbacks:  # PTQ first, whatever the callbacks' order
-            if isinstance(cb, PTQCallback):
-                quantized |= cb.quantize(trainer, pl_module)
         available = model_variants(
             bayesian_model(pl_module),
             self.mc_samples,
@@ -240,7 +238,10 @@ class EvaluationCallback(L.Callback):
                 "to trainer.fit(module, datamodule=dm)"
             )
         ood_loaders = self.ood_loaders_for(dm)
-        variants, names = self._variants(trainer, pl_module)
+        ptq = [cb for cb in trainer.callbacks if isinstance(cb, PTQCallback)]
+        # PTQ first, whatever the callbacks' order (each runs once: later calls return its models)
+        quantized = {n: q for cb in ptq for n, q in cb.quantize(trainer, pl_module).items()}
+        variants, names = self._variants(pl_module, quantized)
         ts = [n.removesuffix("_ts") for n in names if n.endswith("_ts")]
         data_key = self.data_key(dm)
         t0 = time.perf_counter()
@@ -272,8 +273,6 @@ class EvaluationCallback(L.Callback):
         save_predictions(ev.predictions, self.out_dir / "predictions.npz")
         plots = save_plots(ev.curves, self.out_dir / "plots", self.target_accuracy) | shift_plots
         eval_seconds = time.perf_counter() - t0
-        ptq = [cb for cb in trainer.callbacks if isinstance(cb, PTQCallback)]
-        quantized = {n: q for cb in ptq for n, q in cb.quantized.items()}
         ptq_seconds = {n: q.seconds for n, q in quantized.items() if q.seconds is not None}
         config = self.run_info.get("config") or {
             "eval": self.settings(),
