@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbdl import metrics
+from qbdl.baselines.memory import resident_bytes
 from qbdl.bayes import mc_logits, sampling
 from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
@@ -34,6 +35,7 @@ class Variant:
     samples: int
     size_bytes: int
     device: str = "cpu"
+    backbone_passes: int | None = None  # full-network passes per image (None: `samples`; last-layer Laplace: 1)
 
 
 class MeanWeights(nn.Module):
@@ -281,7 +283,9 @@ def _assess(
     n = y.numel()
     res.update(
         samples=v.samples,
+        backbone_passes=v.samples if v.backbone_passes is None else v.backbone_passes,
         size_bytes=v.size_bytes,
+        resident_bytes=resident_bytes(v.model),  # tensors the model keeps between calls (weights, pools, caches)
         images_per_s=timed / secs,  # model compute only, after the first batch, on `device`
         forward_images_per_s=timed * v.samples / secs,
         eval_seconds=secs,

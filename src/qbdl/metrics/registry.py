@@ -95,6 +95,10 @@ METRICS: dict[str, MetricSpec] = _table(
     MetricSpec("ood_far_auroc", "OOD AUROC (far)", "higher", 1.0, 3, column="far", source="variant"),
     MetricSpec("size_bytes", "size MiB", "lower", 1.0 / 2**20, 2, source="variant"),
     MetricSpec("images_per_s", "img/s", "higher", 1.0, 0, source="variant"),
+    # tensors the model keeps resident (weights, noise pools, caches; qbdl.baselines.memory.resident_bytes)
+    MetricSpec("resident_bytes", "memory MiB", "lower", 1.0 / 2**20, 2, column="mem MiB", source="variant"),
+    # full-network passes per image (MC samples, ensemble members; 1 for last-layer Laplace)
+    MetricSpec("backbone_passes", "backbone passes / image", "lower", 1.0, 0, column="passes", source="variant"),
 )
 #: The flat metrics of ``results["ood"][set]``: the selected score's, then the MI score's.
 OOD_SET_METRICS: dict[str, MetricSpec] = _table(

@@ -24,8 +24,12 @@ __all__ = [
     "entropy_density",
     "entropy_densities",
     "ood_roc_curves",
+    "metric_vs_throughput",
     "save_figure",
 ]
+
+#: The uncertainty metrics drawn against images/s (results keys; units and directions from the registry).
+THROUGHPUT_METRICS = ("accuracy", "nll", "ece", "uce", "augrc", "ood_auroc")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -173,6 +177,42 @@ def ood_roc_curves(curves: Mapping[str, Sequence[Any]], title: str | None = None
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate")
     ax.set_title(title or "OOD detection ROC")
     ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def metric_vs_throughput(
+    variants: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] = THROUGHPUT_METRICS, x_key: str = "images_per_s"
+) -> Figure:
+    """One panel per metric: each variant one labelled point at (images/s, metric); INT8 variants filled squares.
+
+    variants: results["variants"] (or seed means of it). The x axis is logarithmic; each panel's title says
+    which direction is better.
+    """
+    from qbdl.metrics.registry import metric_spec
+
+    names = [n for n, v in variants.items() if v.get(x_key) is not None]
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
+    FigureCanvasAgg(fig)
+    for k, key in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        spec = metric_spec(key)
+        for n in names:
+            y = variants[n].get(key)
+            if y is None:
+                continue
+            x = float(variants[n][x_key])
+            quant = n.startswith("q")
+            ax.scatter([x], [spec.display(float(y))], marker="s" if quant else "o", s=28,
+                       color="C3" if quant else "C0")  # fmt: skip
+            ax.annotate(n, (x, spec.display(float(y))), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("images / s (log)")
+        ax.set_ylabel(spec.label)
+        ax.set_title(f"{spec.label} ({spec.better or 'no'} is better)" if spec.better else spec.label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
     return fig
 
 

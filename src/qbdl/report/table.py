@@ -19,6 +19,8 @@ COLUMNS = (
     "ood_far_auroc",
     "size_bytes",
     "images_per_s",
+    "resident_bytes",
+    "backbone_passes",
 )
 
 

@@ -40,6 +40,7 @@ SEED_METRICS = (
     "ood_auroc",
     "size_bytes",
     "images_per_s",
+    "resident_bytes",
 )
 # The near/far OOD group means, summarised and compared when the runs have them.
 GROUP_METRICS = ("ood_near_auroc", "ood_far_auroc")
@@ -52,6 +53,14 @@ PAPER_CLAIMS: list[tuple[str, str, tuple[str, ...]]] = [
 PAPER_CLAIMS.append(("bnn", "dnn_ts", ("ood_auroc", "uce", "referral_rate_at_target")))
 # QBNN vs BNN: every metric, equivalence ("does quantization keep it?").
 QUANT_CLAIM = ("qbnn", "bnn", SEED_METRICS)
+# QBNN vs the INT8 baselines deployed instead (deep ensemble, MC dropout, last-layer Laplace; issue 33): on each
+# metric a superiority claim "qbnn is better" (a t test; "contradicted" where the baseline is better) and, where
+# the metric has an equivalence margin, a TOST equivalence claim with the same margins as QBNN ≡ BNN.
+BASELINE_METRICS = ("accuracy", "nll", "ece", "uce", "augrc", "referral_rate_at_target", "ood_auroc",
+                    "images_per_s", "resident_bytes")  # fmt: skip
+BASELINE_CLAIMS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("qbnn", b, BASELINE_METRICS) for b in ("qens", "qmcd", "qlla")
+]
 # Equivalence margins when a run's config declares none (eval.equivalence), in the metric's own unit.
 DEFAULT_MARGINS = {
     "accuracy": 0.005,
@@ -247,7 +256,7 @@ def margins(group: Group) -> dict[str, float]:
 
 
 def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
-    """The paper's claims that this group's variants allow (BNN vs DNN, DNN_ts and bnn_mean; QBNN ≡ BNN).
+    """The claims this group's variants allow (BNN vs DNN, DNN_ts, bnn_mean; QBNN ≡ BNN; QBNN vs qens/qmcd/qlla).
 
     holm_correction: adjust the p values of all these claims together (Holm) and give verdicts from them.
     """
@@ -266,6 +275,7 @@ def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
         m_by = margins(group)
         metrics = [*metrics, *(m for m in metric_names(group) if m in GROUP_METRICS)]
         out += [paired_claim(group, a, b, m, better=None, margin=m_by.get(m)) for m in metrics]
+    out += baseline_claims(group, present)
     if holm_correction:
         tested = [c for c in out if c.p is not None]
         # equivalence claims' "different" is its own family: Holm over their two-sided p values
@@ -274,6 +284,21 @@ def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
         for c, pa in zip(tested, holm([c.p for c in tested])):
             c.p_adj = pa
             c.verdict = _verdict(c, pa, p_diff_adj.get(id(c)))
+    return out
+
+
+def baseline_claims(group: Group, present: set[str] | None = None) -> list[Claim]:
+    """QBNN vs qens / qmcd / qlla (BASELINE_CLAIMS): superiority per metric, equivalence where a margin exists."""
+    present = present if present is not None else {v for r in group.runs for v in r.variants}
+    m_by = margins(group)
+    out = []
+    for a, b, metrics in BASELINE_CLAIMS:
+        if not {a, b} <= present:
+            continue
+        for m in [*metrics, *(k for k in metric_names(group) if k in GROUP_METRICS)]:
+            out.append(paired_claim(group, a, b, m))
+            if m in m_by:
+                out.append(paired_claim(group, a, b, m, better=None, margin=m_by[m]))
     return out
 
 
