@@ -121,8 +121,8 @@ def convert(
     while the forward runs (0: sequentially inside each layer; outputs are identical either way).
     fresh_kernel: 'auto' writes fresh samples straight into oneDNN-packed weights (x86/onednn backends,
     conv2d/linear; see inplace.py), 'prepack' re-packs every sample through the public prepack ops.
-    noise_slots: windows in each layer's noise pool (noise.py): this many successive samples never share
-    noise; memory 2 * noise_slots bytes per weight.
+    noise_slots: ignored (kept for callers of earlier versions): the weight noise is generated from a
+    counter (noise.py), so every MC sample has its own and none is stored.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -151,8 +151,7 @@ def convert(
                 "seed": seed,
                 "index": index,
                 "fresh_kernel": fresh_kernel,
-                "noise_slots": noise_slots,
-            }
+            }  # no "noise_slots": the noise is generated from a counter (noise.py); only older files have it
             if mod.bayesian:
                 config["mode"] = mod.layer.mode
                 bayes = True
@@ -187,7 +186,6 @@ def convert(
         "kind": "qbnn" if bayes else "qdnn",
         "sampler": sampler,
         "bank_size": bank_size,
-        "noise_slots": noise_slots,
         "seed": seed,
         "backend": backend,
         **plan.as_dict(),

@@ -3,9 +3,9 @@
 Why: re-packing ResNet-50's sampled weights through the public prepack ops costs ~70 ms per forward here,
 more than a third of a batch-32 INT8 forward; writing them in place costs 8 ms. Packing is a fixed
 permutation (plus zero padding and an int32 per-channel compensation), and the weight noise is iid, so
-the noise can be laid out in packed order directly: data[p] = round(mu[src(p)]/S + sigma[src(p)]/S *
-z[offset + p]) has the same distribution as sampling in the original order and packing (int16 operands,
-noise.fixed_point16). The permutation is not read from oneDNN's internal format description: it is
+it can be generated in packed order directly: data[p] = round(mu[src(p)]/S + sigma[src(p)]/S * z(key, p))
+has the same distribution as sampling in the original order and packing (noise.py: z is a hash of the key
+and the packed position p, so this path and the re-packing one give different samples of one law). The permutation is not read from oneDNN's internal format description: it is
 *measured* by packing weights whose bytes encode their own index, then checked on a random weight (data
 and compensation); a layout that does not check out is not used.
 """
@@ -138,40 +138,59 @@ def expected_bytes(layout: PackedLayout, w: Tensor) -> Tensor:
 
 
 class PackedSampler:
-    """A oneDNN-packed int8 weight overwritten in place with a fresh sample (pool noise, see noise.py)."""
+    """A oneDNN-packed int8 weight overwritten in place with a fresh sample (counter noise, see noise.py).
+
+    Keeps 4 bytes a weight beside the packed weight: int8 mu and sigma in packed order and each byte's int16
+    channel slot (the layout itself, 8 bytes a weight, is dropped once these are built).
+    """
 
     def __init__(
         self,
         pack: Callable[[Tensor], Tensor],
         layout: PackedLayout,
-        mu16: Tensor,
-        sg16: Tensor,
-        pool: Tensor,
-        slots: int,
+        mu_q: Tensor,
+        sigma_q: Tensor,
+        a: Tensor,
+        b: Tensor,
+        shift: int,
     ) -> None:
         src = layout.src
         pad = src < 0
         s = src.clamp_min(0)
         self.pack = pack
-        self.packed = pack(torch.zeros(mu16.shape, dtype=torch.int8))
+        self.packed = pack(torch.zeros(mu_q.shape, dtype=torch.int8))
         self.n_comp = layout.n_comp
-        self.pool, self.slots = pool, int(slots)
-        zero = torch.zeros((), dtype=torch.int16)
-        self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
-        self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
-        channel = s // mu16[0].numel()
-        # the C++ loop adds each byte to the sum at oc[p]: its channel's slot
+        self.shift = int(shift)
+        zero = torch.zeros((), dtype=torch.int8)
+        self.mu = torch.where(pad, zero, mu_q.reshape(-1)[s]).contiguous()
+        self.sg = torch.where(pad, zero, sigma_q.reshape(-1)[s]).contiguous()
+        channel = s // mu_q[0].numel()
+        del s, pad
+        # the C++ loop adds each byte to the sum at oc[p] (its channel's slot) and reads the multipliers there
         self.oc = (layout.comp_slot[channel] if layout.n_comp else channel).to(torch.int16).contiguous()
+        del channel
+        if layout.n_comp:
+            if int(layout.comp_slot.max()) >= layout.n_comp:
+                raise ValueError(
+                    f"packed layout has {layout.n_comp} channel sums for {mu_q.shape[0]} channels"
+                )
+            self.a = torch.zeros(layout.n_comp, dtype=torch.int32)
+            self.b = torch.zeros(layout.n_comp, dtype=torch.int32)
+            self.a[layout.comp_slot], self.b[layout.comp_slot] = a, b
+        else:
+            self.a, self.b = a.contiguous(), b.contiguous()
         self._order: tuple[int, Tensor] | None = None  # unpacked()'s gather
-        if layout.n_comp and int(self.oc.max()) >= layout.n_comp:  # the C++ loop indexes the sums by it
-            raise ValueError(f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels")
 
-    def sample(self, slot: int, negate: bool) -> Tensor:
-        """Write the sample of pool window `slot` (and sign) into the packed weight; returns it."""
-        offset = noise.window_offset(slot, self.mu.numel(), self.slots)
+    def sample(self, key: int, negate: bool = False) -> Tensor:
+        """Write the sample of counter key `key` (noise.key) into the packed weight; returns it.
+
+        `negate` is part of QuantLayer._draw's tuple and always False for counter noise (a new key is new noise).
+        """
+        if negate:
+            raise ValueError("the in-place sampler draws counter noise: a negated sample is never asked for")
         torch.ops.qbdl.sample_packed(
-            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.pool, offset, negate,
-            noise.MU16_SHIFT, noise.SHIFT16,
+            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.a, self.b, noise.z_table(),
+            noise.to_int64(key), self.shift,
         )  # fmt: skip
         return self.packed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -20,10 +21,12 @@ class QuantLayer(nn.Module):
     """INT8 conv/linear on uint8 activations: int8 mu (and sigma for a Bayesian layer) per output channel.
 
     Deterministic (sigma None): one packed int8 weight. Bayesian: `mode` 'mean' uses int8 mu; 'sample'
-    asks its `sampler` (samplers.py): 'fresh' = a new int8 weight every forward (integer pool noise, see
-    noise.py), written into the packed weight in place (inplace.py) or re-packed; 'bank' = K samples drawn,
-    quantized and packed once (from `seed`), MC sample s uses entry s mod K (set_mc_index), a random entry from
-    the global generator when no index is set; 'flipout' = per-example signs over K banked perturbations.
+    asks its `sampler` (samplers.py): 'fresh' = a new int8 weight every forward (counter-based noise generated
+    in the kernel, see noise.py: MC index s has its own noise, a forward without one takes a counter from the
+    global generator), written into the packed weight in place (inplace.py) or re-packed; 'bank' = K samples
+    (the counter noise of MC indices 0..K-1) quantized and packed once, MC sample s uses entry s mod K
+    (set_mc_index), a random entry from the global generator when no index is set; 'flipout' = per-example
+    signs over K banked perturbations.
     Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias (in
     units of input_scale * S) is exact for every sample. Every kernel is a oneDNN op on plain uint8 / int8
     tensors; the input's scale and zero point are `in_scale` / `in_zp` (set from the graph).
@@ -42,6 +45,9 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.config = dict(config)
         c = self.config
+        old = noise.upgrade_config(c)
+        if old is not None and sigma_q is not None:
+            warnings.warn(old, RuntimeWarning, stacklevel=2)
         check_backend(c["backend"])
         self.kind: str = c["kind"]
         if self.kind not in KINDS:
@@ -59,7 +65,9 @@ class QuantLayer(nn.Module):
         self.bank_size: int = int(c.get("bank_size", 16))
         self.seed: int = int(c.get("seed", 0))
         self.index: int = int(c.get("index", 0))
-        self.noise_slots: int = int(c.get("noise_slots", noise.NOISE_SLOTS))
+        # "counter": noise generated from (seed, index, MC counter, position); "pool": a bank of an older file
+        self.noise: str = noise.generator(c)
+        self.noise_slots: int = int(c.get("noise_slots", noise.NOISE_SLOTS))  # pool noise only
         self.fresh_kernel: str = c.get("fresh_kernel", "auto")
         if self.fresh_kernel not in FRESH_KERNELS:
             raise ValueError(f"unknown fresh_kernel {self.fresh_kernel!r}; choose one of {FRESH_KERNELS}")
@@ -111,7 +119,11 @@ class QuantLayer(nn.Module):
         self._bias_scale = self.in_scale * self._w_scale
         self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
         self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
-        self._fresh: tuple | None = None
+        # per-channel int32 multipliers of mu_q and sigma_q * z and their shift (noise.multipliers): 8 bytes a
+        # channel, all the sampling arithmetic keeps beside the int8 tensors
+        self._mult = (
+            noise.multipliers(self.mu_scale, self.sigma_scale, self._w_scale) if self.bayesian else None
+        )
         self._mean = samplers.MeanSampler()
         # the sampler of mode 'sample' (the bank and flipout ones draw their samples now, from the seed)
         self.impl: samplers.Sampler = samplers.make(self) if self.bayesian else self._mean
@@ -120,20 +132,27 @@ class QuantLayer(nn.Module):
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1))
 
-    def _draw(self, gen: torch.Generator | None, slot: int | None = None) -> tuple[int, bool, Tensor | None]:
-        """One weight sample's pool window and random numbers (sign, then bias noise, in this order).
+    def _draw(self, gen: torch.Generator | None, index: int | None = None) -> tuple[int, bool, Tensor | None]:
+        """One weight sample's noise key, sign and bias noise, drawn in this order.
 
-        The window is the MC index's (mc_predict: successive samples never share noise), else a random one.
+        Counter noise: the key of MC index `index` (else the layer's MC index, else a counter from `gen`: None is
+        the global generator, so seeds reproduce), sign always False (the key already makes the sample new).
+        Pool noise (older files' banks): the window `index` mod slots and a random sign, as those files drew them.
         """
-        if slot is None:
-            slot = self._mc_index
-            if slot is None:
-                slot = int(torch.randint(0, self.noise_slots, (1,), generator=gen))
-        negate = noise.draw_sign(gen)
+        if index is None:
+            index = self._mc_index
+        if self.noise == "pool":
+            if index is None:
+                index = int(torch.randint(0, self.noise_slots, (1,), generator=gen))
+            draw, negate = index % self.noise_slots, noise.draw_sign(gen)
+        elif index is None:
+            draw, negate = noise.key(self.seed, self.index, noise.random_counter(gen), random=True), False
+        else:
+            draw, negate = noise.key(self.seed, self.index, index), False
         eps_b = None
         if self.bias_q is not None and self.bias_sigma_q is not None:
             eps_b = torch.randn(self.bias_q.shape, generator=gen)
-        return slot % self.noise_slots, negate, eps_b
+        return draw, negate, eps_b
 
     def _bias(self, eps_b: Tensor | None) -> Tensor | None:
         if self.bias_q is None:
@@ -143,24 +162,18 @@ class QuantLayer(nn.Module):
             b = b + self.bias_sigma_q.float() * eps_b
         return b * self._bias_scale
 
-    def _operands(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(mu32, sg32, pool) of the re-packing path (noise.fixed_point), cached."""
-        if self._fresh is None:
-            mu32, sg32 = noise.fixed_point(
-                self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
-            )
-            self._fresh = (
-                mu32,
-                sg32,
-                noise.noise_pool(self.seed, self.index, mu32.numel(), self.noise_slots),
-            )
-        return self._fresh
+    def _make(self, draw: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One int8 weight sample (original order; scale weight_scale()) and its float bias, from `_draw`'s output.
 
-    def _make(self, slot: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """One int8 weight sample (scale: weight_scale()) and its float bias, from drawn random numbers."""
-        mu32, sg32, pool = self._operands()
-        offset = noise.window_offset(slot, mu32.numel(), self.noise_slots)
-        return noise.sample_int8(mu32, sg32, pool, offset, negate), self._bias(eps_b)
+        Nothing is cached: the counter noise is regenerated from the key (the C++ op, ~1 ns a weight), and a
+        pool window of an older file is redrawn (only its bank calls this, once per entry).
+        """
+        if self.noise == "pool":
+            z = noise.legacy_window(self.seed, self.index, self.mu_q.numel(), draw)
+            mu, sigma = self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale)
+            return noise.legacy_sample(mu, sigma, self._w_scale, z, negate), self._bias(eps_b)
+        a, b, sh = self._mult
+        return noise.sample_int8(self.mu_q, self.sigma_q, a, b, sh, draw), self._bias(eps_b)
 
     def bank_weight(self, i: int) -> tuple[Tensor, Tensor | None]:
         """Bank entry i's int8 weight and float bias (what sampler='bank' computes with at MC index i)."""
@@ -254,8 +267,8 @@ class QuantLayer(nn.Module):
         """
         if self._sampler is None:
             return self._make(*self._draw(None))[0]
-        slot, negate, _ = self._draw(None)
-        return self._sampler.unpacked(self._sampler.sample(slot, negate), tuple(self.mu_q.shape))
+        draw, negate, _ = self._draw(None)
+        return self._sampler.unpacked(self._sampler.sample(draw, negate), tuple(self.mu_q.shape))
 
     @property
     def inplace_capable(self) -> bool:
@@ -263,6 +276,7 @@ class QuantLayer(nn.Module):
         return (
             self.bayesian
             and self.sampler == "fresh"
+            and self.noise == "counter"
             and self.fresh_kernel == "auto"
             and self.kind in ("conv2d", "linear")
             and self.mu_q.shape[0] <= torch.iinfo(torch.int16).max
@@ -270,15 +284,33 @@ class QuantLayer(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:  # a batch of 0: oneDNN must never see an empty tensor (it divides by the batch)
+            return self._empty_output(x)
         if self._x_shape is None:
             self._x_shape = list(x.shape)
         return (self.impl if self.bayesian and self.mode == "sample" else self._mean).forward(self, x)
+
+    def _empty_output(self, x: Tensor) -> Tensor:
+        """The uint8 output of an empty input: its shape by the conv/linear arithmetic, no kernel run."""
+        c, oc = self.config, self.mu_q.shape[0]
+        if self.kind == "linear":
+            return torch.empty(*x.shape[:-1], oc, dtype=torch.uint8)
+        k = self.mu_q.shape[2:]
+        dims = [x.shape[0], oc]
+        for i, n in enumerate(x.shape[2:]):
+            d, p, s = c["dilation"][i], c["padding"][i], c["stride"][i]
+            dims.append(max(0, (n + 2 * p - d * (k[i] - 1) - 1) // s + 1))
+        fmt = torch.channels_last if self.kind == "conv2d" else torch.contiguous_format
+        return torch.empty(dims, dtype=torch.uint8).contiguous(memory_format=fmt)
 
     def set_sampler(self, sampler: str, bank_size: int | None = None, seed: int | None = None) -> None:
         """Switch to another sampler (rebuilds the bank)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         self.sampler = self.config["sampler"] = sampler
+        if sampler != "bank":  # an older file's pool noise served its bank only: other samplers count
+            self.config.pop("noise_slots", None)
+        self.noise = noise.generator(self.config)
         if bank_size is not None:
             self.bank_size = self.config["bank_size"] = int(bank_size)
         if seed is not None:

@@ -1,55 +1,114 @@
-"""Cheap integer weight sampling: int8 w = round(mu/S + (sigma/S) * z) with z from a fixed Gaussian pool.
+"""Integer weight sampling: int8 w = round(mu/S + (sigma/S) * z), z generated from a counter, never stored.
 
-Why: drawing FP32 Gaussians for every weight on every forward costs ~300 ms for ResNet-50 here, more
-than ten INT8 forwards. Instead each layer owns a pool of N(0,1) values (clamped at +-4, fixed point
-1/64), drawn once from the model seed and the layer's index (its own stream: layers of equal size do
-not share noise). The pool holds `slots` back-to-back windows of the layer's size; a forward reads one
-whole window (a view: no copy) and a random global sign. The arithmetic is int32 fixed point:
-sigma in 2^-12 units of the sampled-weight scale S, so the product needs one multiply, one add,
-one shift, one clamp per weight (~12 ms for ResNet-50's 23.5 M weights on 2 cores).
+Why: drawing FP32 Gaussians for every weight on every forward costs ~300 ms for ResNet-50, more than ten INT8
+forwards, and storing pre-drawn noise costs memory (the int16 pools of earlier versions: 16 windows, 2 bytes
+per weight and window, 752 MB for ResNet-50, more than the FP32 BNN). Here each weight's z is a pure function
+of (model seed, layer index, MC counter, weight position):
 
-Statistical property kept: for every weight, the noise is marginally N(0, sigma^2) (up to the +-4 sigma
-clamp, variance loss 0.012%, and the 1/64 grid), independent of its mean; the int8 rounding adds its
-usual ~S^2/12. Weights of one forward see consecutive pool values (iid). MC sample s (mc_predict sets
-the index) reads window s mod slots: windows never overlap, so `slots` successive samples are independent;
-sample s + slots re-reads window s with a fresh random sign (uncorrelated with it, not independent).
-A forward without an MC index reads a random window (two such forwards share one with probability 1/slots). Memory: 2 * slots bytes per weight (slots=16: 752 MB for ResNet-50's 23.5 M
-weights, 8.6 MB for ResNet-20's 0.27 M), allocated on a layer's first sampled forward.
+  key   = splitmix64(seed, layer, counter)            (64 bits, on the host, once per layer and forward)
+  h     = lowbias32(lowbias32(position + key_lo) ^ key_hi)   (32 bits, per weight, in the kernel)
+  |z|   = Z_TABLE[h >> 17] / 64,  sign = bit 16 of h  (inverse CDF of |N(0,1)| at the 2^15 mid-quantiles)
+
+lowbias32 (C. Wellons' 2-multiply integer hash, a bijection of 32 bits) is applied twice with the key mixed in
+between, so a new counter changes every weight's hash input in ~16 bits (no shifted copies of one stream).
+The table inverts the half-normal CDF at u = (j + 1/2) / 2^15 and rounds to the 1/64 grid, |z| <= 255/64:
+z takes each grid value with its N(0,1) probability up to 2^-16 (the resolution of 16 uniform bits), the
+largest |z| is 3.98 (P(|Z| > 3.98) = 7e-5; variance lost 0.05%). Every MC index gets its own counter, so
+samples never repeat (no cycle of windows); a forward without an MC index takes a 62-bit counter from the
+global torch generator, so torch.manual_seed reproduces it. Memory: a 32 KiB table, shared.
+
+The arithmetic is int32 fixed point per output channel c (no per-weight int16 operands):
+  v = (mu_q * A_c + sigma_q * z64 * B_c + 2^(sh-1)) >> sh,  clamp to [-127, 127]
+with A_c = mu_scale_c / S_c * 2^sh, B_c = sigma_scale_c / S_c * 2^(sh-6), sh <= 22 chosen per layer so the
+sum fits int32. The rounding of A_c, B_c moves a sample by at most 0.004 int8 steps.
+The C++ kernel (csrc/inplace.cpp) and `sample_reference` below compute the same integers.
+
+Files written before the counter noise ("noise": "pool", noise_slots): their bank samplers still read the
+same pool windows (`legacy_window`), generated one window at a time and dropped once the bank is packed.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-NOISE_SLOTS = 16  # default windows per layer: successive MC samples that never share noise
-Z_BITS = 6  # pool values are round(z * 2^6), int16
-SIG_BITS = 12  # sigma / S in fixed point 2^-12
-SHIFT = Z_BITS + SIG_BITS
-CLAMP_Z = 4.0
-# In-place kernel (inplace.py), 7 bytes read per weight: mu/S and sigma/S as int16, mu in 2^-8, sigma in 2^-9
-# of the int8 step (|mu/S| <= 127, sigma/S <= 127/3 by construction of S: both fit, products fit in int32).
-MU16_BITS, SIG16_BITS = 8, 9
-SHIFT16 = Z_BITS + SIG16_BITS
-MU16_SHIFT = SHIFT16 - MU16_BITS
+GENERATORS = ("counter", "pool")  # counter: this module; pool: banks of files written before it (noise_slots)
+Z_BITS = 6  # z on the grid 1/64
+TABLE_BITS = 15  # 2^15 quantiles of |z|, plus a sign bit: 16 uniform bits per weight
+MAX_SHIFT = 22
 SAMPLE_HEADROOM = 3.0  # S = max(|mu| + 3 sigma) / 127 per output channel: clipping is rare
+_M64 = (1 << 64) - 1
+# legacy pool noise (format <= 3 bank files)
+NOISE_SLOTS = 16
+CLAMP_Z = 4.0
+SIG_BITS = 12
+SHIFT = Z_BITS + SIG_BITS
 
 
-def noise_pool(seed: int, stream: int, n: int, slots: int = NOISE_SLOTS) -> Tensor:
-    """The int16 pool of layer `stream` under model `seed`: `slots` windows of `n` values, back to back."""
-    if slots < 1 or n < 1:
-        raise ValueError(f"noise pool needs slots >= 1 and n >= 1, got slots={slots}, n={n}")
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 104_729 * (int(stream) + 1)) % (2**63 - 1))
-    pool = torch.empty(slots * n, dtype=torch.int16)
-    for k in range(slots):  # one window at a time: no float32 copy of the whole pool
-        z = torch.randn(n, generator=gen).clamp_(-CLAMP_Z, CLAMP_Z)
-        pool[k * n : (k + 1) * n] = z.mul_(2**Z_BITS).round_().to(torch.int16)
-    return pool
+@functools.cache
+def z_table() -> Tensor:
+    """uint8 [2^15]: round(64 * |z|) at the mid-quantiles of the half-normal law, capped at 255."""
+    u = (torch.arange(1 << TABLE_BITS, dtype=torch.float64) + 0.5) / (1 << TABLE_BITS)
+    z = torch.special.ndtri((1 + u) / 2)  # P(|Z| <= z) = u
+    return (z * 2**Z_BITS).round().clamp(0, 255).to(torch.uint8).contiguous()
 
 
-def window_offset(slot: int, n: int, slots: int) -> int:
-    """Start of window `slot` (taken mod `slots`) in a pool of windows of `n` values."""
-    return (int(slot) % int(slots)) * int(n)
+def grid_probabilities() -> Tensor:
+    """float64 [511]: P(z = k / 64) for k = -255..255 under this generator (exact: counts of table entries)."""
+    counts = torch.bincount(z_table().long(), minlength=256).double() / (1 << (TABLE_BITS + 1))
+    p = torch.cat([counts.flip(0)[:-1], counts[:1] * 2, counts[1:]])
+    return p
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def key(seed: int, layer: int, counter: int, random: bool = False) -> int:
+    """64-bit key of one layer's sample: MC index `counter`, or (random=True) a counter from the global generator."""
+    k = _splitmix64(int(seed) & _M64)
+    k = _splitmix64(k ^ (int(layer) & _M64))
+    k = _splitmix64(k ^ (int(counter) & _M64) ^ (0x5A5A5A5A00000000 if random else 0))
+    return k
+
+
+def random_counter(generator: torch.Generator | None = None) -> int:
+    """A 62-bit counter from `generator` (None: the global torch generator, so seeds reproduce)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), in 16-bit halves so no int64 product overflows."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash32(k: int, positions: Tensor) -> Tensor:
+    """The 32-bit hash of each position under key `k` (int64 values in [0, 2^32)); the C++ kernel's `hash32`."""
+    k_lo, k_hi = k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF
+    h = _lowbias32((positions.long() + k_lo) & 0xFFFFFFFF)
+    return _lowbias32(h ^ k_hi)
+
+
+def z_grid(k: int, n: int, start: int = 0) -> Tensor:
+    """int16 round(64 z) of positions start..start+n-1 under key `k` (torch reference of the kernel's noise)."""
+    h = hash32(k, torch.arange(start, start + n, dtype=torch.int64))
+    z = z_table()[(h >> 17)].to(torch.int16)
+    return torch.where(((h >> 16) & 1).bool(), -z, z)
 
 
 def sample_scale(mu: Tensor, sigma: Tensor) -> Tensor:
@@ -57,34 +116,103 @@ def sample_scale(mu: Tensor, sigma: Tensor) -> Tensor:
     return ((mu.abs() + SAMPLE_HEADROOM * sigma).flatten(1).amax(1) / 127).clamp_min(1e-12)
 
 
-def fixed_point(mu: Tensor, sigma: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """int32 (mu/S * 2^SHIFT + half, sigma/S * 2^SIG_BITS): the cached operands of `sample_int8`."""
+def multipliers(mu_scale: Tensor, sigma_scale: Tensor, w_scale: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(A, B, sh): int32 per-channel multipliers of mu_q and sigma_q * z64, and the shift (see the module doc).
+
+    sh is the largest <= 22 for which 127 * max A + 127 * 255 * max B + 2^(sh-1) fits int32.
+    """
+    a = mu_scale.double() / w_scale.double()
+    b = sigma_scale.double() / w_scale.double()
+    for sh in range(MAX_SHIFT, 7, -1):
+        aa = (a * 2**sh).round()
+        bb = (b * 2 ** (sh - Z_BITS)).round()
+        if 127 * float(aa.max()) + 127 * 255 * float(bb.max()) + 2 ** (sh - 1) < 2**31:
+            return aa.to(torch.int32).contiguous(), bb.to(torch.int32).contiguous(), sh
+    raise ValueError("INT8 sample scale too small for mu or sigma: the weight scales are inconsistent")
+
+
+def sample_reference(mu_q: Tensor, sigma_q: Tensor, a: Tensor, b: Tensor, sh: int, k: int) -> Tensor:
+    """int8 sample of weights in their original order under key `k`: the integers of the C++ `sample_plain`."""
+    z = z_grid(k, mu_q.numel()).view(mu_q.shape).long()
+    shape = (-1, *[1] * (mu_q.dim() - 1))
+    v = mu_q.long() * a.long().view(shape) + sigma_q.long() * z * b.long().view(shape) + (1 << (sh - 1))
+    return (v >> sh).clamp_(-127, 127).to(torch.int8)
+
+
+def sample_int8(mu_q: Tensor, sigma_q: Tensor, a: Tensor, b: Tensor, sh: int, k: int) -> Tensor:
+    """One int8 weight sample (original order) under key `k`: the C++ op where built, else the reference."""
+    from . import native
+
+    if native.available():
+        return torch.ops.qbdl.sample_plain(mu_q, sigma_q, a, b, z_table(), to_int64(k), sh)
+    return sample_reference(mu_q, sigma_q, a, b, sh, k)
+
+
+def to_int64(k: int) -> int:
+    """A 64-bit key as the signed int64 a torch op takes (same bits)."""
+    return k - 2**64 if k >= 2**63 else k
+
+
+# -- legacy: the int16 pool noise of files written before the counter noise (bank samplers only)
+
+
+def legacy_window(seed: int, stream: int, n: int, slot: int) -> Tensor:
+    """Window `slot` of the old int16 pool of layer `stream` (windows drawn in order; earlier ones dropped)."""
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 104_729 * (int(stream) + 1)) % (2**63 - 1))
+    for _ in range(slot):
+        torch.randn(n, generator=gen)
+    z = torch.randn(n, generator=gen).clamp_(-CLAMP_Z, CLAMP_Z)
+    return z.mul_(2**Z_BITS).round_().to(torch.int16)
+
+
+def legacy_sample(mu: Tensor, sigma: Tensor, scale: Tensor, z: Tensor, negate: bool) -> Tensor:
+    """The old fixed-point sample round(mu/S +- sigma/S * z) of pool window `z` (bit for bit)."""
     s = scale.view(-1, *[1] * (mu.dim() - 1)).double()
-    mu32 = (mu.double() / s * 2**SHIFT).round() + 2 ** (SHIFT - 1)  # + half: the shift then rounds
-    sg32 = (sigma.double() / s * 2**SIG_BITS).round()
-    return mu32.to(torch.int32).contiguous(), sg32.to(torch.int32).contiguous()
-
-
-def fixed_point16(mu: Tensor, sigma: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """int16 (mu/S * 2^MU16_BITS, sigma/S * 2^SIG16_BITS): the operands of the in-place kernel."""
-    s = scale.view(-1, *[1] * (mu.dim() - 1)).double()
-    mu16 = (mu.double() / s * 2**MU16_BITS).round().clamp(-(2**15), 2**15 - 1)
-    sg16 = (sigma.double() / s * 2**SIG16_BITS).round().clamp(0, 2**15 - 1)
-    return mu16.to(torch.int16).contiguous(), sg16.to(torch.int16).contiguous()
-
-
-def sample_int8(mu32: Tensor, sg32: Tensor, pool: Tensor, offset: int, negate: bool) -> Tensor:
-    """One int8 weight sample round(mu/S +- sigma/S * z[offset:offset+n]), clamped to [-127, 127]."""
-    z = pool[offset : offset + mu32.numel()].view(mu32.shape)
-    x = torch.mul(sg32, z)  # int32; |x| < 2^26 by construction of S
-    if negate:
-        torch.sub(mu32, x, out=x)
-    else:
-        x.add_(mu32)
-    x.bitwise_right_shift_(SHIFT).clamp_(-127, 127)
-    return x.to(torch.int8)
+    mu32 = ((mu.double() / s * 2**SHIFT).round() + 2 ** (SHIFT - 1)).to(torch.int32)
+    sg32 = (sigma.double() / s * 2**SIG_BITS).round().to(torch.int32)
+    x = torch.mul(sg32, z.view(mu.shape))
+    x = torch.sub(mu32, x) if negate else x.add_(mu32)
+    return x.bitwise_right_shift_(SHIFT).clamp_(-127, 127).to(torch.int8)
 
 
 def draw_sign(generator: torch.Generator | None = None) -> bool:
-    """A random global sign of one sample from `generator` (None: the global torch generator, so seeds reproduce)."""
+    """A random global sign of one legacy pool sample."""
     return bool(torch.randint(0, 2, (1,), generator=generator))
+
+
+def upgrade_config(config: dict) -> str | None:
+    """Bring a QuantLayer config of an older file to this version's meaning, in place; a warning or None.
+
+    Configs written before the counter noise carry "noise_slots" (their int16 pools' windows); newer ones do
+    not. A bank keeps it and the pool noise it was saved with (same samples, bit for bit: only its K windows
+    are drawn, then dropped); fresh and flipout layers lose it and move to the counter noise, so their MC
+    samples (and outputs under a seed) change, with the same law. io.load_qbnn may call this before
+    validating a file; QuantLayer calls it on every config.
+    """
+    if "noise_slots" not in config:
+        return None
+    if config.get("sampler", config.get("sampling", "fresh")) == "bank":
+        return None
+    del config["noise_slots"]
+    return (
+        "this model file predates qbdl's counter-based INT8 noise: its fresh/flipout layers now generate their "
+        "weight noise from a counter instead of the stored pool, so MC samples (and outputs under a seed) change; "
+        "the distribution is the same. Save it again to silence this."
+    )
+
+
+def generator(config: dict) -> str:
+    """The noise generator a QuantLayer config implies: 'pool' for an older file's bank, else 'counter'."""
+    return "pool" if "noise_slots" in config and config.get("sampler", "fresh") == "bank" else "counter"
+
+
+def max_abs_z() -> float:
+    """Largest |z| the generator produces."""
+    return float(z_table().max()) / 2**Z_BITS
+
+
+def table_variance() -> float:
+    """Var(z) of the generator (1 for N(0,1)): the grid and the cap at 255/64 lose a little."""
+    p = grid_probabilities()
+    g = torch.arange(-255, 256, dtype=torch.float64) / 2**Z_BITS
+    return float((p * g * g).sum())

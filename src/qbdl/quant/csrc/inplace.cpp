@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace at {
@@ -29,70 +28,134 @@ at::Tensor packed_bytes(const at::Tensor& packed) {
   return out;
 }
 
+// Counter-based noise (qbdl/quant/noise.py has the torch reference and the why): lowbias32 (C. Wellons) twice,
+// the 64-bit key mixed in between; |z| from the 2^15-entry inverse-CDF table, sign from bit 16.
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+constexpr int64_t kTable = 1 << 15;
+
+void check_noise_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& table, int64_t shift,
+                      const char* op) {
+  TORCH_CHECK(a.scalar_type() == at::kInt && b.scalar_type() == at::kInt && a.is_contiguous() &&
+                  b.is_contiguous() && a.dim() == 1 && a.sizes() == b.sizes(),
+              op, ": per-channel multipliers a and b must be contiguous int32 vectors of one length");
+  TORCH_CHECK(table.scalar_type() == at::kByte && table.is_contiguous() && table.numel() == kTable, op,
+              ": table must be the contiguous uint8 [32768] of noise.z_table()");
+  TORCH_CHECK(shift >= 8 && shift <= 30, op, ": shift must be in 8..30, got ", shift);
+  // the int32 sum mu*A + sigma*z*B + half must not overflow (noise.multipliers picks A, B, shift so)
+  const int32_t* ap = a.data_ptr<int32_t>();
+  const int32_t* bp = b.data_ptr<int32_t>();
+  int64_t amax = 0, bmax = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    amax = std::max<int64_t>(amax, std::abs(static_cast<int64_t>(ap[i])));
+    bmax = std::max<int64_t>(bmax, std::abs(static_cast<int64_t>(bp[i])));
+  }
+  TORCH_CHECK(128 * amax + 128 * 255 * bmax + (int64_t{1} << (shift - 1)) < (int64_t{1} << 31), op,
+              ": multipliers too large for int32 arithmetic");
+}
+
+// The sample of `n` weights from position `start` on (positions hashed), writing int8 to out:
+//   out[i] = clamp((mu[i] * A[ch[i]] + sg[i] * z(start + i) * B[ch[i]] + half) >> shift, -127, 127)
+// where ch = chan(i). Blocks of kBlock: the hash loop has no table access, so it vectorizes (AVX2: 8 lanes).
+template <typename Chan>
+void sample_block(int8_t* __restrict__ out, const int8_t* __restrict__ mu, const int8_t* __restrict__ sg, int64_t n,
+                  int64_t start, uint64_t key, const int32_t* __restrict__ A, const int32_t* __restrict__ B,
+                  const uint8_t* __restrict__ tbl, int shift, Chan chan) {
+  constexpr int64_t kBlock = 2048;
+  uint32_t h[kBlock];
+  const uint32_t klo = static_cast<uint32_t>(key), khi = static_cast<uint32_t>(key >> 32);
+  const int32_t half = 1 << (shift - 1);
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    const uint32_t base = static_cast<uint32_t>(start + b0);  // positions wrap mod 2^32, as in the reference
+    for (int64_t i = 0; i < len; ++i) h[i] = lowbias32(lowbias32(base + static_cast<uint32_t>(i) + klo) ^ khi);
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t p = b0 + i;
+      const int64_t c = chan(p);
+      const int32_t t = tbl[h[i] >> 17];
+      const int32_t z = (h[i] >> 16) & 1 ? -t : t;
+      const int32_t v = (static_cast<int32_t>(mu[p]) * A[c] + static_cast<int32_t>(sg[p]) * z * B[c] + half) >> shift;
+      out[p] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
+    }
+  }
+}
+
 // One fresh weight sample written into a oneDNN-packed weight (data bytes, then int32 per padded output
-// channel: minus the channel's weight sum, the source zero-point compensation):
-//   data[p] = clamp((mu[p] * 2^mu_shift +- sg[p] * pool[offset + p] + half) >> shift, -127, 127),
-//   comp[oc[p]] -= data[p].
-// mu / sg / oc are int16 in packed order (padding: mu = sg = 0, so it stays 0): 7 bytes read per weight.
+// channel: minus the channel's weight sum, the source zero-point compensation). mu / sg are int8 in packed
+// order (padding: 0, so it stays 0), oc the int16 slot of each byte (its channel's sum; a and b are indexed
+// by slot too): 4 bytes read per weight, the noise generated from (key, packed position).
 void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& oc,
-                   int64_t n_comp, const at::Tensor& pool, int64_t offset, bool negate, int64_t mu_shift,
+                   int64_t n_comp, const at::Tensor& a, const at::Tensor& b, const at::Tensor& table, int64_t key,
                    int64_t shift) {
   TORCH_CHECK(packed.is_mkldnn(), "qbdl::sample_packed: expected a oneDNN (mkldnn) packed weight");
-  for (const at::Tensor* t : {&mu, &sg, &oc, &pool}) {
-    TORCH_CHECK(t->scalar_type() == at::kShort && t->is_contiguous(),
-                "qbdl::sample_packed: mu, sg, oc and pool must be contiguous int16");
-  }
-  const int64_t n = mu.numel();
+  TORCH_CHECK(mu.scalar_type() == at::kChar && sg.scalar_type() == at::kChar && mu.is_contiguous() &&
+                  sg.is_contiguous(),
+              "qbdl::sample_packed: mu and sg must be contiguous int8");
+  TORCH_CHECK(oc.scalar_type() == at::kShort && oc.is_contiguous(), "qbdl::sample_packed: oc must be contiguous int16");
+  check_noise_args(a, b, table, shift, "qbdl::sample_packed");
+  const int64_t n = mu.numel(), n_slots = a.numel();
   TORCH_CHECK(sg.numel() == n && oc.numel() == n, "qbdl::sample_packed: mu, sg and oc must be of one size");
-  TORCH_CHECK(n + 4 * n_comp == at::native::nbytes_from_mkldnn(packed),
+  TORCH_CHECK(n_comp >= 0 && n + 4 * n_comp == at::native::nbytes_from_mkldnn(packed),
               "qbdl::sample_packed: layout does not match the packed weight's size");
-  TORCH_CHECK(offset >= 0 && offset + n <= pool.numel(), "qbdl::sample_packed: pool window out of range");
-  TORCH_CHECK(shift > 0 && shift < 31 && mu_shift >= 0 && mu_shift < 16, "qbdl::sample_packed: bad shifts");
-  int8_t* __restrict__ out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
+  TORCH_CHECK(n_comp == 0 || n_slots == n_comp, "qbdl::sample_packed: one multiplier per channel sum expected");
+  TORCH_CHECK(n_slots >= 1, "qbdl::sample_packed: no channels");
+  const int16_t* c = oc.data_ptr<int16_t>();
+  // every slot index is checked before it indexes anything (2 bytes a weight, vectorized)
+  int16_t cmin = 0, cmax = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    cmin = std::min(cmin, c[p]);
+    cmax = std::max(cmax, c[p]);
+  }
+  TORCH_CHECK(cmin >= 0 && cmax < n_slots, "qbdl::sample_packed: channel slot out of range");
+  if (n == 0) return;
+  int8_t* out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
   int32_t* comp = reinterpret_cast<int32_t*>(out + n);  // oneDNN aligns the data size: int32-aligned
-  const int16_t* __restrict__ m = mu.data_ptr<int16_t>();
-  const int16_t* __restrict__ s = sg.data_ptr<int16_t>();
-  const int16_t* __restrict__ c = oc.data_ptr<int16_t>();
-  const int16_t* __restrict__ z = pool.data_ptr<int16_t>() + offset;
-  const int32_t sign = negate ? -1 : 1;
-  const int sh = static_cast<int>(shift), msh = static_cast<int>(mu_shift);
-  const int32_t half = 1 << (sh - 1);
-  const int32_t mu_mult = 1 << msh;  // mu * 2^msh: left-shifting a negative value is undefined before C++20
+  // One thread: on the 2-core machines measured two OpenMP threads ran the memory-bound loop slower.
+  sample_block(out, mu.data_ptr<int8_t>(), sg.data_ptr<int8_t>(), n, 0, static_cast<uint64_t>(key),
+               a.data_ptr<int32_t>(), b.data_ptr<int32_t>(), table.data_ptr<uint8_t>(), static_cast<int>(shift),
+               [c](int64_t p) { return static_cast<int64_t>(c[p]); });
+  if (!n_comp) return;
   std::fill(comp, comp + n_comp, 0);
-  std::mutex merge;
-  constexpr int64_t kBlock = 4096;
-  // One thread: memory-bound, and on the 2-core machines measured two OpenMP threads ran it 1.5x slower
-  // (ResNet-50's 3x3x512x512 layer: 4.1 ms on one, 6.6 ms on two).
-  auto body = [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> sums(n_comp, 0);
-    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-      const int64_t b1 = std::min(end, b0 + kBlock);
-      // the arithmetic loop has no scatter, so it vectorizes; the channel sums re-read the block from L1
-      for (int64_t p = b0; p < b1; ++p) {
-        int32_t v = (static_cast<int32_t>(m[p]) * mu_mult + sign * static_cast<int32_t>(s[p]) * z[p] + half) >> sh;
-        out[p] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
-      }
-      if (n_comp) {
-        // packed layouts keep runs of one channel (e.g. 4 bytes for VNNI): sum a run in a register, so
-        // the read-modify-write of sums[] is not a dependency chain through memory for every byte
-        int32_t acc = 0;
-        int16_t cur = c[b0];
-        for (int64_t p = b0; p < b1; ++p) {
-          if (c[p] != cur) {
-            sums[cur] -= acc;
-            acc = 0;
-            cur = c[p];
-          }
-          acc += out[p];
-        }
-        sums[cur] -= acc;
-      }
+  // packed layouts keep runs of one channel (e.g. 4 bytes for VNNI): sum a run in a register, so the
+  // read-modify-write of comp[] is not a dependency chain through memory for every byte
+  int32_t acc = 0;
+  int16_t cur = c[0];
+  for (int64_t p = 0; p < n; ++p) {
+    if (c[p] != cur) {
+      comp[cur] -= acc;
+      acc = 0;
+      cur = c[p];
     }
-    if (!n_comp) return;
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t j = 0; j < n_comp; ++j) comp[j] += sums[j];
-  };
-  body(0, n);
+    acc += out[p];
+  }
+  comp[cur] -= acc;
+}
+
+// One int8 weight sample in the weight's own order ([C_out, ...] contiguous), positions = flat indices:
+// the re-packing path and the bank (noise.sample_reference computes the same integers in torch).
+at::Tensor sample_plain(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& table, int64_t key, int64_t shift) {
+  TORCH_CHECK(mu.scalar_type() == at::kChar && sg.scalar_type() == at::kChar && mu.is_contiguous() &&
+                  sg.is_contiguous() && mu.sizes() == sg.sizes() && mu.dim() >= 1,
+              "qbdl::sample_plain: mu and sg must be contiguous int8 of one shape");
+  check_noise_args(a, b, table, shift, "qbdl::sample_plain");
+  TORCH_CHECK(a.numel() == mu.size(0), "qbdl::sample_plain: one multiplier per output channel expected");
+  TORCH_CHECK(mu.numel() < (int64_t{1} << 32), "qbdl::sample_plain: more than 2^32 weights");
+  auto out = at::empty_like(mu);
+  const int64_t n = mu.numel(), C = mu.size(0);
+  if (n == 0) return out;
+  const int64_t row = n / C;
+  sample_block(out.data_ptr<int8_t>(), mu.data_ptr<int8_t>(), sg.data_ptr<int8_t>(), n, 0, static_cast<uint64_t>(key),
+               a.data_ptr<int32_t>(), b.data_ptr<int32_t>(), table.data_ptr<uint8_t>(), static_cast<int>(shift),
+               [row](int64_t p) { return p / row; });
+  return out;
 }
 
 // [N, P, C] view of a uint8 activation whose channels are innermost (2-D [N, C] or channels-last N-D).
@@ -104,6 +167,14 @@ int64_t channels_inner(const at::Tensor& x, const char* op) {
                                  : false;
   TORCH_CHECK(ok, op, ": activations must be [N, C] or channels-last (channels innermost)");
   return x.size(1);
+}
+
+void check_zero_point(int64_t zp, const char* op, const char* what) {
+  TORCH_CHECK(zp >= 0 && zp <= 255, op, ": ", what, " must be in 0..255, got ", zp);
+}
+
+void check_scale(double s, const char* op, const char* what) {
+  TORCH_CHECK(std::isfinite(s) && s > 0, op, ": ", what, " must be finite and > 0, got ", s);
 }
 
 // Row kernels with unaliased pointers (uint8 may alias anything), so the compiler vectorizes them;
@@ -135,9 +206,15 @@ at::Tensor signed_multipliers(const at::Tensor& signs, int64_t N, int64_t C, dou
 // Per-example, per-channel sign flip of a uint8 activation, requantized: Flipout's x * s_in.
 //   out = clamp(round(sign[n, c] * (q - in_zp) * ratio) + out_zp, 0, 255)
 at::Tensor flip_requant(const at::Tensor& x, const at::Tensor& signs, int64_t in_zp, double ratio, int64_t out_zp) {
-  const int64_t C = channels_inner(x, "qbdl::flip_requant"), N = x.size(0), P = x.numel() / (N * C);
-  const at::Tensor mult = signed_multipliers(signs, N, C, ratio, "qbdl::flip_requant");
+  const char* op = "qbdl::flip_requant";
+  const int64_t C = channels_inner(x, op), N = x.size(0);
+  check_zero_point(in_zp, op, "in_zp");
+  check_zero_point(out_zp, op, "out_zp");
+  check_scale(ratio, op, "ratio");
+  const at::Tensor mult = signed_multipliers(signs, N, C, ratio, op);
   auto out = at::empty_like(x);
+  if (x.numel() == 0) return out;  // a batch of 0 (or an empty image): nothing to divide the rows by
+  const int64_t P = x.numel() / (N * C);
   const uint8_t* q = x.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
   const float* m = mult.data_ptr<float>();
@@ -152,11 +229,20 @@ at::Tensor flip_requant(const at::Tensor& x, const at::Tensor& signs, int64_t in
 // Flipout's output: out = requant(s1 * (q1 - z1) + sign[n, c] * s2 * (q2 - z2)) (+ ReLU), uint8.
 at::Tensor signed_add(const at::Tensor& a, double sa, int64_t za, const at::Tensor& b, double sb, int64_t zb,
                       const at::Tensor& signs, double so, int64_t zo, bool relu) {
-  const int64_t C = channels_inner(a, "qbdl::signed_add"), N = a.size(0), P = a.numel() / (N * C);
-  channels_inner(b, "qbdl::signed_add");
+  const char* op = "qbdl::signed_add";
+  const int64_t C = channels_inner(a, op), N = a.size(0);
+  channels_inner(b, op);
   TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides(), "qbdl::signed_add: a and b differ in shape");
-  const at::Tensor mult = signed_multipliers(signs, N, C, sb / so, "qbdl::signed_add");
+  check_scale(sa, op, "sa");
+  check_scale(sb, op, "sb");
+  check_scale(so, op, "so");
+  check_zero_point(za, op, "za");
+  check_zero_point(zb, op, "zb");
+  check_zero_point(zo, op, "zo");
+  const at::Tensor mult = signed_multipliers(signs, N, C, sb / so, op);
   auto out = at::empty_like(a);
+  if (a.numel() == 0) return out;  // a batch of 0: nothing to divide the rows by
+  const int64_t P = a.numel() / (N * C);
   const uint8_t* qa = a.data_ptr<uint8_t>();
   const uint8_t* qb = b.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
@@ -187,6 +273,9 @@ at::Tensor qadd(const at::Tensor& a_in, double sa, int64_t za, const at::Tensor&
                 double so, int64_t zo, bool relu, int64_t qmax) {
   TORCH_CHECK(a_in.scalar_type() == at::kByte && b_in.scalar_type() == at::kByte, "qbdl::qadd: expected uint8");
   TORCH_CHECK(a_in.sizes() == b_in.sizes(), "qbdl::qadd: a and b differ in shape");
+  for (double s : {sa, sb, so}) check_scale(s, "qbdl::qadd", "scales");
+  for (int64_t z : {za, zb, zo}) check_zero_point(z, "qbdl::qadd", "zero points");
+  TORCH_CHECK(qmax >= 1 && qmax <= 255, "qbdl::qadd: qmax must be in 1..255, got ", qmax);
   const auto fmt = a_in.suggest_memory_format();
   const at::Tensor a = a_in.contiguous(fmt), b = b_in.contiguous(fmt);
   auto out = at::empty_like(a);
@@ -213,8 +302,12 @@ void row_max(uint8_t* __restrict__ o, const uint8_t* __restrict__ x, int64_t C) 
 at::Tensor max_pool2d_u8(const at::Tensor& x_in, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                          int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow) {
   TORCH_CHECK(x_in.scalar_type() == at::kByte && x_in.dim() == 4, "qbdl::max_pool2d_u8: expected uint8 [N, C, H, W]");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 && pw >= 0 && oh >= 0 &&
+                  ow >= 0,
+              "qbdl::max_pool2d_u8: kernel, stride and dilation must be >= 1, padding and output size >= 0");
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // windows reaching outside the image (padding, ceil mode) are safe: the loop skips rows/columns outside
   auto out = at::zeros({N, oh, ow, C}, x.options()).permute({0, 3, 1, 2});  // channels-last [N, C, oh, ow]
   const uint8_t* xp = x.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
@@ -242,8 +335,9 @@ at::Tensor max_pool2d_u8(const at::Tensor& x_in, int64_t kh, int64_t kw, int64_t
 
 TORCH_LIBRARY(qbdl, m) {
   m.def("packed_bytes(Tensor packed) -> Tensor", &packed_bytes);
-  m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, Tensor pool, int offset, bool negate, int mu_shift, int shift) -> ()",
+  m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, Tensor a, Tensor b, Tensor table, int key, int shift) -> ()",
         &sample_packed);
+  m.def("sample_plain(Tensor mu, Tensor sg, Tensor a, Tensor b, Tensor table, int key, int shift) -> Tensor", &sample_plain);
   m.def("flip_requant(Tensor x, Tensor signs, int in_zp, float ratio, int out_zp) -> Tensor", &flip_requant);
   m.def("signed_add(Tensor a, float sa, int za, Tensor b, float sb, int zb, Tensor signs, float so, int zo, bool relu) -> Tensor",
         &signed_add);
