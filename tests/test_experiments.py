@@ -87,6 +87,39 @@ def test_imagenet_ptq(tmp_path, weights_download):
     assert 0 <= res["shift"]["qbnn"]["gaussian_noise"]["2"]["accuracy"] <= 1
 
 
+def test_imagenet_ptq_smoke(tmp_path, weights_download):
+    """The capped laptop recipe as shipped: its caps, fine-tune and cheap corruption list, on a fabricated layout."""
+    root = make_imagenet(tmp_path / "imagenet", n_classes=3, n_per_class=12, n_val_per_class=4)
+    full = compose_config(tmp_path, ["+experiment=imagenet_ptq_smoke"], tiny=False)
+    assert (full.data.max_train, full.data.max_val, full.data.max_test) == (512, 100, 300)
+    assert full.dnn.max_epochs == 0 and full.bnn.max_epochs == 1 and full.eval.mc_samples == 4
+    assert full.bnn.optimizer.lr == 1e-4 and full.model.weights == "IMAGENET1K_V1"
+    from qbdl.data.corruptions import CORRUPTIONS
+
+    assert full.shift.corruptions and not any(CORRUPTIONS[c].slow for c in full.shift.corruptions)
+    # the recipe itself, only the image size shrunk (224 -> 32) and the train caps cut to the fabricated 36
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            "+experiment=imagenet_ptq_smoke",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.resize_size=36",
+            "data.val_fraction=0.2",
+            "data.num_workers=0",
+            "data.max_test=6",  # of the 12 fabricated val/ images: the cap bites
+            "shift.max_items=4",
+        ],
+        tiny=False,
+    )
+    run(cfg)
+    assert weights_download == [RESNET50_URL]
+    res = _check(tmp_path / "run", VARIANTS, [], 3)
+    assert res["variants"]["qbnn"]["n_test"] == 6 and res["variants"]["qbnn"]["samples"] == 4
+    assert set(res["shift"]["qbnn"]) == {"gaussian_noise", "contrast"}
+    assert res["estimate"]["seconds"]["total"] > 0  # the run's own estimate, as the docs quote it
+
+
 @pytest.mark.parametrize("name", ["IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V1", "DEFAULT"])
 def test_weights_names_resolve_against_the_architecture(name, weights_download):
     from qbdl.models import resnet50
@@ -267,10 +300,17 @@ def test_digits_shift_is_the_default_plus_the_digits_shift_list(tmp_path):
     for name, listed in (
         ("mnist_ptq", "mnist_c"),
         ("colorectal_ptq", "histology"),
-        ("imagenet_ptq", "imagenet_c"),
     ):
         cfg = compose_config(tmp_path, [f"+experiment={name}"], tiny=False)
         assert list(cfg.shift.corruptions) == list(DEFAULT_LISTS[listed]), name
+    # imagenet_ptq: ImageNet-C without its slow corruptions (glass_blur, zoom_blur: opt-in, shift=imagenet_c)
+    from qbdl.data.corruptions import CORRUPTIONS
+
+    cfg = compose_config(tmp_path, ["+experiment=imagenet_ptq"], tiny=False)
+    fast = [c for c in DEFAULT_LISTS["imagenet_c"] if not CORRUPTIONS[c].slow]
+    assert list(cfg.shift.corruptions) == fast and len(fast) == 13
+    full = compose_config(tmp_path, ["+experiment=imagenet_ptq", "shift=imagenet_c"], tiny=False)
+    assert list(full.shift.corruptions) == list(DEFAULT_LISTS["imagenet_c"])
 
 
 @pytest.mark.slow  # 12 shifted sets x 6 variants after a whole run: ~3 minutes on 2 cores
