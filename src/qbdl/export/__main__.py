@@ -14,14 +14,29 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m qbdl.export",
         description="Export a qbdl run's qbnn (per-example INT8 Flipout, MC samples in the graph) and qdnn to ONNX.",
     )
-    ap.add_argument("source", help="a finished run directory, or a .qbdl file inside one (RUN_DIR/models/X.qbdl)")
+    ap.add_argument(
+        "source", help="a finished run directory, or a .qbdl file inside one (RUN_DIR/models/X.qbdl)"
+    )
     ap.add_argument("--format", default="onnx", choices=["onnx"], help="output format (onnx)")
     ap.add_argument("--out", default=None, help="output folder (run) or file (.qbdl); default RUN_DIR/export")
-    ap.add_argument("--samples", type=int, default=None, help="MC samples per image in the graph (default: eval.mc_samples)")
-    ap.add_argument("--perturbations", type=int, default=1,
-                    help="int8 perturbations kept per layer (sample s uses s mod K; each is a copy of the weights)")
-    ap.add_argument("--noise", default="seed", choices=["seed", "input"],
-                    help="seed: an int64 `seed` input drives an in-graph hash; input: signs/bias_noise are inputs")
+    ap.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="MC samples per image in the graph (default: eval.mc_samples)",
+    )
+    ap.add_argument(
+        "--perturbations",
+        type=int,
+        default=1,
+        help="int8 perturbations kept per layer (sample s uses s mod K; each is a copy of the weights)",
+    )
+    ap.add_argument(
+        "--noise",
+        default="seed",
+        choices=["seed", "input"],
+        help="seed: an int64 `seed` input drives an in-graph hash; input: signs/bias_noise are inputs",
+    )
     ap.add_argument("--only", default=None, choices=["qbnn", "qdnn"], help="export one of the run's models")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -35,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             done = export_run(src, args.out, samples=args.samples, perturbations=args.perturbations,
                               noise=args.noise, which=which)  # fmt: skip
         elif src.suffix == ".qbdl":
-            e = export_file(src, args.out, samples=args.samples, perturbations=args.perturbations, noise=args.noise)
+            e = export_file(
+                src, args.out, samples=args.samples, perturbations=args.perturbations, noise=args.noise
+            )
             done = {e.meta["kind"]: e}
         else:
             raise ExportError(f"{src} is neither a run directory nor a .qbdl file")
@@ -44,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, e in done.items():
         r = e.meta["referral"]
-        thr = "none (no validation split)" if r["threshold"] is None else f"{r['threshold']:.4g} ({r['score']})"
+        thr = (
+            "none (no validation split)" if r["threshold"] is None else f"{r['threshold']:.4g} ({r['score']})"
+        )
         print(f"{name}: {e.path} ({e.path.stat().st_size / 2**20:.2f} MiB, S={e.meta['mc_samples']}, "
               f"referral threshold {thr}, {e.seconds:.1f} s)")  # fmt: skip
     return 0

@@ -117,8 +117,12 @@ def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[st
         "mc_samples": int(samples),
         "perturbations": int(perturbations),
         "noise": noise,
-        "referral": {"score": score, "threshold": None, "target_accuracy": float(target_accuracy),
-                     "fitted_on": None},  # fmt: skip
+        "referral": {
+            "score": score,
+            "threshold": None,
+            "target_accuracy": float(target_accuracy),
+            "fitted_on": None,
+        },  # fmt: skip
         "source": {"fingerprint": fp if isinstance(fp, str) else None, "file": Path(source_file).name},
         "activation_qmax": int(qm.get("activation_qmax", 255)),
         "outputs": ["probs", "entropy", "mi", "logits"],
@@ -128,7 +132,9 @@ def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[st
     graph_noise = "seed" if noise == "none" else noise
     data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape)
     if val is not None and noise != "input":
-        meta["referral"].update(_threshold(data, val[0], val[1], score, target_accuracy, seed), fitted_on="val")
+        meta["referral"].update(
+            _threshold(data, val[0], val[1], score, target_accuracy, seed), fitted_on="val"
+        )
         data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape)
     path = atomic_write_bytes(out, data)
     return Exported(path, meta, time.perf_counter() - t0)
@@ -158,7 +164,9 @@ def _run_config(run_dir: Path) -> dict:
         )
     cfg = json.loads(path.read_text()).get("config")
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("data", "model", "bayes")):
-        raise ExportError(f"{path} holds no run config (data, model, bayes); re-run the experiment with qbdl.run")
+        raise ExportError(
+            f"{path} holds no run config (data, model, bayes); re-run the experiment with qbdl.run"
+        )
     return cfg
 
 

@@ -38,7 +38,13 @@ OPSET = 21
 # (OpenVINO's CPU plugin runs int64 tensors as int32).
 HASH_P = 46337
 _HASH_A = (40961, 30011, 21821)
-U8, I8, I32, I64, F32 = TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT
+U8, I8, I32, I64, F32 = (
+    TensorProto.UINT8,
+    TensorProto.INT8,
+    TensorProto.INT32,
+    TensorProto.INT64,
+    TensorProto.FLOAT,
+)
 
 
 class ExportError(ValueError):
@@ -51,8 +57,12 @@ class NoiseLayout:
 
     sign_cols: int = 0
     bias_cols: int = 0
-    layers: list[dict] = field(default_factory=list)  # {"name", "s_in": (a, b), "s_out": (a, b), "bias": (a, b)|None}
-    values: dict[str, str] = field(default_factory=dict)  # qbdl graph node -> its ONNX value (uint8 activations)
+    layers: list[dict] = field(
+        default_factory=list
+    )  # {"name", "s_in": (a, b), "s_out": (a, b), "bias": (a, b)|None}
+    values: dict[str, str] = field(
+        default_factory=dict
+    )  # qbdl graph node -> its ONNX value (uint8 activations)
 
 
 class _Graph:
@@ -87,13 +97,17 @@ class _Graph:
     def op(self, op_type: str, inputs: list[str], base: str, n_out: int = 1, **attrs) -> str | list[str]:
         outs = [self.name(f"{base}_{op_type.lower()}" if n_out == 1 else f"{base}_{op_type.lower()}{i}")
                 for i in range(n_out)]  # fmt: skip
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{base}_{op_type}"), **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outs, name=self.name(f"n_{base}_{op_type}"), **attrs)
+        )
         return outs[0] if n_out == 1 else outs
 
     # -- (de)quantization with scalar qparams
 
     def q(self, x: str, scale: float, zp: int, base: str) -> str:
-        return self.op("QuantizeLinear", [x, self.const("s", np.float32(scale)), self.const("z", np.uint8(zp))], base)
+        return self.op(
+            "QuantizeLinear", [x, self.const("s", np.float32(scale)), self.const("z", np.uint8(zp))], base
+        )
 
     def dq(self, x: str, scale: float, zp: int, base: str) -> str:
         return self.op("DequantizeLinear", [x, self.const("s", np.float32(scale)), self.const("z", np.uint8(zp))],
@@ -245,11 +259,15 @@ def _hashed_noise(g: _Graph, noise: _Noise, seed: str, rows: str, layout: NoiseL
         off = 1 << 30
         u = []
         for i in range(2):
-            h = _hash(g, counters(s_rows, layout.bias_cols, off + i * (1 << 28), f"eps{i}"), (s1, s2), f"eps{i}")
+            h = _hash(
+                g, counters(s_rows, layout.bias_cols, off + i * (1 << 28), f"eps{i}"), (s1, s2), f"eps{i}"
+            )
             hf = g.op("Cast", [h], f"eps{i}", to=F32)
             u.append(g.op("Div", [g.op("Add", [hf, g.const("halff", np.float32(0.5))], f"eps{i}"),
                                   g.const("pf", np.float32(HASH_P))], f"eps{i}"))  # fmt: skip
-        r = g.op("Sqrt", [g.op("Mul", [g.op("Log", [u[0]], "eps"), g.const("m2", np.float32(-2))], "eps")], "eps")
+        r = g.op(
+            "Sqrt", [g.op("Mul", [g.op("Log", [u[0]], "eps"), g.const("m2", np.float32(-2))], "eps")], "eps"
+        )
         c = g.op("Cos", [g.op("Mul", [u[1], g.const("tau", np.float32(2 * math.pi))], "eps")], "eps")
         noise.bias_noise = g.op("Mul", [r, c], "eps")
 
@@ -259,12 +277,16 @@ def _flipout_layer(g: _Graph, q: QuantLayer, x: str, base: str, noise: _Noise, e
     """qbdl's FlipoutSampler.forward on S*N rows: mean term, sign-flipped perturbation term, signed add."""
     impl = q.impl
     if not isinstance(impl, FlipoutSampler):
-        raise ExportError(f"INT8 layer {q.index} samples with {q.sampler!r}; the export runs 'flipout' layers")
+        raise ExportError(
+            f"INT8 layer {q.index} samples with {q.sampler!r}; the export runs 'flipout' layers"
+        )
     c = q.config
     ms, mz, ps = float(c["mean_scale"]), int(c["mean_zp"]), float(c["pert_scale"])
     fz = FlipoutSampler.flip_zp(q)
     # mean term: bias as qbdl's flipout path adds it (units of in_scale * S, re-rounded to mu's)
-    y1 = _int8_kernel(g, q, x, q.mu_q, q.mu_scale, q.in_scale, q.in_zp, _det_bias(g, q, f"{base}_mu"), f"{base}_mu")
+    y1 = _int8_kernel(
+        g, q, x, q.mu_q, q.mu_scale, q.in_scale, q.in_zp, _det_bias(g, q, f"{base}_mu"), f"{base}_mu"
+    )
     y1 = g.q(y1, ms, mz, f"{base}_mu")
     # sign-flipped input: round(s_in * (x - zp) / 2) + fz, exact (DequantizeLinear / QuantizeLinear at scale 1)
     rows_shape = [-1, entry["s_in"][1] - entry["s_in"][0]] + [1] * (q.mu_q.dim() - 2)
@@ -279,7 +301,9 @@ def _flipout_layer(g: _Graph, q: QuantLayer, x: str, base: str, noise: _Noise, e
     bias_noise = None
     if entry["bias"] is not None:  # qbdl: bias_sigma_q * eps * bias_scale, added by the perturbation kernel
         e = noise.per_row_bias(*entry["bias"], f"{base}_eps")
-        e = g.op("Mul", [e, g.const(f"{base}_bsq", q.bias_sigma_q.float().numpy(), share=False)], f"{base}_eps")
+        e = g.op(
+            "Mul", [e, g.const(f"{base}_bsq", q.bias_sigma_q.float().numpy(), share=False)], f"{base}_eps"
+        )
         bias_noise = g.op("Mul", [e, g.const(f"{base}_bsc", q._bias_scale.float().numpy(), share=False)],
                           f"{base}_eps")  # fmt: skip
     k_used = min(perturbations, samples)
@@ -293,6 +317,7 @@ def _flipout_layer(g: _Graph, q: QuantLayer, x: str, base: str, noise: _Noise, e
         if bias_noise is not None:
             y2 = g.op("Add", [y2, bias_noise], f"{base}_pert")
     else:  # sample s: entry s mod K, on its N rows
+
         def dims_from(t: str, start: int, head: list[int], nb: str) -> str:
             tail = g.op("Slice", [g.op("Shape", [t], nb), g.const("st", np.array([start], np.int64)),
                                   g.const("big", np.array([1 << 30], np.int64))], nb)  # fmt: skip
@@ -320,7 +345,9 @@ def _flipout_layer(g: _Graph, q: QuantLayer, x: str, base: str, noise: _Noise, e
 
 def _check_meta_layer(q: QuantLayer) -> None:
     if q.in_zp is None:
-        raise ExportError(f"INT8 layer {q.index} has no input zero point: load the model with qbdl.quant.load_qbnn")
+        raise ExportError(
+            f"INT8 layer {q.index} has no input zero point: load the model with qbdl.quant.load_qbnn"
+        )
 
 
 def noise_layout(model: fx.GraphModule) -> NoiseLayout:
@@ -422,7 +449,9 @@ def build_onnx(model: fx.GraphModule, samples: int = 8, perturbations: int = 1, 
             elif isinstance(m, QuantLayer):
                 if m.bayesian and m.mode == "sample":
                     entry = next(e for e in layout.layers if e["name"] == node.target)
-                    env[node.name] = _flipout_layer(g, m, args[0], base, noise_obj, entry, samples, perturbations)
+                    env[node.name] = _flipout_layer(
+                        g, m, args[0], base, noise_obj, entry, samples, perturbations
+                    )
                 else:
                     env[node.name] = _det_layer(g, m, args[0], base)
             elif isinstance(m, QAdd):
@@ -431,11 +460,15 @@ def build_onnx(model: fx.GraphModule, samples: int = 8, perturbations: int = 1, 
                 y = g.q(s, m.scale, m.zero_point, base)
                 env[node.name] = g.clip_u8(y, m.zero_point if m.relu else 0, m.qmax, base)
             elif isinstance(m, QReLU):
-                env[node.name] = g.clip_u8(args[0], m.inputs[0][1], 255, base) if m.inputs[0][1] > 0 else args[0]
+                env[node.name] = (
+                    g.clip_u8(args[0], m.inputs[0][1], 255, base) if m.inputs[0][1] > 0 else args[0]
+                )
             elif isinstance(m, QAdaptiveAvgPool):
                 size = m.output_size
                 if size not in (1, (1, 1), [1, 1]):
-                    raise ExportError(f"{node.target}: adaptive pooling to {size}; the export covers output size 1")
+                    raise ExportError(
+                        f"{node.target}: adaptive pooling to {size}; the export covers output size 1"
+                    )
                 zp = m.inputs[0][1]
                 y = g.op("GlobalAveragePool", [g.dq(args[0], 1.0, zp, base)], base)
                 env[node.name] = g.q(y, 1.0, zp, base)
@@ -462,7 +495,9 @@ def build_onnx(model: fx.GraphModule, samples: int = 8, perturbations: int = 1, 
             start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
             if start != 1 or end != -1:
-                raise ExportError(f"{node.name}: torch.flatten({start}, {end}); the export covers flatten(x, 1)")
+                raise ExportError(
+                    f"{node.name}: torch.flatten({start}, {end}); the export covers flatten(x, 1)"
+                )
             env[node.name] = g.op("Flatten", [args[0]], node.name, axis=1)
         else:
             raise ExportError(f"{node.name}: graph op {node.op} {node.target} has no ONNX export here")

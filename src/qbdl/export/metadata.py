@@ -52,13 +52,28 @@ def _keys(path: str, where: str, d: Any, required: set[str], optional: set[str] 
         _fail(path, where, d, "an object")
     missing, extra = required - set(d), set(d) - required - set(optional)
     if missing:
-        _fail(path, where, sorted(d), f"an object with the keys {sorted(required)} (missing {sorted(missing)})")
+        _fail(
+            path, where, sorted(d), f"an object with the keys {sorted(required)} (missing {sorted(missing)})"
+        )
     if extra:
-        _fail(path, where, sorted(d), f"no keys beyond {sorted(required | set(optional))} (got {sorted(extra)})")
+        _fail(
+            path, where, sorted(d), f"no keys beyond {sorted(required | set(optional))} (got {sorted(extra)})"
+        )
     return d
 
 
-_PRE = {"mode", "source_size", "resize", "resize_mode", "crop", "interpolation", "scale", "mean", "std", "image_size"}
+_PRE = {
+    "mode",
+    "source_size",
+    "resize",
+    "resize_mode",
+    "crop",
+    "interpolation",
+    "scale",
+    "mean",
+    "std",
+    "image_size",
+}
 _TOP = {"format", "kind", "qbdl_version", "classes", "preprocessing", "mc_samples", "perturbations", "noise",
         "referral", "source", "activation_qmax", "outputs"}  # fmt: skip
 
@@ -97,14 +112,21 @@ def validate(meta: Any, path: str = "model") -> dict:
         if p["crop"] != p["image_size"] or p["crop"] > p["resize"]:
             _fail(path, "preprocessing.crop", p["crop"], "the image size, at most the resize")
     elif p["resize_mode"] != "square" or p["resize"] != p["image_size"]:
-        _fail(path, "preprocessing.resize", p["resize"], "the image size when there is no crop (square resize)")
+        _fail(
+            path, "preprocessing.resize", p["resize"], "the image size when there is no crop (square resize)"
+        )
     if p["interpolation"] not in ("bilinear", "bicubic", "nearest"):
         _fail(path, "preprocessing.interpolation", p["interpolation"], "'bilinear', 'bicubic' or 'nearest'")
     _num(path, "preprocessing.scale", p["scale"], 1e-6, 1.0)
     for key in ("mean", "std"):
         v = p[key]
         if not isinstance(v, list) or len(v) != chans:
-            _fail(path, f"preprocessing.{key}", v, f"a list of {chans} numbers (one per channel of mode {p['mode']})")
+            _fail(
+                path,
+                f"preprocessing.{key}",
+                v,
+                f"a list of {chans} numbers (one per channel of mode {p['mode']})",
+            )
         for i, x in enumerate(v):
             _num(path, f"preprocessing.{key}[{i}]", x, 1e-6 if key == "std" else -1e3, 1e3)
     _num(path, "mc_samples", m["mc_samples"], 1, 4096, integer=True)
@@ -148,7 +170,9 @@ def dumps(meta: dict) -> str:
 def loads(text: str | bytes, path: str = "model") -> dict:
     """Parse and validate the stored JSON string."""
     if len(text) > MAX_BYTES:
-        raise MetadataError(f"{path}: its qbdl metadata is {len(text)} bytes (at most {MAX_BYTES}); refusing it")
+        raise MetadataError(
+            f"{path}: its qbdl metadata is {len(text)} bytes (at most {MAX_BYTES}); refusing it"
+        )
     try:
         meta = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -211,7 +235,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     except MetadataError as exc:
         if path in str(exc):
             raise
-        raise MetadataError(f"{path}: {exc}; it is not an ONNX model written by `python -m qbdl.export`") from exc
+        raise MetadataError(
+            f"{path}: {exc}; it is not an ONNX model written by `python -m qbdl.export`"
+        ) from exc
     raise MetadataError(
         f"{path}: no qbdl metadata in this ONNX file: it was not written by `python -m qbdl.export` (which "
         "stores classes, preprocessing and the referral threshold there); export the model with it"

@@ -40,7 +40,9 @@ def preprocess(path: str | os.PathLike, pre: dict) -> np.ndarray:
             im.load()
             if pre["source_size"] is not None and [im.height, im.width] != list(pre["source_size"]):
                 h, w = pre["source_size"]
-                raise ImageError(f"wrong size {im.width}x{im.height} (width x height): the model takes {w}x{h} images")
+                raise ImageError(
+                    f"wrong size {im.width}x{im.height} (width x height): the model takes {w}x{h} images"
+                )
             im = im.convert(pre["mode"])
     except ImageError:
         raise
@@ -74,7 +76,9 @@ class Model:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
         if not Path(self.path).is_file():
-            raise FileNotFoundError(f"model file {self.path!r} does not exist; export one with python -m qbdl.export")
+            raise FileNotFoundError(
+                f"model file {self.path!r} does not exist; export one with python -m qbdl.export"
+            )
         self.meta = read_onnx_metadata(self.path)
         self.runtime = runtime
         self.inputs: list[str] = []
@@ -125,7 +129,9 @@ class Model:
         """Class names, in output order."""
         return self.meta["classes"]
 
-    def run(self, x: np.ndarray, seed: int = 0, noise: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, x: np.ndarray, seed: int = 0, noise: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """One session run on a float32 batch [N, C, H, W]: every MC sample of every image."""
         feeds = {"input": np.ascontiguousarray(x, dtype=np.float32)}
         if "seed" in self.inputs:
@@ -135,7 +141,9 @@ class Model:
         for k in self.inputs:
             if k not in feeds:
                 if noise is None or k not in noise:
-                    raise ValueError(f"{self.path}: the model takes its noise as input {k!r}: pass noise={{{k!r}: ...}}")
+                    raise ValueError(
+                        f"{self.path}: the model takes its noise as input {k!r}: pass noise={{{k!r}: ...}}"
+                    )
                 feeds[k] = np.ascontiguousarray(noise[k], dtype=np.float32)
         if self.runtime == "onnxruntime":
             vals = self._sess.run(self.outputs, feeds)
