@@ -114,7 +114,12 @@ class Model:
             self._compiled = core.compile_model(model, "CPU", config)
             self._req = self._compiled.create_infer_request()
             self.inputs = [i.get_any_name() for i in self._compiled.inputs]
-            self.outputs = [o.get_any_name() for o in self._compiled.outputs]
+            wanted = ("probs", "entropy", "mi", "logits")  # a port may carry several tensor names in OpenVINO
+            self._ports = {
+                next((w for w in wanted if w in o.get_names()), o.get_any_name()): o
+                for o in self._compiled.outputs
+            }
+            self.outputs = list(self._ports)
             self.version = ov.get_version()
         expected = {"qdnn": ["input"], "qbnn": ["input", "seed"] if self.meta["noise"] == "seed" else None}
         want = expected[self.meta["kind"]]
@@ -149,7 +154,7 @@ class Model:
             vals = self._sess.run(self.outputs, feeds)
         else:
             res = self._req.infer(feeds)
-            vals = [np.array(res[self._compiled.output(n)]) for n in self.outputs]
+            vals = [np.array(res[self._ports[n]]) for n in self.outputs]
         out = dict(zip(self.outputs, vals))
         c = out["probs"].shape[-1]
         if c != len(self.classes):
