@@ -2,12 +2,20 @@
 
 Variants side by side in one process, interleaved, medians of repeated timings: deterministic FP32 and
 INT8, FP32 BNN (fresh samples; bank of pre-drawn samples), INT8 QBNN (fresh; bank), optionally BF16.
+Memory as users meet it: each variant alone in a fresh subprocess (`resident_memory`), its resident memory
+(VmRSS) after loading (INT8: the saved .qbdl file) or building it and two MC forwards at batch 1, minus the
+resident memory after the imports; beside it the file size and the per-prediction peak.
 Writes bench.json, bench.md (the paper's Table 1 shape) and plots into out_dir.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -29,7 +37,11 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: 
 ARCHS = ("resnet20", "resnet18", "resnet50")
 
 
-def _int8_size(model: nn.Module) -> int:
+def _int8_size(model: nn.Module, keep: Path | None = None) -> int:
+    """Bytes of the model's .qbdl file (kept at `keep` when given: the resident-memory child loads it)."""
+    if keep is not None:
+        save_qbnn(model, str(keep))
+        return keep.stat().st_size
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.qbdl"
         save_qbnn(model, str(path))
@@ -46,8 +58,17 @@ class _BF16(nn.Module):
             return self.model(x)
 
 
-def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int]]:
-    """The requested variants of one random-weight network, and their model sizes on disk."""
+def build_variants(
+    cfg: DictConfig, save_dir: Path | None = None
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """The requested variants of one random-weight network, and their model sizes on disk.
+
+    save_dir: where the INT8 variants' .qbdl files are kept (<variant>.qbdl), for `resident_memory`.
+    """
+
+    def keep(name: str) -> Path | None:
+        return None if save_dir is None else save_dir / f"{name}.qbdl"
+
     from qbdl import models
 
     if cfg.arch not in ARCHS:
@@ -64,7 +85,7 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
         out["dnn_bf16"], sizes["dnn_bf16"] = _BF16(dnn), state_dict_bytes(dnn) // 2
     if "dnn_int8" in want:
         q = convert(calibrate(prepare(dnn, backend=cfg.backend), calib, mc_samples=1), backend=cfg.backend)
-        out["dnn_int8"], sizes["dnn_int8"] = q, _int8_size(q)
+        out["dnn_int8"], sizes["dnn_int8"] = q, _int8_size(q, keep("dnn_int8"))
     bnn = dnn_to_bnn(dnn, moped_delta=cfg.moped_delta).eval()
     if "bnn_fp32" in want:
         out["bnn_fp32"], sizes["bnn_fp32"] = bnn, state_dict_bytes(bnn)
@@ -87,7 +108,7 @@ def build_variants(cfg: DictConfig) -> tuple[dict[str, nn.Module], dict[str, int
                     prep, sampler=sampler, bank_size=cfg.bank_size, seed=cfg.seed, backend=cfg.backend,
                     fresh_kernel=kernel,
                 )  # fmt: skip
-                out[name], sizes[name] = q, _int8_size(q)
+                out[name], sizes[name] = q, _int8_size(q, keep(name))
     unknown = want - set(out)
     if unknown:
         raise ValueError(
@@ -143,6 +164,54 @@ def peak_memory(model: nn.Module, x: torch.Tensor, samples: int) -> int | None:
     return None if before is None or peak is None else max(0, peak - before)
 
 
+_CHILD = """
+import gc, json, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from omegaconf import OmegaConf
+from qbdl import bench
+from qbdl.quant import load_qbnn, native
+native.available()  # the C++ ops library is loaded by any INT8 model: part of the imports
+cfg = OmegaConf.create(json.loads(sys.argv[1]))
+name, path = sys.argv[2], sys.argv[3]
+torch.set_num_threads(cfg.threads)
+gc.collect()
+base = bench._rss("VmRSS")
+if path:  # INT8: what a deployment does, load the saved file
+    model = load_qbnn(path)
+else:
+    cfg.variants = [name]
+    cfg.bf16 = name == "dnn_bf16"
+    model = bench.build_variants(cfg)[0][name]
+gc.collect()
+x = torch.randn(1, cfg.in_chans, cfg.image_size, cfg.image_size)
+bench._mc_forward(model, x, 2)
+gc.collect()
+print("QBDL_RESIDENT", json.dumps({"bytes": bench._rss("VmRSS") - base, "base": base}))
+"""
+
+
+def resident_memory(cfg: DictConfig, name: str, path: Path | None, timeout_s: float = 900) -> int | None:
+    """Resident memory (bytes) of a fresh process holding only variant `name` after two MC forwards at batch 1,
+    minus its resident memory after the imports (None where /proc is missing or the child fails).
+
+    INT8 variants are loaded from their saved .qbdl file `path`; FP32 ones are built as the bench builds them.
+    """
+    conf = json.dumps(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, conf, name, "" if path is None else str(path)],
+            capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("QBDL_RESIDENT "):
+            return int(json.loads(line.split(" ", 1)[1])["bytes"])
+    warnings.warn(f"resident memory of {name}: the child process failed: {proc.stderr[-500:]}", stacklevel=2)
+    return None
+
+
 @torch.no_grad()
 def time_interleaved(
     models: dict[str, nn.Module], x: torch.Tensor, samples: int, reps: int, warmup: int, budget_s: float
@@ -168,9 +237,15 @@ def bench(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
+    files = Path(tempfile.mkdtemp(prefix="qbdl-bench-"))
     t0 = time.perf_counter()
-    models, sizes = build_variants(cfg)
+    models, sizes = build_variants(cfg, files)
     build_s = time.perf_counter() - t0
+    resident: dict[str, int | None] = {}
+    if cfg.get("resident", True):
+        for name in models:
+            path = files / f"{name}.qbdl"
+            resident[name] = resident_memory(cfg, name, path if path.exists() else None)
     records = []
     for b in cfg.batch_sizes:
         x = torch.randn(b, cfg.in_chans, cfg.image_size, cfg.image_size)
@@ -191,6 +266,7 @@ def bench(cfg: DictConfig) -> dict:
                     "reps": len(ts),
                     "size_bytes": sizes[name],
                     "peak_mem_bytes": peak_memory(models[name], x, cfg.mc_samples),
+                    "resident_bytes": resident.get(name),
                 }
                 | _int8_info(models[name])
             )
@@ -199,12 +275,16 @@ def bench(cfg: DictConfig) -> dict:
         for ref in ("bnn_fp32", "dnn_int8"):
             if (ref, r["batch_size"]) in by:
                 r[f"speedup_vs_{ref}"] = r["images_per_s"] / by[(ref, r["batch_size"])]["images_per_s"]
+        bnn = by.get(("bnn_fp32", r["batch_size"]), {}).get("resident_bytes")
+        if bnn and r["resident_bytes"] is not None:
+            r["resident_vs_bnn_fp32"] = r["resident_bytes"] / bnn
     report = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "machine": machine_info(),
         "build_s": build_s,
         "results": records,
     }
+    shutil.rmtree(files, ignore_errors=True)
     atomic_write_json(out_dir / "bench.json", report)
     atomic_write_bytes(out_dir / "bench.md", markdown(report).encode())
     plot(report, out_dir)
@@ -223,7 +303,8 @@ def markdown(report: dict) -> str:
         f"{report['config']['mc_samples']} MC sample(s), {m['threads']} threads, {m['cpu']}",
         "",
         f"ISA: {', '.join(m['isa'])}; torch {m['torch']}; INT8 backend {report['config']['backend']}. "
-        "Images/s are medians of interleaved repetitions.",
+        "Images/s are medians of interleaved repetitions. Resident: each variant alone in a fresh process, VmRSS "
+        "after loading it (INT8: its .qbdl file) and two MC forwards at batch 1, minus VmRSS after the imports.",
         "",
     ]
     for fp, q in (("bnn_fp32", "qbnn_int8_fresh"), ("bnn_fp32_bank", "qbnn_int8_bank")):
@@ -238,8 +319,10 @@ def markdown(report: dict) -> str:
                     lines.append(f"| {b} | {f:.1f} | {i:.1f} | {i / f:.2f}x |")
             lines.append("")
     lines += [
-        "| variant | " + " | ".join(f"b={b} img/s (vs int8)" for b in batches) + " | size MiB | peak MiB |",
-        "|---|" + "---|" * (len(batches) + 2),
+        "| variant | "
+        + " | ".join(f"b={b} img/s (vs int8)" for b in batches)
+        + " | size MiB | peak MiB | resident MiB (vs FP32 BNN) |",
+        "|---|" + "---|" * (len(batches) + 3),
     ]
     for v in variants:
         cells = []
@@ -250,7 +333,13 @@ def markdown(report: dict) -> str:
             )
         last = by[(v, batches[-1])]
         peak = "-" if last["peak_mem_bytes"] is None else f"{last['peak_mem_bytes'] / 2**20:.0f}"
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {last['size_bytes'] / 2**20:.1f} | {peak} |")
+        res = last.get("resident_bytes")
+        res = "-" if res is None else f"{res / 2**20:.0f}"
+        if "resident_vs_bnn_fp32" in last:
+            res += f" ({last['resident_vs_bnn_fp32']:.2f}x)"
+        lines.append(
+            f"| {v} | " + " | ".join(cells) + f" | {last['size_bytes'] / 2**20:.1f} | {peak} | {res} |"
+        )
     kernels = {v: by[(v, batches[-1])] for v in variants if "kernel_families" in by[(v, batches[-1])]}
     if kernels:
         lines += ["", "INT8 kernels: " + "; ".join(
