@@ -138,14 +138,20 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     runs = {n: estimate(n, args.override) for n in args.names}
-    commit = os.environ.get("QBDL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        os.environ.get("QBDL_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
     report = {
         "machine": machine_info(),
-        "commit": commit or "unknown",
-        "command": "python scripts/paper_estimates.py",
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "provenance": {
+            "command": "python scripts/paper_estimates.py",
+            "commit": commit or "unknown",
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "note": os.environ.get("QBDL_NOTE", ""),
+        },
         "seconds": time.time() - t0,
         "experiments": runs,
     }

@@ -1,0 +1,270 @@
+"""Write the measured tables of the README and docs from the JSON records kept in docs/data/.
+
+    python scripts/docs_tables.py           # rewrite every table in place
+    python scripts/docs_tables.py --check   # exit 1 (naming the files) if a table differs from its JSON
+
+A table lives between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in a Markdown file; NAME picks
+the renderer below and its JSON record:
+
+- ``default-run`` / ``default-run-short``: ``docs/data/results.json``, the ``results.json`` of
+  ``python -m qbdl.run`` (the digits default);
+- ``bench`` / ``bench-short``: ``docs/data/bench.json``, the ``bench.json`` of ``python -m qbdl.bench``;
+- ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``.
+
+Each record carries a ``provenance`` object (``command``, ``commit``, ``date``, ``note``) beside the
+``machine`` and versions its producer wrote; every table says where it came from. A re-run replaces
+the JSON and this script replaces the tables: no figure is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "docs" / "data"
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+
+RUN_COLUMNS = [
+    ("accuracy", "accuracy %", 100, "{:.2f}"),
+    ("nll", "NLL", 1, "{:.4f}"),
+    ("ece", "ECE %", 100, "{:.2f}"),
+    ("uce", "UCE %", 100, "{:.2f}"),
+    ("mi_mean", "mean MI", 1, "{:.4f}"),
+    ("referral_rate_at_target", "referral %", 100, "{:.1f}"),
+    ("augrc", "AUGRC %", 100, "{:.3f}"),
+    ("ood_auroc", "OOD AUROC", 1, "{:.3f}"),
+    ("ood_near_auroc", "near", 1, "{:.3f}"),
+    ("ood_far_auroc", "far", 1, "{:.3f}"),
+    ("size_bytes", "size MiB", 2**-20, "{:.2f}"),
+]
+SHORT_COLUMNS = ["accuracy", "nll", "ece", "uce", "referral_rate_at_target", "ood_auroc", "size_bytes"]
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def _cpu(machine: dict) -> str:
+    flags = [f for f in ("avx512_vnni", "amx") if machine.get(f)]
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in machine.get("isa", []) else "")
+    return f"{machine.get('cpu', 'unknown CPU')}" + (f" ({isa})" if isa else "")
+
+
+def provenance(rec: dict, torch_version: str, threads: int | str) -> str:
+    """One line: command, machine, threads, torch, commit, date and the record's own note."""
+    p = rec["provenance"]
+    line = (
+        f"Measured with `{p['command']}` on {_cpu(rec['machine'])}, {threads} threads, torch {torch_version}, "
+        f"commit `{p['commit'][:7]}`, {p['date']}"
+    )
+    return line + (f"; {p['note']}" if p.get("note") else "") + "."
+
+
+def _cell(value, scale: float, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value * scale)
+
+
+def default_run(short: bool = False) -> str:
+    rec = load("results.json")
+    cols = [c for c in RUN_COLUMNS if not short or c[0] in SHORT_COLUMNS]
+    lines = ["| variant | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, v in rec["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(v.get(k), s, f) for k, _, s, f in cols) + " |")
+    t = rec.get("timings", {})
+    wall = rec["provenance"].get("wall_s")
+    lines += [
+        "",
+        provenance(rec, rec["versions"]["torch"], rec["machine"].get("threads", "?"))
+        + (f" Wall time {wall:.0f} s" if wall else "")
+        + (
+            f" (BNN fit {t['bnn_fit']:.0f} s, evaluation {t['evaluation']:.0f} s)."
+            if "bnn_fit" in t and "evaluation" in t
+            else "."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _bench_rows(rec: dict) -> tuple[list[int], dict]:
+    res = rec["results"]
+    return sorted({r["batch_size"] for r in res}), {(r["variant"], r["batch_size"]): r for r in res}
+
+
+def bench(short: bool = False) -> str:
+    rec = load("bench.json")
+    batches, by = _bench_rows(rec)
+    cfg = rec["config"]
+    lines = []
+    pairs = [("bnn_fp32", "qbnn_int8_fresh")] + ([] if short else [("bnn_fp32_bank", "qbnn_int8_bank")])
+    for fp, q in pairs:
+        if not all((fp, b) in by and (q, b) in by for b in batches):
+            continue
+        lines += [
+            f"| batch size | BNN FP32 (`{fp}`) img/s | QBNN INT8 (`{q}`) img/s | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for b in batches:
+            f, i = by[(fp, b)]["images_per_s"], by[(q, b)]["images_per_s"]
+            lines.append(f"| {b} | {f:.1f} | {i:.1f} | {i / f:.2f}x |")
+        lines.append("")
+    if not short:
+        variants = list(dict.fromkeys(r["variant"] for r in rec["results"]))
+        lines += [
+            "| variant | " + " | ".join(f"batch {b} img/s" for b in batches) + " | size MiB |",
+            "|---|" + "---|" * (len(batches) + 1),
+        ]
+        for v in variants:
+            cells = [f"{by[(v, b)]['images_per_s']:.1f}" if (v, b) in by else "-" for b in batches]
+            lines.append(
+                f"| `{v}` | " + " | ".join(cells) + f" | {by[(v, batches[-1])]['size_bytes'] / 2**20:.1f} |"
+            )
+        lines.append("")
+    what = (
+        f"{cfg['arch']} {cfg['image_size']}x{cfg['image_size']}, {cfg['mc_samples']} MC sample per image, "
+        f"INT8 backend {cfg['backend']}, medians of up to {cfg['reps']} interleaved repetitions"
+    )
+    lines.append(what + ". " + provenance(rec, rec["machine"]["torch"], cfg["threads"]))
+    return "\n".join(lines) + "\n"
+
+
+def _dur(s: float) -> str:
+    if s >= 86400 * 365:
+        return f"{s / (86400 * 365):.1f} years"
+    if s >= 86400:
+        return f"{s / 86400:.1f} days"
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def estimates() -> str:
+    rec = load("estimates.json")
+    exps = rec["experiments"]
+    names = list(exps)
+    lines = [
+        "| stage | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    sizes = lambda e: f"{e['sizes']['train']:,} / {e['sizes']['val']:,} / {e['sizes']['test']:,}"  # noqa: E731
+    lines.append("| train / val / test images | " + " | ".join(sizes(exps[n]) for n in names) + " |")
+    lines.append(
+        "| BNN epochs, MC samples, shifted sets | "
+        + " | ".join(
+            f"{exps[n]['epochs']['bnn']}, {exps[n]['mc_samples']}, {exps[n]['shift_sets']}" for n in names
+        )
+        + " |"
+    )
+    keys = ["dnn_fit", "bnn_fit", "calibration"]
+    for k in keys:
+        lines.append(
+            f"| {k.replace('_', ' ')} | "
+            + " | ".join(_dur(exps[n]["estimate"]["seconds"][k]) for n in names)
+            + " |"
+        )
+    variants = list(dict.fromkeys(v for n in names for v in exps[n]["estimate"]["seconds"]["evaluation"]))
+    for v in variants:
+        cells = [_dur(exps[n]["estimate"]["seconds"]["evaluation"].get(v, 0.0)) for n in names]
+        lines.append(f"| evaluate `{v}` | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **total** | "
+        + " | ".join(f"**{_dur(exps[n]['estimate']['seconds']['total'])}**" for n in names)
+        + " |"
+    )
+    lines += ["", provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"])]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {
+    "default-run": default_run,
+    "default-run-short": lambda: default_run(short=True),
+    "bench": bench,
+    "bench-short": lambda: bench(short=True),
+    "estimates": estimates,
+}
+
+
+def render_file(text: str) -> str:
+    """The text with every table block re-rendered from its JSON."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise ValueError(f"unknown table {name!r}; known: {sorted(RENDERERS)}")
+        return m.group(1) + RENDERERS[name]() + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+RESULTS_KEYS = (
+    "variants",
+    "ood_groups",
+    "temperatures",
+    "data",
+    "machine",
+    "versions",
+    "timings",
+    "estimate",
+)
+
+
+def import_record(
+    src: Path, name: str, command: str, commit: str | None, note: str, wall_s: float | None
+) -> None:
+    """Copy a results.json / bench.json into docs/data/NAME with its provenance (commit: git HEAD by default)."""
+    import subprocess
+    import time
+
+    rec = json.loads(Path(src).read_text())
+    if name == "results.json":
+        rec = {k: rec[k] for k in RESULTS_KEYS if k in rec}
+    commit = (
+        commit
+        or subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    rec["provenance"] = {
+        "command": command,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d", time.gmtime(Path(src).stat().st_mtime)),
+        "note": note,
+    } | ({"wall_s": wall_s} if wall_s else {})
+    (DATA / name).write_text(json.dumps(rec, indent=1, sort_keys=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a table is stale")
+    ap.add_argument("--import-results", metavar="RESULTS_JSON", help="a default run's results.json to keep")
+    ap.add_argument("--import-bench", metavar="BENCH_JSON", help="a python -m qbdl.bench bench.json to keep")
+    ap.add_argument("--command", help="the command that produced it (default: the plain one)")
+    ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")
+    ap.add_argument("--note", default="", help="a remark printed with the table (e.g. the machine's load)")
+    ap.add_argument("--wall-s", type=float, help="the run's wall time in seconds")
+    args = ap.parse_args(argv)
+    if args.import_results:
+        cmd = args.command or "python -m qbdl.run"
+        import_record(Path(args.import_results), "results.json", cmd, args.commit, args.note, args.wall_s)
+    if args.import_bench:
+        cmd = args.command or "python -m qbdl.bench"
+        import_record(Path(args.import_bench), "bench.json", cmd, args.commit, args.note, args.wall_s)
+    stale = []
+    for path in FILES:
+        text = path.read_text()
+        new = render_file(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT).as_posix())
+            if not args.check:
+                path.write_text(new)
+    if stale:
+        print(("stale: " if args.check else "written: ") + ", ".join(stale))
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
