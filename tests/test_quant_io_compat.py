@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from qbdl.bayes.predict import set_mc_index
 from qbdl.quant import backend as qb
 from qbdl.quant import load_qbnn, quant_layers
+from qbdl.quant.io import FORMAT
 
 DATA = Path(__file__).parent / "data"
 
@@ -58,7 +59,13 @@ def test_a_file_of_an_unknown_format_names_the_fix(tmp_path):
         meta, tensors = json.loads(f.metadata()["qbdl"]), {k: f.get_tensor(k) for k in f.keys()}
     meta["format"] = "qbdl-qbnn/9"
     save_file(tensors, tmp_path / "m.qbdl", metadata={"qbdl": json.dumps(meta)})
-    with pytest.raises(ValueError, match=r"unsupported format 'qbdl-qbnn/9'.*quantize the BNN again"):
+    with pytest.raises(
+        ValueError, match=r"unsupported format 'qbdl-qbnn/9'.*written by a newer qbdl: upgrade"
+    ):
+        load_qbnn(tmp_path / "m.qbdl")
+    meta["format"] = "someone-else/1"
+    save_file(tensors, tmp_path / "m.qbdl", metadata={"qbdl": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"unsupported format 'someone-else/1'.*quantize the BNN again"):
         load_qbnn(tmp_path / "m.qbdl")
 
 
@@ -73,7 +80,7 @@ def test_a_loaded_format_1_file_saves_in_the_current_format_and_reloads_identica
     save_qbnn(q, tmp_path / "m.qbdl")
     with safe_open(str(tmp_path / "m.qbdl"), framework="pt") as f:
         meta = json.loads(f.metadata()["qbdl"])
-    assert meta["format"] == "qbdl-qbnn/3"
+    assert meta["format"] == FORMAT
     types = {s["type"] for s in meta["modules"].values()}
     assert {"QMaxPool", "QAdaptiveAvgPool", "QAdd"} <= types and "nn.MaxPool2d" not in types
     q2 = load_qbnn(tmp_path / "m.qbdl")

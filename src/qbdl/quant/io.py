@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import tempfile
 import warnings
 
 import torch
@@ -16,13 +17,14 @@ from .backend import BACKENDS, FULL_QMAX, kernel_plan
 from .conversion import attach_module
 from .layers import QuantLayer, enable_prefetch
 from .lower import lower
+from .schema import FORMAT_PREFIX, ModelFileError, check_digests, check_file, tensor_digests
 
-# 3: the sampler is stored as "sampler" (2 and 1 store it as "sampling" in layer configs and "mode" in the model
+# 4: the JSON is checked against schema.py before use and records a SHA-256 of every tensor ("digests"). 3: the sampler is stored as "sampler" (2 and 1 store it as "sampling" in layer configs and "mode" in the model
 # meta: _old_keys renames them); a new number so that a reader of 2 refuses a 3 file instead of running every
 # layer as `fresh`. 2: input zero points in the layer configs, integer pooling / ReLU modules. 1 (written by the
 # quantized-tensor engine, up to commit f21607b) still loads: lower() re-derives what 2 adds.
-FORMAT = "qbdl-qbnn/3"
-_READABLE = ("qbdl-qbnn/1", "qbdl-qbnn/2", FORMAT)
+FORMAT = "qbdl-qbnn/4"
+_READABLE = ("qbdl-qbnn/1", "qbdl-qbnn/2", "qbdl-qbnn/3", FORMAT)
 _QMODULES = {"QuantLayer": QuantLayer, "Quantize": Quantize, "DeQuantize": DeQuantize, "QAdd": QAdd,
              "QReLU": QReLU, "QAdaptiveAvgPool": QAdaptiveAvgPool, "QMaxPool": QMaxPool}  # fmt: skip
 _TENSORS = ("mu_q", "mu_scale", "sigma_q", "sigma_scale", "bias_q", "bias_sigma_q")
@@ -115,15 +117,34 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
         "nodes": nodes,
         "modules": modules,
     }
-    save_file(tensors, path, metadata={"qbdl": json.dumps(meta)})
+    meta = json.loads(json.dumps(meta))  # what a reader will see (tuples as lists)
+    # What this writes, load_qbnn reads: the file is checked against the same schema before it exists.
+    check_file(str(path), meta, tensors, legacy=False, limit=2**62)
+    meta["digests"] = tensor_digests(tensors)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"qbdl": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _old_keys(meta: dict) -> None:
-    """Rename the keys older files stored the sampler under (in place): layer "sampling", model meta "mode"."""
+    """Rename the keys older files stored the sampler under (in place): layer "sampling", model meta "mode".
+
+    Format 1's small_batch_engine (a kernel family the oneDNN engine does not have) is dropped.
+    """
     for s in meta["modules"].values():
-        if s["type"] == "QuantLayer" and "sampling" in s["config"]:
+        if s.get("type") == "QuantLayer" and "sampling" in s["config"]:
             s["config"].setdefault("sampler", s["config"].pop("sampling"))
+        if meta.get("format") == "qbdl-qbnn/1":
+            s["config"].pop("small_batch_engine", None)  # fbgemm at batch 1: the oneDNN engine has one family
     m = meta.get("meta", {})
+    if meta.get("format") == "qbdl-qbnn/1":
+        m.pop("small_batch_engine", None)
     if "mode" in m:  # in the meta, "mode" always meant the sampler (a layer's own "mode" is sample/mean)
         m.setdefault("sampler", m.pop("mode"))
 
@@ -192,8 +213,8 @@ def _fit_activation_range(meta: dict, tensors: dict, path: str) -> None:
     meta.setdefault("meta", {}).update(plan.as_dict())
 
 
-def load_qbnn(path: str) -> fx.GraphModule:
-    """Rebuild a QBNN/QDNN saved by save_qbnn; same seed -> same outputs (the bank is redrawn from the seed)."""
+def _read(path: str) -> tuple[dict, dict]:
+    """The parsed JSON document and the tensors of a `.qbdl` file, or one clear error."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -203,22 +224,60 @@ def load_qbnn(path: str) -> fx.GraphModule:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise ValueError(
+        raise ModelFileError(
             f"cannot load {str(path)!r} as a qbdl QBNN ({type(exc).__name__}: {exc}): the file is truncated, "
             "corrupt or not a safetensors file (e.g. a pickle renamed, which qbdl never unpickles). "
             "Re-create it with qbdl.quant.save_qbnn."
         ) from exc
     if "qbdl" not in header:
-        raise ValueError(f"{path!r} is not a qbdl QBNN file (no qbdl metadata)")
-    meta = json.loads(header["qbdl"])
-    if meta.get("format") not in _READABLE:
-        raise ValueError(
-            f"{path!r}: unsupported format {meta.get('format')!r}; this qbdl reads {_READABLE}. Re-create the "
-            "file with this version's qbdl.quant.save_qbnn (quantize the BNN again)"
+        raise ModelFileError(
+            f"{path!r} is not a qbdl QBNN file (no qbdl metadata); save one with qbdl.quant.save_qbnn"
         )
+    try:
+        meta = json.loads(header["qbdl"])
+    except (ValueError, RecursionError) as exc:
+        raise ModelFileError(
+            f"{path!r}: its qbdl metadata is not valid JSON ({type(exc).__name__}): the file is corrupt or "
+            "hand-edited. Re-create it with qbdl.quant.save_qbnn"
+        ) from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt not in _READABLE:
+        newer = isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX) and fmt[len(FORMAT_PREFIX) :].isdigit()
+        raise ModelFileError(
+            f"{path!r}: unsupported format {fmt!r:.60}; this qbdl reads {_READABLE}. "
+            + (
+                "The file was written by a newer qbdl: upgrade qbdl (pip install -U qbdl) to load it"
+                if newer and int(fmt[len(FORMAT_PREFIX) :]) > int(FORMAT[len(FORMAT_PREFIX) :])
+                else "Re-create the file with this version's qbdl.quant.save_qbnn (quantize the BNN again)"
+            )
+        )
+    return meta, tensors
+
+
+def load_qbnn(path: str, max_sample_bytes: int | None = None) -> fx.GraphModule:
+    """Rebuild a QBNN/QDNN saved by save_qbnn; same seed -> same outputs (the bank is redrawn from the seed).
+
+    The file is untrusted: its JSON is checked against qbdl.quant.schema (types, ranges, tensor shapes, the
+    graph's operations) before any value is used, and the graph is built from allowlisted parts only.
+    max_sample_bytes caps the memory its samplers may allocate (default QBDL_MAX_SAMPLE_BYTES or 4 GiB).
+    """
+    path = str(path)
+    meta, tensors = _read(path)
+    if not isinstance(meta.get("modules"), dict) or not all(
+        isinstance(s, dict) and isinstance(s.get("config"), dict) for s in meta["modules"].values()
+    ):
+        raise ModelFileError(
+            f"{path!r}: modules must be an object of path -> {{type, config}}; the file is corrupt"
+        )
+    if not isinstance(meta.get("meta", {}), dict):
+        raise ModelFileError(f"{path!r}: meta must be an object; the file is corrupt")
     _old_keys(meta)
-    _old_backends(meta, str(path))
-    _fit_activation_range(meta, tensors, str(path))
+    check_file(path, meta, tensors, legacy=meta["format"] == "qbdl-qbnn/1", limit=max_sample_bytes)
+    if meta["format"] == FORMAT:
+        check_digests(path, meta.get("digests"), tensors)
+    meta.pop("digests", None)
+    _old_backends(meta, path)
+    _fit_activation_range(meta, tensors, path)
     root = nn.Module()
     for target, spec in meta["modules"].items():
         kind, cfg = spec["type"], spec["config"]
@@ -227,10 +286,8 @@ def load_qbnn(path: str) -> fx.GraphModule:
             m = QuantLayer(cfg, **kw)
         elif kind in _QMODULES:
             m = _QMODULES[kind](**cfg)
-        elif kind.startswith("nn.") and isinstance(getattr(nn, kind[3:], None), type):
+        else:  # an allowlisted parameter-free torch.nn leaf (schema.MODULES)
             m = getattr(nn, kind[3:])(**cfg)
-        else:
-            raise ValueError(f"{path!r}: unknown module type {kind!r}")
         attach_module(root, target, m)
     graph, env = fx.Graph(), {}
     for n in meta["nodes"]:
@@ -240,7 +297,13 @@ def load_qbnn(path: str) -> fx.GraphModule:
             env[n["name"]] = graph.output(args[0])
             continue
         env[n["name"]] = graph.create_node(n["op"], target, tuple(args), kwargs, name=n["name"])
-    gm = lower(fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN")))
+    try:
+        gm = lower(fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN")))
+    except (NotImplementedError, RuntimeError, KeyError, AttributeError) as exc:
+        raise ModelFileError(
+            f"{path!r}: its graph does not form an INT8 network qbdl can run ({type(exc).__name__}: {exc}). The "
+            "file is corrupt or hand-edited; re-create it with qbdl.quant.save_qbnn"
+        ) from None
     gm.eval()
     gm.qbdl_meta = meta.get("meta", {})
     return enable_prefetch(gm)
