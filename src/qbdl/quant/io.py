@@ -299,7 +299,7 @@ def load_qbnn(path: str, max_sample_bytes: int | None = None) -> fx.GraphModule:
         env[n["name"]] = graph.create_node(n["op"], target, tuple(args), kwargs, name=n["name"])
     try:
         gm = lower(fx.GraphModule(root, graph, class_name=meta.get("class_name", "QBNN")))
-    except (NotImplementedError, RuntimeError, KeyError, AttributeError) as exc:
+    except (ValueError, NotImplementedError, RuntimeError, KeyError, AttributeError) as exc:
         raise ModelFileError(
             f"{path!r}: its graph does not form an INT8 network qbdl can run ({type(exc).__name__}: {exc}). The "
             "file is corrupt or hand-edited; re-create it with qbdl.quant.save_qbnn"

@@ -133,6 +133,79 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 "the rest in FP32, or replace the op by one of those"
             )
     gm.graph.lint()
+    check_widths(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _flat_width(gm: fx.GraphModule, node: fx.Node, width: dict) -> int | None:
+    """Features after flattening `node`'s input from dim 1: channels x the pooled size, where both are known."""
+    src = node.args[0] if node.args else None
+    c = width.get(src)
+    while isinstance(src, fx.Node) and src.op == "call_module":
+        mod = gm.get_submodule(src.target)
+        if isinstance(mod, (QAdaptiveAvgPool, nn.AdaptiveAvgPool2d)):
+            size = mod.output_size
+            sizes = [size] * 2 if isinstance(size, int) else list(size)
+            if c is None or any(not isinstance(v, int) for v in sizes):
+                return None
+            return c * int(torch.tensor(sizes).prod())
+        if not isinstance(mod, (DeQuantize, QReLU, nn.Identity)):
+            return None
+        src = src.args[0]
+    return None
+
+
+def check_widths(gm: fx.GraphModule) -> None:
+    """Channels along the graph's edges: each INT8 layer reads as many as its producer writes (else ValueError).
+
+    A model file whose layers do not fit together (a tensor of another shape, a changed pooling size) is
+    refused here, at load, instead of failing inside a oneDNN kernel at prediction time.
+    """
+    width: dict[fx.Node, int | None] = {}
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        w = width.get(src)
+        if isinstance(mod, QuantLayer):
+            need = mod.mu_q.shape[1] * (int(mod.config.get("groups", 1)) if mod.kind != "linear" else 1)
+            got = w
+            if mod.kind == "linear" and got is None and src is not None:
+                got = _flat_width(gm, src, width) if _is_flatten(gm, src) else None
+            if got is not None and got != need:
+                raise ValueError(
+                    f"INT8 layer {node.target} reads {need} {'features' if mod.kind == 'linear' else 'channels'} "
+                    f"but the graph feeds it {got}: the model's layers do not fit together (a corrupt or "
+                    "hand-edited model file). Re-create it with qbdl.quant.save_qbnn"
+                )
+            width[node] = int(mod.mu_q.shape[0]) if mod.kind != "linear" else None
+        elif isinstance(mod, QAdd):
+            a, b = (width.get(x) for x in node.args[:2])
+            if a is not None and b is not None and a != b:
+                raise ValueError(
+                    f"residual add {node.target} joins activations of {a} and {b} channels: the model's layers "
+                    "do not fit together (a corrupt or hand-edited model file). Re-create it with qbdl.quant.save_qbnn"
+                )
+            width[node] = a if a is not None else b
+        elif isinstance(
+            mod, (QReLU, QMaxPool, QAdaptiveAvgPool, DeQuantize, Quantize, nn.Identity, nn.ReLU)
+        ) or (
+            mod is None and node.op == "call_function" and node.target in (*_RELU_FUNCTIONS, *_POOL_FUNCTIONS)
+        ):
+            width[node] = w
+        else:
+            width[node] = None
+
+
+def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """`node` flattens from dim 1 (torch.flatten(x, 1), x.flatten(1) or nn.Flatten())."""
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    elif node.op == "call_method" and node.target == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Flatten):
+        start = gm.get_submodule(node.target).start_dim
+    else:
+        return False
+    return start == 1 and len(node.args) <= 2 and "end_dim" not in node.kwargs
