@@ -77,6 +77,12 @@ def default_run(short: bool = False) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(v.get(k), s, f) for k, _, s, f in cols) + " |")
     t = rec.get("timings", {})
     wall = rec["provenance"].get("wall_s")
+    reduced = [n for n, v in rec["variants"].items() if (v.get("int8") or {}).get("reduced_range")]
+    if reduced:
+        lines += [
+            "",
+            f"INT8 activations in 0..127 (reduced range, exact without VNNI) for {', '.join(reduced)}.",
+        ]
     lines += [
         "",
         provenance(rec, rec["versions"]["torch"], rec["machine"].get("threads", "?"))
@@ -179,7 +185,47 @@ def estimates() -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_vs_qbdl() -> str:
+    """The paper's quantities beside the nearest runs qbdl does here (README)."""
+    run, b = load("results.json"), load("bench.json")
+    v = run["variants"]
+    batches, by = _bench_rows(b)
+    speed = " / ".join(
+        f"{by[('qbnn_int8_fresh', n)]['images_per_s'] / by[('bnn_fp32', n)]['images_per_s']:.1f}x"
+        for n in batches
+    )
+    pt = lambda k: f"{100 * (v['qbnn'][k] - v['bnn'][k]):+.2f} pt"  # noqa: E731
+    both = lambda k, s, f: f"{f.format(s * v['bnn'][k])} / {f.format(s * v['qbnn'][k])}"  # noqa: E731
+    digits = f"digits 16x16, ResNet-20 · {_cpu(run['machine'])} · `{run['provenance']['command']}`"
+    bench_where = (
+        f"random weights, ResNet-50 224x224, batch {' / '.join(map(str, batches))} · {_cpu(b['machine'])}, "
+        f"{b['config']['threads']} threads · `{b['provenance']['command']}`"
+    )
+    rows = [
+        ("INT8 QBNN / FP32 BNN throughput", "6.9x on ImageNet, 4th-gen Intel Xeon (AMX)", speed, bench_where),
+        ("accuracy, QBNN − BNN", "kept (Table 2, ImageNet)", pt("accuracy"), digits),
+        ("UCE, QBNN − BNN", "kept (Table 2)", pt("uce"), digits),
+        (
+            "referral rate to 99.5% accuracy, BNN / QBNN",
+            "Figure 3 (colorectal)",
+            both("referral_rate_at_target", 100, "{:.1f}%"),
+            digits,
+        ),
+        (
+            "OOD AUROC by entropy, BNN / QBNN",
+            "Figure 4 (Camelyon17)",
+            both("ood_auroc", 1, "{:.3f}"),
+            digits + ", OOD = photo patches",
+        ),
+        ("model size, QBNN / BNN", "-", f"{v['qbnn']['size_bytes'] / v['bnn']['size_bytes']:.2f}x", digits),
+    ]
+    lines = ["| quantity | paper (Lin et al. 2023) | qbdl | data · machine · command |", "|---|---|---|---|"]
+    lines += [f"| {a} | {p} | {q} | {w} |" for a, p, q, w in rows]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {
+    "paper-vs-qbdl": paper_vs_qbdl,
     "default-run": default_run,
     "default-run-short": lambda: default_run(short=True),
     "bench": bench,

@@ -1,4 +1,4 @@
-"""The README's example: qbdl's PTQ and evaluation callbacks in a user's own Trainer, module and datamodule."""
+"""The docs' example (docs/library.md): qbdl's PTQ and evaluation callbacks in a user's own Trainer."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "library.md"
 
 
 def _example() -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     m = re.search(r"<!-- example: own-trainer -->\n```python\n(.*?)```", text, re.S)
-    assert m, "the README lost its own-trainer example"
+    assert m, "docs/library.md lost its own-trainer example"
     return m.group(1)
 
 

@@ -1,0 +1,178 @@
+"""The documentation site: it builds with warnings as errors, its measured tables are those of the JSON
+records in docs/data/, and what it states about the configuration matches the configuration."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CONF = ROOT / "src" / "qbdl" / "conf"
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("docs_tables", ROOT / "scripts" / "docs_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nav() -> list[str]:
+    cfg = (ROOT / "mkdocs.yml").read_text()
+    return re.findall(r"^  - [^:]+: (\S+\.md)$", cfg, re.M)
+
+
+def test_docs_build_strict(tmp_path):
+    """`mkdocs build --strict` (CI runs the same): broken links, missing pages or docstrings that do not
+    parse fail the build; the API page is generated from the docstrings."""
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    api = (site / "api" / "index.html").read_text()
+    for name in ("load_qbnn", "mc_predict", "dnn_to_bnn", "quantize_bnn", "uncertainty_calibration_error"):
+        assert name in api, name
+    assert "Rebuild a QBNN/QDNN saved by save_qbnn" in api  # load_qbnn's own docstring
+    assert "INT8 engine history" in (site / "changelog" / "index.html").read_text()  # CHANGELOG.md
+
+
+def test_nav_lists_every_page():
+    nav = _nav()
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert sorted(nav) == pages
+    assert nav[0] == "index.md"
+
+
+def test_tables_match_their_json():
+    """What scripts/docs_tables.py would write is what the pages hold (CI fails on a stale table)."""
+    mod = _tables()
+    stale = [p.name for p in mod.FILES if mod.render_file(p.read_text()) != p.read_text()]
+    assert not stale, f"run python scripts/docs_tables.py: stale tables in {stale}"
+    filled = {
+        m.group(1)
+        for p in mod.FILES
+        for m in re.finditer(r"<!-- table:([\w-]+) -->\n(?!<!--)", p.read_text())
+    }
+    assert filled == set(mod.RENDERERS)  # every table is placed and none is empty
+
+
+def test_default_run_table_is_the_results_json():
+    """Read back independently: each variant's accuracy and UCE cell equals results.json's value."""
+    res = json.loads((DOCS / "data" / "results.json").read_text())
+    text = (DOCS / "default-run.md").read_text()
+    rows = {
+        cells[0]: cells
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == set(res["variants"])
+    for name, v in res["variants"].items():
+        assert rows[name][1] == f"{100 * v['accuracy']:.2f}" and rows[name][4] == f"{100 * v['uce']:.2f}"
+
+
+def test_tables_follow_the_json(tmp_path, monkeypatch):
+    """A new record changes the tables (and only through the JSON)."""
+    mod = _tables()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("results.json", "bench.json", "estimates.json"):
+        (data / name).write_text((DOCS / "data" / name).read_text())
+    res = json.loads((data / "results.json").read_text())
+    new = copy.deepcopy(res)
+    new["variants"]["qbnn"]["accuracy"] = 0.5
+    new["provenance"]["commit"] = "abcdef0123456789"
+    (data / "results.json").write_text(json.dumps(new))
+    monkeypatch.setattr(mod, "DATA", data)
+    table = mod.default_run()
+    assert "| qbnn | 50.00 |" in table and "commit `abcdef0`" in table
+    page = (DOCS / "default-run.md").read_text()
+    assert mod.render_file(page) != page
+    with pytest.raises(ValueError, match="unknown table"):
+        mod.render_file("<!-- table:nope -->\n<!-- /table:nope -->")
+
+
+@pytest.mark.parametrize("name", ["results.json", "bench.json", "estimates.json"])
+def test_records_name_machine_torch_and_commit(name):
+    rec = json.loads((DOCS / "data" / name).read_text())
+    torch_version = (rec.get("versions") or rec["machine"])["torch"]
+    assert rec["machine"]["cpu"] and re.match(r"2\.\d+", torch_version)
+    assert re.fullmatch(r"[0-9a-f]{40}", rec["provenance"]["commit"])
+    assert rec["provenance"]["command"].startswith("python ")
+
+
+def test_every_experiment_is_documented():
+    names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    page = (DOCS / "experiments.md").read_text()
+    assert names and all(f"| `{n}` |" in page for n in names), [n for n in names if f"| `{n}` |" not in page]
+
+
+def test_documented_data_roots_are_the_configured_ones():
+    """The table in docs/reproduce.md states each data set's real default root."""
+    page = (DOCS / "reproduce.md").read_text()
+    rows = dict(re.findall(r"^\| [^|]*\(`data=(\w+)`\) \| `([^`]+)` \|", page, re.M))
+    assert {"imagenet", "colorectal", "camelyon17"} <= set(rows)
+    for name, documented in rows.items():
+        root = yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())["root"]
+        assert documented == root.replace("${paths.data_dir}", "${QBDL_DATA_DIR:-data}"), name
+    paths = yaml.safe_load((CONF / "paths" / "default.yaml").read_text())
+    assert paths["data_dir"] == "${oc.env:QBDL_DATA_DIR,data}"
+    for name in ("mnist", "fashion_mnist", "cifar10"):  # these read the data dir itself
+        assert yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())["root"] == "${paths.data_dir}"
+    assert "| MNIST, Fashion-MNIST, CIFAR-10 | `${QBDL_DATA_DIR:-data}` |" in page
+
+
+def test_glossary_defines_every_term():
+    page = (DOCS / "concepts.md").read_text()
+    terms = ["MOPED", "UCE", "AUGRC", "AURC, E-AURC", "TOST", "mCE", "SQNR", "LSB", "Shapley shares",
+             "MC floor (MC noise floor)", "Reduced range", "Compensation"]  # fmt: skip
+    missing = [t for t in terms if f"\n**{t}**\n:   " not in page]
+    assert not missing, missing
+
+
+def test_license_and_citations():
+    lic = (ROOT / "LICENSE").read_text()
+    assert (
+        "Apache License" in lic
+        and "Version 2.0, January 2004" in lic
+        and "END OF TERMS AND CONDITIONS" in lic
+    )
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "Apache-2.0"
+    assert {r["doi"] for r in cff["references"]} == {
+        "10.1109/IISWC59245.2023.00020",
+        "10.1109/CVPR.2018.00286",
+    }
+    bib = (DOCS / "citing.md").read_text()
+    assert (
+        "doi       = {10.1109/IISWC59245.2023.00020}" in bib
+        and "doi       = {10.1109/CVPR.2018.00286}" in bib
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert "doi:10.1109/IISWC59245.2023.00020" in readme and "doi:10.1109/CVPR.2018.00286" in readme
+
+
+def test_readme_is_a_front_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    for phrase in (
+        "session",
+        "old checkout",
+        "(old)",
+        "(new)",
+        "120 s goal",
+        "projects ~",
+        "RELIABILITY:BEGIN",
+    ):
+        assert phrase not in text, phrase
