@@ -1,0 +1,410 @@
+"""qbdl.export / qbdl.predict on a digits run: ONNX Runtime (and OpenVINO) against qbdl's own INT8 engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_run import compose_config
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from qbdl.bayes import dnn_to_bnn, elbo_loss, mc_logits, sample_seed, set_mc_index  # noqa: E402
+from qbdl.export import MetadataError, Model, read_onnx_metadata, validate  # noqa: E402
+from qbdl.export.core import export_model, export_run, preprocessing_of  # noqa: E402
+from qbdl.export.graph import ExportError, build_onnx  # noqa: E402
+from qbdl.export.metadata import fit_threshold  # noqa: E402
+from qbdl.export.reference import qbdl_noise  # noqa: E402
+from qbdl.models.files import save_state  # noqa: E402
+from qbdl.quant import calibrate, convert, prepare, quantize_bnn, save_qbnn  # noqa: E402
+from qbdl.quant.activations import DeQuantize  # noqa: E402
+
+SEED = 0
+
+
+def _reestimate_bn(model: nn.Module, batches: list) -> None:
+    """BN running statistics over training batches at the final weights (a short fit's momentum averages lag)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+
+
+def _out_scale(model: nn.Module) -> float:
+    return next(m for m in model.modules() if isinstance(m, DeQuantize)).inputs[0][0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A digits run directory as qbdl.run leaves it (results.json config, bnn.safetensors, models/*.qbdl).
+
+    The networks are fitted for seconds only (resnet20 at 16x16: DNN one epoch, BNN 4 steps), enough for a
+    model whose decisions are not ties; the in-memory qbnn (flipout) and qdnn come along.
+    """
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(out, ["quant=flipout", "quant.calib_batches=2", "eval.mc_samples=4"])
+    from hydra.utils import instantiate
+
+    torch.manual_seed(SEED)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    dnn = instantiate(cfg.model, num_classes=10, in_chans=1)
+    opt = torch.optim.Adam(dnn.parameters(), lr=3e-3)
+    dnn.train()
+    for x, y in dm.train_dataloader():  # one epoch: 17 steps
+        opt.zero_grad()
+        F.cross_entropy(dnn(x), y).backward()
+        opt.step()
+    train_x = [x for x, _ in dm.calib_dataloader()][:8]
+    _reestimate_bn(dnn, train_x)
+    bnn = dnn_to_bnn(dnn, **OmegaConf.to_container(cfg.bayes))
+    opt = torch.optim.Adam(bnn.parameters(), lr=5e-4)
+    bnn.train()
+    for _, (x, y) in zip(range(4), dm.train_dataloader()):
+        opt.zero_grad()
+        elbo_loss(bnn(x), y, bnn, 1078).backward()
+        opt.step()
+    _reestimate_bn(bnn, train_x)
+    save_state(bnn, out / "bnn.safetensors")
+    calib = [b for _, b in zip(range(2), dm.calib_dataloader())]
+    opts = {"sampler": "flipout", "bank_size": 2, "mc_samples": 1, "observer": "histogram", "seed": SEED}
+    qbnn = quantize_bnn(bnn, calib, **opts)
+    qdnn = quantize_bnn(dnn, calib, observer="histogram")
+    (out / "models").mkdir()
+    save_qbnn(qbnn, str(out / "models" / "qbnn.qbdl"))
+    save_qbnn(qdnn, str(out / "models" / "qdnn.qbdl"))
+    config = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
+    (out / "results.json").write_text(json.dumps({"config": config}))
+    done = export_run(out)
+    x_test = torch.cat([x for x, _ in dm.test_dataloader()])
+    y_test = torch.cat([y for _, y in dm.test_dataloader()])
+    return {
+        "dir": out,
+        "dm": dm,
+        "qbnn": qbnn,
+        "qdnn": qdnn,
+        "bnn": bnn,
+        "exported": done,
+        "x": x_test,
+        "y": y_test,
+    }
+
+
+def _session(data) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(
+        data if isinstance(data, bytes) else str(data), so, providers=["CPUExecutionProvider"]
+    )
+
+
+def test_det_int8_export_agrees_with_qdnn(run):
+    """ONNX Runtime's QDQ INT8 ResNet-20 vs qbdl's oneDNN engine: top-1 on >= 99.5%, logits within 1 LSB."""
+    sess = _session(run["dir"] / "export" / "qdnn.onnx")
+    x = run["x"]
+    got = sess.run(["logits"], {"input": x.numpy()})[0][0]
+    with torch.no_grad():
+        want = run["qdnn"](x).numpy()
+    lsb = np.abs(got - want) / _out_scale(run["qdnn"])
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.995
+    assert (lsb <= 1.001).mean() >= 0.99, np.quantile(lsb, [0.5, 0.99, 1])
+    assert (got.argmax(1) == run["y"].numpy()).mean() > 0.3  # a fitted model, not chance (0.1)
+
+
+def _flipout_bnn(bias: bool) -> nn.Module:
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=bias), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, bias=bias), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=bias), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10, bias=bias),
+    )  # fmt: skip
+    return dnn_to_bnn(net.eval(), moped_delta=0.1).eval()
+
+
+def _same_noise(q, x: torch.Tensor, samples: int, perturbations: int, seed: int = 5):
+    proto, layout = build_onnx(q, samples=samples, perturbations=perturbations, noise="input")
+    feeds = {"input": x.numpy(), **qbdl_noise(q, layout, len(x), samples, seed)}
+    got = _session(proto.SerializeToString()).run(["logits"], feeds)[0]
+    ref = []
+    for s in range(samples):  # qbdl's engine: sample s on bank entry s mod K (exported: s mod perturbations)
+        set_mc_index(q, s % perturbations)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(sample_seed(seed, s))
+            ref.append(q(x).float())
+    set_mc_index(q, None)
+    return got, torch.stack(ref).numpy()
+
+
+def test_flipout_export_equals_qbdl_with_the_same_noise_on_a_bias_free_net():
+    """Same signs and perturbations: the exported QBNN's logits within 1 LSB of qbdl's on >= 99% (K = 1 and 2)."""
+    bnn = _flipout_bnn(bias=False)
+    calib = [torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = convert(
+        calibrate(prepare(bnn, per_example=True), calib, mc_samples=2), sampler="flipout", bank_size=2
+    )
+    x = torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(9))
+    for k in (1, 2):
+        got, ref = _same_noise(q, x, samples=4, perturbations=k)
+        lsb = np.abs(got - ref) / _out_scale(q)
+        assert (lsb <= 1.001).mean() >= 0.99, (k, (lsb <= 1.001).mean())
+        assert (lsb < 1e-3).mean() >= 0.9  # mostly bit-equal
+    # and the samples are samples: they differ between MC draws and between copies of one image
+    assert np.abs(got[0] - got[1]).max() > 0
+
+
+def test_flipout_export_tracks_qbdl_with_the_same_noise_on_the_digits_resnet(run):
+    """ResNet-20 (BN folded into biases): the mean kernel's bias is rounded onto QLinearConv's grid, so outputs
+    drift by an LSB here and there through 20 layers; decisions still agree."""
+    q, x = run["qbnn"], run["x"][:128]
+    got, ref = _same_noise(q, x, samples=2, perturbations=2)
+    lsb = np.abs(got - ref) / _out_scale(q)
+    assert (lsb <= 1.001).mean() >= 0.8, np.quantile(lsb, [0.5, 0.9, 1])
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_seeded_export_reproduces_and_samples(run):
+    sess = _session(run["dir"] / "export" / "qbnn.onnx")
+    x = run["x"][:32].numpy()
+    a = sess.run(None, {"input": x, "seed": np.array([3])})
+    b = sess.run(None, {"input": x, "seed": np.array([3])})
+    c = sess.run(None, {"input": x, "seed": np.array([4])})
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["probs", "entropy", "mi", "logits"]
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not np.array_equal(a[3], c[3])
+    logits = a[3]
+    assert logits.shape == (4, 32, 10)
+    assert all(not np.array_equal(logits[0], logits[s]) for s in range(1, 4))  # MC samples differ
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(a[0], probs.mean(0), atol=1e-5)
+    ent = -(a[0] * np.log(a[0])).sum(1)
+    np.testing.assert_allclose(a[1], ent, atol=1e-4)
+    assert (a[2] >= 0).all() and (a[2] > 0).any()
+
+
+def test_seeded_export_matches_qbdl_accuracy_and_uncertainty(run):
+    """The runtime's own randomness vs qbdl's QBNN on 160 test images, 3 seeds each: accuracy, NLL, mean MI."""
+    sess = _session(run["dir"] / "export" / "qbnn.onnx")
+    x, y = run["x"][:160], run["y"][:160].numpy()
+
+    def stats(p: np.ndarray, mi: np.ndarray) -> np.ndarray:
+        return np.array(
+            [(p.argmax(1) == y).mean(), -np.log(p[np.arange(len(y)), y] + 1e-12).mean(), mi.mean()]
+        )
+
+    onnx_s, qbdl_s = [], []
+    for seed in range(3):
+        probs, _, mi = sess.run(["probs", "entropy", "mi"], {"input": x.numpy(), "seed": np.array([seed])})
+        onnx_s.append(stats(probs, mi))
+        p = torch.softmax(mc_logits(run["qbnn"], x, 4, seed=seed), -1).double().numpy()
+        pbar = p.mean(0)
+        h = -(pbar * np.log(pbar)).sum(1)
+        qbdl_s.append(stats(pbar, np.maximum(h - (-(p * np.log(p)).sum(-1)).mean(0), 0)))
+    d = np.mean(onnx_s, 0) - np.mean(qbdl_s, 0)
+    assert abs(d[0]) <= 0.02 and abs(d[1]) <= 0.05, d
+    assert abs(d[2]) <= 0.5 * np.mean(qbdl_s, 0)[2] + 1e-3, d
+
+
+def test_metadata_of_the_export(run):
+    meta = read_onnx_metadata(run["dir"] / "export" / "qbnn.onnx")
+    assert (
+        meta["kind"] == "qbnn" and meta["mc_samples"] == 4 and meta["classes"] == [str(i) for i in range(10)]
+    )
+    assert meta["preprocessing"] == preprocessing_of(run["dm"])
+    assert meta["preprocessing"]["source_size"] == [8, 8]
+    r = meta["referral"]
+    assert r["fitted_on"] == "val" and r["score"] == "entropy" and r["target_accuracy"] == 0.995
+    assert r["threshold"] is not None and 0 <= r["val_referred"] <= 1
+    assert meta["source"]["file"] == "qbnn.qbdl"
+    q = read_onnx_metadata(run["dir"] / "export" / "qdnn.onnx")
+    assert q["kind"] == "qdnn" and q["noise"] == "none" and q["mc_samples"] == 1
+
+
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        (("classes",), ["a", "a"] + [str(i) for i in range(8)], "distinct"),
+        (("classes", 0), "x\n=cmd", "printable"),
+        (("preprocessing", "std", 0), 0.0, "std"),
+        (("preprocessing", "mean", 0), float("nan"), "mean"),
+        (("preprocessing", "image_size"), True, "image_size"),
+        (("preprocessing", "source_size"), "../../etc/passwd", "source_size"),
+        (("mc_samples",), 10**9, "mc_samples"),
+        (("referral", "threshold"), "0.5", "threshold"),
+        (("source", "fingerprint"), "not hex!", "fingerprint"),
+        (("format",), "qbdl-onnx/999", "format"),
+        (("extra",), 1, "no keys beyond"),
+    ],
+)
+def test_metadata_is_validated_on_load(run, path, value, match):
+    meta = json.loads(json.dumps(read_onnx_metadata(run["dir"] / "export" / "qbnn.onnx")))
+    d = meta
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+    with pytest.raises(MetadataError, match=match):
+        validate(meta, "tampered.onnx")
+
+
+def test_tampered_or_foreign_onnx_files_are_refused(run, tmp_path):
+    import onnx
+
+    src = run["dir"] / "export" / "qdnn.onnx"
+    m = onnx.load(str(src))
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"qdnn"', '"qbnn"')
+    onnx.save(m, str(tmp_path / "kind.onnx"))
+    with pytest.raises(MetadataError, match="noise"):
+        Model(tmp_path / "kind.onnx")
+    del m.metadata_props[:]
+    onnx.save(m, str(tmp_path / "plain.onnx"))
+    with pytest.raises(MetadataError, match="no qbdl metadata"):
+        read_onnx_metadata(tmp_path / "plain.onnx")
+    (tmp_path / "cut.onnx").write_bytes(src.read_bytes()[:5000])
+    with pytest.raises(MetadataError):
+        read_onnx_metadata(tmp_path / "cut.onnx")
+
+
+def test_fit_threshold():
+    scores = [0.1, 0.2, 0.2, 0.5, 0.9, 1.0]
+    correct = [True, True, True, True, False, True]
+    assert fit_threshold(scores, correct, 1.0) == (0.5, 1.0, pytest.approx(2 / 6))
+    t, kept, referred = fit_threshold(scores, correct, 0.8)
+    assert t == 1.0 and referred == 0.0
+    assert fit_threshold([0.3, 0.1], [False, False], 0.5) == (-1.0, 0.0, 1.0)  # unreachable: refer everything
+
+
+def test_export_refuses_other_samplers(run):
+    calib = [b for _, b in zip(range(1), run["dm"].calib_dataloader())]
+    fresh = quantize_bnn(run["bnn"], calib, sampler="bank", bank_size=2, mc_samples=1)
+    with pytest.raises(ExportError, match="flipout"):
+        build_onnx(fresh)
+    with pytest.raises(ExportError, match="perturbations=5"):
+        build_onnx(run["qbnn"], perturbations=5)
+
+
+def test_export_run_requantizes_a_non_flipout_qbnn(run, tmp_path):
+    import shutil
+
+    d = tmp_path / "run"
+    (d / "models").mkdir(parents=True)
+    for f in ("results.json", "bnn.safetensors"):
+        shutil.copy(run["dir"] / f, d / f)
+    calib = [b for _, b in zip(range(1), run["dm"].calib_dataloader())]
+    save_qbnn(quantize_bnn(run["bnn"], calib, sampler="fresh", mc_samples=1), str(d / "models" / "qbnn.qbdl"))
+    done = export_run(d, which=("qbnn",), samples=2, val_limit=64)
+    assert set(done) == {"qbnn"} and (d / "export" / "qbnn_flipout.qbdl").is_file()
+    meta = read_onnx_metadata(d / "export" / "qbnn.onnx")
+    assert meta["mc_samples"] == 2 and meta["source"]["file"] == "qbnn_flipout.qbdl"
+
+
+def _digit_pngs(folder: Path, n_good: int = 18) -> list[str]:
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = load_digits().images
+    for i in range(n_good):
+        Image.fromarray(np.round(images[i] * 255 / 16).astype(np.uint8), "L").save(
+            folder / f"digit_{i:02d}.png"
+        )
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header, then nothing
+    Image.fromarray(np.zeros((12, 12), np.uint8), "L").save(folder / "wrong_size.png")
+    return ["corrupt.png", "wrong_size.png"]
+
+
+_NO_TORCH = """
+import sys, builtins
+sys.modules["torch"] = None  # any `import torch` now fails
+real_import = builtins.__import__
+def guarded(name, *a, **k):
+    if name.split(".")[0] in ("torch", "torchvision", "lightning", "hydra"):
+        raise ImportError("blocked in this test: " + name)
+    return real_import(name, *a, **k)
+builtins.__import__ = guarded
+from qbdl.predict import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("torch", "torchvision", "lightning") for m in sys.modules if sys.modules[m])
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
+def test_predict_without_torch(run, tmp_path, runtime):
+    pytest.importorskip(runtime)
+    bad = _digit_pngs(tmp_path / "images")
+    out = tmp_path / "pred.csv"
+    model = run["dir"] / "export" / "qbnn.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_NO_TORCH), str(model), str(tmp_path / "images"), "--out", str(out),
+         "--runtime", runtime, "--batch-size", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = out.read_text().splitlines()
+    assert rows[0] == "file,class,class_index,prob,entropy,mi,refer" and len(rows) == 1 + 18
+    assert not any(b in "".join(rows) for b in bad)
+    skipped = (tmp_path / "pred.skipped.csv").read_text()
+    for b in bad:
+        assert b in skipped and b in proc.stdout
+    assert "18 of 20 images predicted" in proc.stdout and "referred:" in proc.stdout
+    cells = [r.split(",") for r in rows[1:]]
+    assert all(
+        c[1] == c[2] and 0 < float(c[3]) <= 1 and float(c[5]) >= 0 and c[6] in ("True", "False")
+        for c in cells
+    )
+    # the digits are mostly recognised (the file names carry the true labels of load_digits' first images)
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert sum(int(c[2]) == labels[i] for i, c in enumerate(cells)) >= 6
+
+
+def test_predict_json_output(run, tmp_path):
+    from qbdl.predict import main
+
+    _digit_pngs(tmp_path / "images", n_good=3)
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/digit_00.png\nimages/corrupt.png\nimages/missing.png\nimages/digit_02.png\n")
+    out = tmp_path / "p.json"
+    assert main([str(run["dir"] / "export" / "qdnn.onnx"), str(listing), "--out", str(out), "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert [Path(p["file"]).name for p in doc["predictions"]] == ["digit_00.png", "digit_02.png"]
+    assert {Path(s["file"]).name for s in doc["skipped"]} == {"corrupt.png", "missing.png"}
+    assert doc["summary"]["predicted"] == 2 and doc["summary"]["mc_samples"] == 1
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_same_graph(run):
+    """OpenVINO on the seeded QBNN: the same in-graph signs (int32 hash), logits within a few LSB of ORT's."""
+    pytest.importorskip("openvino")
+    path = run["dir"] / "export" / "qbnn.onnx"
+    x = run["x"][:64].numpy()
+    a = Model(path, "onnxruntime").run(x, seed=7)
+    b = Model(path, "openvino").run(x, seed=7)
+    lsb = np.abs(a["logits"] - b["logits"]) / _out_scale(run["qbnn"])
+    assert (lsb <= 1.001).mean() >= 0.9, np.quantile(lsb, [0.5, 0.9, 1])
+    assert (a["probs"].argmax(1) == b["probs"].argmax(1)).mean() >= 0.9
+
+
+def test_export_model_without_validation_data_has_no_threshold(run, tmp_path):
+    e = export_model(run["qdnn"], tmp_path / "m.onnx", classes=[str(i) for i in range(10)],
+                     preprocessing=preprocessing_of(run["dm"]))  # fmt: skip
+    assert e.meta["referral"]["threshold"] is None and read_onnx_metadata(e.path)["kind"] == "qdnn"
