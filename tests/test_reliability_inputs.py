@@ -383,3 +383,34 @@ def test_truncated_tiff_png_jpeg_in_memory():
         n,
         "every one detected by the setup verification (image_problem returns a reason)",
     )
+
+
+def test_imagenet_ptq_with_a_corrupt_jpeg_stops_before_any_download(tmp_path):
+    """`+experiment=imagenet_ptq data.root=DIR` as typed (weights to download) with one non-image among the JPEGs:
+    the header scan at setup names the file (exit 2, one paragraph) before the weights download is tried."""
+    root = make_imagenet(tmp_path / "imagenet", n_classes=3, n_per_class=4)
+    bad = sorted((root / "train").rglob("*.JPEG"))[1]
+    bad.write_bytes(b"this is not a JPEG")
+    rc, text = _cli(
+        ["+experiment=imagenet_ptq", f"data.root={root}", "data.on_bad_file=error", "logger=none"],
+        tmp_path / "out",
+    )
+    assert rc == 2, text[-3000:]
+    _assert_one_paragraph(text)
+    assert str(bad) in text and "unreadable" in text
+    assert "download" not in text.lower().replace("re-download", "")  # no weights download was attempted
+
+
+def test_a_file_that_breaks_after_setup_is_named_in_one_paragraph(tmp_path):
+    """verify=false: the loader meets the corrupt file during the fit; the run ends with exit 2 naming it."""
+    root = make_imagenet(tmp_path / "imagenet", n_classes=3, n_per_class=4)
+    bad = sorted((root / "train").rglob("*.JPEG"))[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rc, text = _cli(
+        [*tiny_overrides(), "data=imagenet", "model=resnet20", f"data.root={root}", "data.verify=false",
+         "data.image_size=16", "data.resize_size=16", "data.num_workers=1", "data.batch_size=4", "estimate=false"],
+        tmp_path / "out",
+    )  # fmt: skip
+    assert rc == 2, text[-3000:]
+    _assert_one_paragraph(text)
+    assert str(bad) in text and "verify=true" in text

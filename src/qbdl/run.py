@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise exc
         # A problem with the input or the configuration: one clear paragraph, no traceback.
-        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(exc).__name__, exc)
+        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(exc).__name__, _paragraph(exc))
         sys.exit(2)
     except (
         ProcessExitedException
@@ -76,6 +76,15 @@ def main(cfg: DictConfig) -> float | None:
             )
         return results["validation"][metric]
     return None
+
+
+def _paragraph(exc: BaseException) -> str:
+    """The error's own message: a DataLoader worker's re-raise wraps it in the worker's traceback text."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if last.startswith(type(exc).__name__) and ": " in last else last
+    return text
 
 
 def _finish_wandb(exit_code: int = 0) -> None:

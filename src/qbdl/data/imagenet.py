@@ -100,7 +100,7 @@ class ImageNetDataModule(ImageDataModule):
         max_train: int | None = None,
         max_val: int | None = None,
         max_test: int | None = None,
-        verify: bool = False,
+        verify: bool | str = "header",
         on_bad_file: str = "skip",
         **settings: Unpack[DataSettings],
     ) -> None:
@@ -108,7 +108,11 @@ class ImageNetDataModule(ImageDataModule):
         self.resize_size = int(resize_size)
         self.val_fraction = float(val_fraction)
         self.caps = {"train": max_train, "val": max_val, "test": max_test}
-        self.verify = bool(verify)
+        if verify not in (True, False, "header"):
+            raise ValueError(
+                f"ImageNet verify must be true (decode every image), header or false, got {verify!r}"
+            )
+        self.verify = verify
         self.on_bad_file = str(on_bad_file)
 
     def _setup(self) -> None:
@@ -133,7 +137,9 @@ class ImageNetDataModule(ImageDataModule):
         self.bad_files = []
         if self.verify:
             for split, src in (("train", train_src), ("val", train_src), ("test", test_src)):
-                idx[split], bad = verify_source(src, idx[split], self.on_bad_file, f"ImageNet {split}")
+                idx[split], bad = verify_source(
+                    src, idx[split], self.on_bad_file, f"ImageNet {split}", full=self.verify is True
+                )
                 self.bad_files += bad
         # train/val index into train/'s sorted files, test into val/'s sorted files
         self._split_idx = {k: v.tolist() for k, v in idx.items()}

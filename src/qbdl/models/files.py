@@ -29,10 +29,34 @@ def load_state(model: nn.Module, path: str | Path) -> nn.Module:
                 f"model file {path!r} does not exist; give the path of a stage output of an earlier "
                 "run (RUN_DIR/dnn.safetensors or RUN_DIR/bnn.safetensors)"
             )
-        model.load_state_dict(safe_load_safetensors(path))
+        _load_into(model, safe_load_safetensors(path), path)
     else:
         load_weights(model, path)
     return model
+
+
+def _load_into(model: nn.Module, state: object, path: str) -> None:
+    """model.load_state_dict(state), a file that does not fit the model reported as one ValueError naming it."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path!r} does not hold a state dict (name -> tensor); give a model file saved by qbdl or "
+            "torch.save(model.state_dict(), path)"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path!r} does not fit this model ({str(exc).splitlines()[0]} ...): its tensors' names, shapes or "
+            "count differ from the configured architecture. Give the file of a run with the same model config, "
+            "or check that the file is not corrupt"
+        ) from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{path!r}: tensor {bad[0]!r} holds NaN or infinite values ({len(bad)} tensor(s) in all): the file "
+            "is corrupt or came from a diverged training run; re-create it (train again, or resume from an "
+            "earlier checkpoint)"
+        )
 
 
 def load_weights(model: nn.Module, path: str) -> None:
@@ -49,7 +73,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         state = safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    model.load_state_dict(state)
+    _load_into(model, state, path)
 
 
 def state_dict_bytes(model: nn.Module, skip_prefixes: tuple[str, ...] = ("prior_",)) -> int:

@@ -17,7 +17,7 @@ from .backend import BACKENDS, FULL_QMAX, kernel_plan
 from .conversion import attach_module
 from .layers import QuantLayer, enable_prefetch
 from .lower import lower
-from .schema import FORMAT_PREFIX, ModelFileError, check_digests, check_file, tensor_digests
+from .schema import FORMAT_PREFIX, ModelFileError, check_digests, check_file, file_digests
 
 # 4: the JSON is checked against schema.py before use and records a SHA-256 of every tensor ("digests"). 3: the sampler is stored as "sampler" (2 and 1 store it as "sampling" in layer configs and "mode" in the model
 # meta: _old_keys renames them); a new number so that a reader of 2 refuses a 3 file instead of running every
@@ -120,7 +120,7 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
     meta = json.loads(json.dumps(meta))  # what a reader will see (tuples as lists)
     # What this writes, load_qbnn reads: the file is checked against the same schema before it exists.
     check_file(str(path), meta, tensors, legacy=False, limit=2**62)
-    meta["digests"] = tensor_digests(tensors)
+    meta["digests"] = file_digests(meta, tensors)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
@@ -271,10 +271,22 @@ def load_qbnn(path: str, max_sample_bytes: int | None = None) -> fx.GraphModule:
         )
     if not isinstance(meta.get("meta", {}), dict):
         raise ModelFileError(f"{path!r}: meta must be an object; the file is corrupt")
-    _old_keys(meta)
-    check_file(path, meta, tensors, legacy=meta["format"] == "qbdl-qbnn/1", limit=max_sample_bytes)
-    if meta["format"] == FORMAT:
-        check_digests(path, meta.get("digests"), tensors)
+    try:
+        _old_keys(meta)
+        check_file(path, meta, tensors, legacy=meta["format"] == "qbdl-qbnn/1", limit=max_sample_bytes)
+        if meta["format"] == FORMAT:
+            check_digests(path, meta, tensors)
+    except (
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+    ) as exc:  # a shape no check foresaw
+        raise ModelFileError(
+            f"{path!r}: its qbdl metadata is malformed ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt "
+            "or crafted and qbdl refuses it before using any of its values. Re-create it with qbdl.quant.save_qbnn"
+        ) from None
     meta.pop("digests", None)
     _old_backends(meta, path)
     _fit_activation_range(meta, tensors, path)

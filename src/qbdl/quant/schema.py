@@ -10,6 +10,7 @@ generation, oneDNN or qbdl's C++ ops unchecked. `SCHEMA_TABLE` below is the publ
 from __future__ import annotations
 
 import hashlib
+import json
 import keyword
 import math
 import os
@@ -141,7 +142,10 @@ def _output_size(path: str, where: str, v: Any) -> Any:
 
 _output_size.doc = "integer in [1, 1024], or a list of 1-3 of them / null"
 _grid = _int(0, FULL_QMAX)  # a zero point; checked against the module's qmax below
-_count = _int(1, 1 << 20)
+# Bank entries / noise windows: each costs a oneDNN prepack or a pool window at load, so a count far above any
+# Monte Carlo budget is refused whatever its memory (a crafted 1e5-entry bank would take minutes to build).
+MAX_BANK = 4096
+_count = _int(1, MAX_BANK)
 _seed = _int(0, SEED_MAX)
 
 # Module configs: field -> (check, required). A field not listed here is refused.
@@ -324,6 +328,8 @@ def check_quant_layer(path: str, where: str, cfg: dict, tensors: dict[str, torch
 
     def need(t: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         v = names[t]
+        if v is None:
+            _fail(path, f"tensor {where}.{t}", None, f"a {dtype} tensor of shape {list(shape)}")
         if v.dtype != dtype or tuple(v.shape) != shape:
             _fail(path, f"tensor {where}.{t}", f"{v.dtype} {list(v.shape)}", f"{dtype} {list(shape)}")
 
@@ -507,7 +513,7 @@ def check_graph(path: str, nodes: Any, modules: dict) -> None:
             if last:
                 _fail(path, where, op, "the output node last")
             if op == "call_module":
-                if target not in modules:
+                if not isinstance(target, str) or target not in modules:
                     _fail(path, f"{where}.target", target, "a module listed in the file's modules")
                 used_modules.add(target)
                 allowed: set[str] = set()
@@ -520,7 +526,7 @@ def check_graph(path: str, nodes: Any, modules: dict) -> None:
                         f"{n_in} graph value(s): a {modules[target]['type']} reads {n_in}",
                     )
             elif op == "call_function":
-                if target not in FUNCTIONS:
+                if not isinstance(target, str) or target not in FUNCTIONS:
                     _fail(
                         path,
                         f"{where}.target",
@@ -529,7 +535,7 @@ def check_graph(path: str, nodes: Any, modules: dict) -> None:
                     )
                 allowed = FUNCTIONS[target]
             else:
-                if target not in METHODS:
+                if not isinstance(target, str) or target not in METHODS:
                     _fail(
                         path,
                         f"{where}.target",
@@ -593,7 +599,7 @@ def check_file(
         where = f"modules[{target!r}]"
         if not isinstance(spec, dict) or set(spec) != {"type", "config"}:
             _fail(path, where, spec, "an object with type and config")
-        if spec["type"] not in MODULES:
+        if not isinstance(spec["type"], str) or spec["type"] not in MODULES:
             _fail(path, f"{where}.type", spec["type"], f"one of the module types {sorted(MODULES)}")
         check_config(path, where, spec["type"], spec["config"], legacy)
         if spec["type"] == "QuantLayer":
@@ -632,10 +638,37 @@ def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return out
 
 
-def check_digests(path: str, recorded: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """The tensors against the digests save_qbnn recorded for them."""
+DOCUMENT = "qbdl:document"  # the digests' entry for the JSON document itself
+
+
+def document_digest(meta: dict) -> str:
+    """SHA-256 of the JSON document's content (class name, meta, graph, modules), canonically serialised."""
+    doc = {k: meta.get(k) for k in ("class_name", "meta", "nodes", "modules")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def file_digests(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What save_qbnn records: a SHA-256 per tensor and one of the JSON document."""
+    return {**tensor_digests(tensors), DOCUMENT: document_digest(meta)}
+
+
+def check_digests(path: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The file against the digests save_qbnn recorded (an edited field, a changed or swapped tensor fails).
+
+    Not a signature: whoever edits a file can recompute them; the schema is what keeps a crafted file out of
+    native code. The digests catch corruption and edits made without qbdl's writer.
+    """
+    recorded = meta.get("digests")
     if not isinstance(recorded, dict):
         _fail(path, "digests", type(recorded).__name__, "an object of tensor name -> SHA-256")
+    if recorded.get(DOCUMENT) != document_digest(meta):
+        _fail(
+            path,
+            "the JSON document",
+            "content that does not match its recorded SHA-256",
+            "the document save_qbnn wrote (a field was edited)",
+        )
+    recorded = {k: v for k, v in recorded.items() if k != DOCUMENT}
     got = tensor_digests(tensors)
     if set(got) != set(recorded):
         missing, extra = sorted(set(recorded) - set(got)), sorted(set(got) - set(recorded))
