@@ -43,7 +43,10 @@ def test_bench_cli_writes_json_markdown_plots(tmp_path):
     # int8 weights on disk: <= 0.27x of the FP32 BNN's file (fresh sampler; the bank is redrawn from its seed)
     assert by[("qbnn_int8_fresh", 1)]["size_bytes"] <= 0.27 * by[("bnn_fp32", 1)]["size_bytes"]
     assert report["machine"]["threads"] == 2 and "avx512_vnni" in report["machine"]
+    # each variant's resident memory, measured alone in a subprocess (qbdl.bench.resident_memory)
+    assert all(r["resident_bytes"] and r["resident_bytes"] > 0 for r in recs)
+    assert by[("qbnn_int8_fresh", 1)]["resident_vs_bnn_fp32"] > 0
     md = (out / "bench.md").read_text()
-    assert "| batch size | BNN FP32" in md and "qbnn_int8_bank" in md
+    assert "| batch size | BNN FP32" in md and "qbnn_int8_bank" in md and "resident MiB (vs FP32 BNN)" in md
     for png in ("throughput.png", "speedup.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -81,37 +81,32 @@ def test_max_pool_refuses_zero_kernel_or_stride():
 def _packed_args():
     w = torch.zeros(16, 8, 3, 3, dtype=torch.int8)
     packed = torch.ops.onednn.qconv_prepack(
-        w, torch.full((16,), 0.01), 0.05, 0, [1, 1], [1, 1], [1, 1], 1, [1, 8, 6, 6]
+        w, torch.full((16,), 0.01), 0.05, 3, [1, 1], [1, 1], [1, 1], 1, [1, 8, 6, 6]
     )
-    n = int(torch.ops.qbdl.packed_bytes(packed).numel())
-    mu, sg, oc = (
-        torch.zeros(n, dtype=torch.int8),
-        torch.zeros(n, dtype=torch.int8),
-        torch.zeros(n, dtype=torch.int16),
-    )
-    a, b = torch.ones(16, dtype=torch.int32), torch.ones(16, dtype=torch.int32)
-    return packed, mu, sg, oc, a, b
+    total = int(torch.ops.qbdl.packed_bytes(packed).numel())
+    n = total - 4 * 16  # zero point 3: one int32 channel sum per output channel after the data
+    mu, sg, oc = (torch.zeros(n, dtype=torch.int16) for _ in range(3))
+    return packed, mu, sg, oc
 
 
 def test_sample_kernels_refuse_bad_operands():
-    packed, mu, sg, oc, a, b = _packed_args()
-    t = noise.z_table()
+    packed, mu, sg, oc = _packed_args()
+    t, sh = noise.z_table(), (noise.MU16_SHIFT, noise.SHIFT16)
+    torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t, 0, *sh)  # the valid call
     with pytest.raises(RuntimeError, match="slot out of range"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc.fill_(16), 0, a, b, t, 0, 22)
-    oc.zero_()
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc.clone().fill_(16), 16, t, 0, *sh)
     with pytest.raises(RuntimeError, match="layout does not match"):
-        torch.ops.qbdl.sample_packed(packed, mu[:-4], sg[:-4], oc[:-4], 0, a, b, t, 0, 22)
+        torch.ops.qbdl.sample_packed(packed, mu[:-4], sg[:-4], oc[:-4], 16, t, 0, *sh)
+    with pytest.raises(RuntimeError, match="oc must be"):
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc[:5], 16, t, 0, *sh)
     with pytest.raises(RuntimeError, match="table"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 0, a, b, t[:100], 0, 22)
-    with pytest.raises(RuntimeError, match="shift"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 0, a, b, t, 0, 40)
-    with pytest.raises(RuntimeError, match="too large"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 0, a * 2**28, b, t, 0, 22)
-    with pytest.raises(RuntimeError, match="int8"):
-        torch.ops.qbdl.sample_plain(torch.zeros(4, 2), torch.zeros(4, 2), a[:4], b[:4], t, 0, 22)
-    with pytest.raises(RuntimeError, match="one multiplier per output channel"):
-        w = torch.zeros(4, 2, dtype=torch.int8)
-        torch.ops.qbdl.sample_plain(w, w, a, b, t, 0, 22)
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t[:100], 0, *sh)
+    with pytest.raises(RuntimeError, match="shifts"):
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t, 0, 7, 40)
+    with pytest.raises(RuntimeError, match="int16"):
+        torch.ops.qbdl.sample_plain(torch.zeros(4, 2), torch.zeros(4, 2), t, 0, *sh)
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.qbdl.sample_plain(mu[:4], sg[:5], t, 0, *sh)
 
 
 @pytest.fixture(scope="module")

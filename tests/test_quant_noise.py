@@ -36,43 +36,33 @@ def test_hash_matches_a_plain_python_implementation_at_every_bit():
 
 
 def test_hand_computed_sample():
-    # one channel, two weights: mu_q = 10, sigma_q = 4, A = 2^21 (mu/S = 0.5 mu_q), B = 2^15, shift 22:
-    # v = (10 * 2^21 + 4 * z64 * 2^15 + 2^21) >> 22 = round(5 + z64 / 32) (halves up)
-    mu, sg = torch.tensor([[10, 10]], dtype=torch.int8), torch.tensor([[4, 4]], dtype=torch.int8)
-    a, b = torch.tensor([2**21], dtype=torch.int32), torch.tensor([2**15], dtype=torch.int32)
+    # two weights, mu/S = 5 (mu16 = 5 * 2^8), sigma/S = 0.5 (sg16 = 2^8):
+    # v = (1280 * 2^7 + 256 * z64 + 2^14) >> 15 = floor(5 + z64 / 128 + 1/2): round(5 + z / 2), halves up
+    mu, sg = torch.tensor([1280, 1280], dtype=torch.int16), torch.tensor([256, 256], dtype=torch.int16)
     k = noise.key(1, 2, 3)
     z = noise.z_grid(k, 2).tolist()
-    want = [min(127, max(-127, (10 * 2**21 + 4 * zz * 2**15 + 2**21) >> 22)) for zz in z]
-    assert noise.sample_reference(mu, sg, a, b, 22, k).flatten().tolist() == want
-    assert math.floor(5 + z[0] / 32 + 0.5) == want[0]
+    want = [math.floor(5 + zz / 128 + 0.5) for zz in z]
+    assert noise.sample_reference(mu, sg, k).tolist() == want
 
 
 @pytest.mark.skipif(not native.available(), reason="qbdl's C++ ops are not built here")
 def test_cpp_sample_equals_the_torch_reference():
     g = torch.Generator().manual_seed(0)
-    for shape in [(64, 3, 3, 3), (10, 7), (1, 1), (300, 1, 3, 3)]:
-        mu = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
-        sg = torch.randint(0, 128, shape, dtype=torch.int8, generator=g)
-        s_mu = torch.rand(shape[0], generator=g) * 0.01
-        s_sg = torch.rand(shape[0], generator=g) * 0.003
-        s_w = (127 * s_mu + 3 * 127 * s_sg) / 127
-        a, b, sh = noise.multipliers(s_mu, s_sg, s_w)
+    for shape in [(64, 3, 3, 3), (10, 7), (1, 1), (5000,)]:
+        mu = torch.randint(-127 * 256, 127 * 256, shape, dtype=torch.int16, generator=g)
+        sg = torch.randint(0, 43 * 512, shape, dtype=torch.int16, generator=g)
         for k in (0, 2**64 - 1, noise.key(5, 3, 7)):
-            assert torch.equal(
-                torch.ops.qbdl.sample_plain(mu, sg, a, b, noise.z_table(), noise.to_int64(k), sh),
-                noise.sample_reference(mu, sg, a, b, sh, k),
-            )
+            assert torch.equal(noise.sample_int8(mu, sg, k), noise.sample_reference(mu, sg, k))
 
 
-def test_multipliers_keep_int32_and_precision():
-    s_mu = torch.tensor([0.01, 1e-4, 0.02])
-    s_sg = torch.tensor([0.003, 0.003, 1e-6])
-    s_w = (127 * s_mu + 3 * 127 * s_sg) / 127
-    a, b, sh = noise.multipliers(s_mu, s_sg, s_w)
-    assert 127 * int(a.max()) + 127 * 255 * int(b.max()) + 2 ** (sh - 1) < 2**31
-    # the noise term is exact to 0.004 int8 steps: |B / 2^(sh-6) - sigma_scale / S| * 127 * 4 <= 0.004
-    err = (b.double() / 2 ** (sh - 6) - s_sg.double() / s_w.double()).abs() * 127 * 4
-    assert float(err.max()) <= 0.004
+def test_operands_are_mu_and_sigma_in_fixed_point():
+    mu = torch.tensor([[0.5, -1.0], [0.02, 0.0]])
+    sigma = torch.tensor([[0.1, 0.2], [0.01, 0.03]])
+    s = noise.sample_scale(mu, sigma)  # (1 + 0.6) / 127 and (0.03 + 0.09) / 127
+    mu16, sg16 = noise.operands(mu, sigma, s)
+    assert torch.allclose(mu16.double() / 256, mu.double() / s.double().view(-1, 1), atol=1 / 512)
+    assert torch.allclose(sg16.double() / 512, sigma.double() / s.double().view(-1, 1), atol=1 / 1024)
+    assert int(mu16[0, 1]) == round(-1.0 / (1.6 / 127) * 256)
 
 
 def _normal_cells() -> torch.Tensor:
@@ -219,11 +209,12 @@ def test_each_weights_mean_and_variance_match_the_fp32_bnn_within_one_int8_step(
     s = layer.weight_scale().double().view(-1, 1)
     mu, sigma = fp.mu_weight.detach().double(), fp.sigma_weight.detach().double()
     # exact law of each int8 sample: the kernel's integers over the 511 grid values with their probabilities
-    a, b, sh = layer._mult
+    mu16, sg16 = layer.operands()
     z = torch.arange(-255, 256, dtype=torch.int64)
     p = noise.grid_probabilities()
-    w = (layer.mu_q.long()[..., None] * a.long().view(-1, 1, 1) + layer.sigma_q.long()[..., None] * z * b.long().view(
-        -1, 1, 1) + (1 << (sh - 1))) >> sh  # fmt: skip
+    w = (
+        mu16.long()[..., None] * 2**noise.MU16_SHIFT + sg16.long()[..., None] * z + 2 ** (noise.SHIFT16 - 1)
+    ) >> (noise.SHIFT16)
     w = w.clamp(-127, 127).double() * s[..., None]
     mean, var = (w * p).sum(-1), (w * w * p).sum(-1) - (w * p).sum(-1) ** 2
     assert float(((mean - mu).abs() / s).max()) <= 1.0

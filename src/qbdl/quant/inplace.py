@@ -140,45 +140,31 @@ def expected_bytes(layout: PackedLayout, w: Tensor) -> Tensor:
 class PackedSampler:
     """A oneDNN-packed int8 weight overwritten in place with a fresh sample (counter noise, see noise.py).
 
-    Keeps 4 bytes a weight beside the packed weight: int8 mu and sigma in packed order and each byte's int16
-    channel slot (the layout itself, 8 bytes a weight, is dropped once these are built).
+    Keeps 4 bytes a weight beside the packed weight (int16 mu/S and sigma/S in packed order), plus each byte's
+    int16 channel slot only where oneDNN stores channel sums (an input zero point != 0: few layers, e.g. the
+    first conv). The layout itself (8 bytes a weight) is dropped once these are built.
     """
 
     def __init__(
-        self,
-        pack: Callable[[Tensor], Tensor],
-        layout: PackedLayout,
-        mu_q: Tensor,
-        sigma_q: Tensor,
-        a: Tensor,
-        b: Tensor,
-        shift: int,
+        self, pack: Callable[[Tensor], Tensor], layout: PackedLayout, mu16: Tensor, sg16: Tensor
     ) -> None:
         src = layout.src
         pad = src < 0
         s = src.clamp_min(0)
         self.pack = pack
-        self.packed = pack(torch.zeros(mu_q.shape, dtype=torch.int8))
+        self.packed = pack(torch.zeros(mu16.shape, dtype=torch.int8))
         self.n_comp = layout.n_comp
-        self.shift = int(shift)
-        zero = torch.zeros((), dtype=torch.int8)
-        self.mu = torch.where(pad, zero, mu_q.reshape(-1)[s]).contiguous()
-        self.sg = torch.where(pad, zero, sigma_q.reshape(-1)[s]).contiguous()
-        channel = s // mu_q[0].numel()
-        del s, pad
-        # the C++ loop adds each byte to the sum at oc[p] (its channel's slot) and reads the multipliers there
-        self.oc = (layout.comp_slot[channel] if layout.n_comp else channel).to(torch.int16).contiguous()
-        del channel
-        if layout.n_comp:
+        zero = torch.zeros((), dtype=torch.int16)
+        self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
+        self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
+        self.oc = torch.empty(0, dtype=torch.int16)
+        if layout.n_comp:  # the C++ loop adds each byte to the sum at oc[p]: its channel's slot
+            channel = s // mu16[0].numel()
+            self.oc = layout.comp_slot[channel].to(torch.int16).contiguous()
             if int(layout.comp_slot.max()) >= layout.n_comp:
                 raise ValueError(
-                    f"packed layout has {layout.n_comp} channel sums for {mu_q.shape[0]} channels"
+                    f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels"
                 )
-            self.a = torch.zeros(layout.n_comp, dtype=torch.int32)
-            self.b = torch.zeros(layout.n_comp, dtype=torch.int32)
-            self.a[layout.comp_slot], self.b[layout.comp_slot] = a, b
-        else:
-            self.a, self.b = a.contiguous(), b.contiguous()
         self._order: tuple[int, Tensor] | None = None  # unpacked()'s gather
 
     def sample(self, key: int, negate: bool = False) -> Tensor:
@@ -189,8 +175,8 @@ class PackedSampler:
         if negate:
             raise ValueError("the in-place sampler draws counter noise: a negated sample is never asked for")
         torch.ops.qbdl.sample_packed(
-            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.a, self.b, noise.z_table(),
-            noise.to_int64(key), self.shift,
+            self.packed, self.mu, self.sg, self.oc, self.n_comp, noise.z_table(), noise.to_int64(key),
+            noise.MU16_SHIFT, noise.SHIFT16,
         )  # fmt: skip
         return self.packed
 

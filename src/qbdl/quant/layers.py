@@ -119,11 +119,7 @@ class QuantLayer(nn.Module):
         self._bias_scale = self.in_scale * self._w_scale
         self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
         self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
-        # per-channel int32 multipliers of mu_q and sigma_q * z and their shift (noise.multipliers): 8 bytes a
-        # channel, all the sampling arithmetic keeps beside the int8 tensors
-        self._mult = (
-            noise.multipliers(self.mu_scale, self.sigma_scale, self._w_scale) if self.bayesian else None
-        )
+        self._ops: tuple[Tensor, Tensor] | None = None  # int16 operands of the re-packing path, cached
         self._mean = samplers.MeanSampler()
         # the sampler of mode 'sample' (the bank and flipout ones draw their samples now, from the seed)
         self.impl: samplers.Sampler = samplers.make(self) if self.bayesian else self._mean
@@ -172,8 +168,18 @@ class QuantLayer(nn.Module):
             z = noise.legacy_window(self.seed, self.index, self.mu_q.numel(), draw)
             mu, sigma = self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale)
             return noise.legacy_sample(mu, sigma, self._w_scale, z, negate), self._bias(eps_b)
-        a, b, sh = self._mult
-        return noise.sample_int8(self.mu_q, self.sigma_q, a, b, sh, draw), self._bias(eps_b)
+        return noise.sample_int8(*self.operands(), draw), self._bias(eps_b)
+
+    def operands(self, keep: bool = True) -> tuple[Tensor, Tensor]:
+        """int16 (mu/S, sigma/S) fixed point of the sampling kernels (noise.operands); cached when `keep`."""
+        if self._ops is not None:
+            return self._ops
+        ops = noise.operands(
+            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
+        )
+        if keep:
+            self._ops = ops
+        return ops
 
     def bank_weight(self, i: int) -> tuple[Tensor, Tensor | None]:
         """Bank entry i's int8 weight and float bias (what sampler='bank' computes with at MC index i)."""

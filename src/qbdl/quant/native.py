@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
-OPS = ("packed_bytes", "sample_packed", "flip_requant", "signed_add", "qadd", "max_pool2d_u8")
+OPS = ("packed_bytes", "sample_packed", "sample_plain", "flip_requant", "signed_add", "qadd", "max_pool2d_u8")
 _LOADED: dict[str, bool] = {}
 
 
@@ -67,3 +67,18 @@ def available() -> bool:
             )
     _LOADED["ok"] = ok
     return ok
+
+
+def trim() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim; a no-op elsewhere).
+
+    Why: building a layer's sampler allocates int64 temporaries of 8 bytes a weight; glibc raises its mmap
+    threshold after freeing large blocks, so later ones come from the heap and stay resident once freed
+    (measured: ~180 MiB for ResNet-50's in-place samplers) unless trimmed.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -118,8 +118,10 @@ class FreshSampler(Sampler):
                     stacklevel=2,
                 )
                 return None
-            a, b, sh = q._mult
-            self.inplace = inplace.PackedSampler(pack, layout, q.mu_q, q.sigma_q, a, b, sh)
+            mu16, sg16 = q.operands(keep=False)  # permuted into packed order, then dropped
+            self.inplace = inplace.PackedSampler(pack, layout, mu16, sg16)
+            del layout, mu16, sg16
+            native.trim()  # the layout's int64 temporaries: return the freed heap to the OS
         return self.inplace
 
     def weights(self, q: QuantLayer) -> Weights:
@@ -171,6 +173,8 @@ class BankSampler(Sampler):
             for k in range(q.bank_size):
                 w, bias = self.weight(q, k)
                 self.packed[k] = (q._prepack(w, q._w_scale, q.in_scale, q.in_zp), bias)
+            q._ops = None  # the operands served the K samples; the bank keeps only their packed copies
+            native.trim()
         packed, bias = self.packed[i]
         return packed, q._w_scale, bias, self.weight(q, i)[0] if q.trace is not None else None
 

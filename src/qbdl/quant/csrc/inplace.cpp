@@ -41,86 +41,87 @@ inline uint32_t lowbias32(uint32_t x) {
 
 constexpr int64_t kTable = 1 << 15;
 
-void check_noise_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& table, int64_t shift,
-                      const char* op) {
-  TORCH_CHECK(a.scalar_type() == at::kInt && b.scalar_type() == at::kInt && a.is_contiguous() &&
-                  b.is_contiguous() && a.dim() == 1 && a.sizes() == b.sizes(),
-              op, ": per-channel multipliers a and b must be contiguous int32 vectors of one length");
+void check_noise_args(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t mu_shift,
+                      int64_t shift, const char* op) {
+  TORCH_CHECK(mu.scalar_type() == at::kShort && sg.scalar_type() == at::kShort && mu.is_contiguous() &&
+                  sg.is_contiguous() && mu.sizes() == sg.sizes(),
+              op, ": mu and sg must be contiguous int16 of one shape");
   TORCH_CHECK(table.scalar_type() == at::kByte && table.is_contiguous() && table.numel() == kTable, op,
               ": table must be the contiguous uint8 [32768] of noise.z_table()");
-  TORCH_CHECK(shift >= 8 && shift <= 30, op, ": shift must be in 8..30, got ", shift);
-  // the int32 sum mu*A + sigma*z*B + half must not overflow (noise.multipliers picks A, B, shift so)
-  const int32_t* ap = a.data_ptr<int32_t>();
-  const int32_t* bp = b.data_ptr<int32_t>();
-  int64_t amax = 0, bmax = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
-    amax = std::max<int64_t>(amax, std::abs(static_cast<int64_t>(ap[i])));
-    bmax = std::max<int64_t>(bmax, std::abs(static_cast<int64_t>(bp[i])));
-  }
-  TORCH_CHECK(128 * amax + 128 * 255 * bmax + (int64_t{1} << (shift - 1)) < (int64_t{1} << 31), op,
-              ": multipliers too large for int32 arithmetic");
+  // |mu16 * 2^mu_shift| + |sg16 * z64| + half < 2^15 * 2^8 + 2^15 * 2^8 + 2^15: fits int32 for these shifts
+  TORCH_CHECK(shift >= 1 && shift <= 16 && mu_shift >= 0 && mu_shift <= 8, op, ": bad shifts (", mu_shift, ", ",
+              shift, ")");
+  TORCH_CHECK(mu.numel() < (int64_t{1} << 32), op, ": more than 2^32 weights");
 }
 
-// The sample of `n` weights from position `start` on (positions hashed), writing int8 to out:
-//   out[i] = clamp((mu[i] * A[ch[i]] + sg[i] * z(start + i) * B[ch[i]] + half) >> shift, -127, 127)
-// where ch = chan(i). Blocks of kBlock: the hash loop has no table access, so it vectorizes (AVX2: 8 lanes).
-template <typename Chan>
-void sample_block(int8_t* __restrict__ out, const int8_t* __restrict__ mu, const int8_t* __restrict__ sg, int64_t n,
-                  int64_t start, uint64_t key, const int32_t* __restrict__ A, const int32_t* __restrict__ B,
-                  const uint8_t* __restrict__ tbl, int shift, Chan chan) {
+// The sample of weights [begin, end), positions hashed from 0 (wrapping mod 2^32, as the reference does):
+//   out[i] = clamp((mu[i] * 2^mu_shift + sg[i] * z(i) + half) >> shift, -127, 127).
+// Three passes over blocks that stay in L1: the hash (vectorizes: 8 lanes on AVX2, 16 on AVX-512), the
+// table lookup (one byte load a weight, the only gather: kept minimal, the sign is applied in the next
+// pass), the sign and fixed-point arithmetic (vectorizes, branch-free: a random sign would mispredict half
+// the time).
+void sample_range(int8_t* __restrict__ out, const int16_t* __restrict__ mu, const int16_t* __restrict__ sg,
+                  int64_t begin, int64_t end, uint64_t key, const uint8_t* __restrict__ tbl, int mu_shift,
+                  int shift) {
   constexpr int64_t kBlock = 2048;
   uint32_t h[kBlock];
+  uint8_t t[kBlock];
   const uint32_t klo = static_cast<uint32_t>(key), khi = static_cast<uint32_t>(key >> 32);
   const int32_t half = 1 << (shift - 1);
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t len = std::min(kBlock, n - b0);
-    const uint32_t base = static_cast<uint32_t>(start + b0);  // positions wrap mod 2^32, as in the reference
+  const int32_t mu_mult = 1 << mu_shift;  // mu * 2^k: left-shifting a negative value is undefined before C++20
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, end - b0);
+    const uint32_t base = static_cast<uint32_t>(b0);
     for (int64_t i = 0; i < len; ++i) h[i] = lowbias32(lowbias32(base + static_cast<uint32_t>(i) + klo) ^ khi);
+    for (int64_t i = 0; i < len; ++i) t[i] = tbl[h[i] >> 17];
+    const int16_t* __restrict__ m = mu + b0;
+    const int16_t* __restrict__ s = sg + b0;
+    int8_t* __restrict__ o = out + b0;
     for (int64_t i = 0; i < len; ++i) {
-      const int64_t p = b0 + i;
-      const int64_t c = chan(p);
-      const int32_t t = tbl[h[i] >> 17];
-      const int32_t z = (h[i] >> 16) & 1 ? -t : t;
-      const int32_t v = (static_cast<int32_t>(mu[p]) * A[c] + static_cast<int32_t>(sg[p]) * z * B[c] + half) >> shift;
-      out[p] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
+      const int32_t neg = -static_cast<int32_t>((h[i] >> 16) & 1);  // 0 or -1
+      const int32_t z = (static_cast<int32_t>(t[i]) ^ neg) - neg;   // +-t
+      const int32_t v = (static_cast<int32_t>(m[i]) * mu_mult + static_cast<int32_t>(s[i]) * z + half) >> shift;
+      o[i] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
     }
   }
 }
 
+// All n weights, on one thread: on the shared 2-core machines measured, two OpenMP threads ran it slower
+// (the other core is busy with oneDNN's threads or other processes); positions are independent, so a
+// split would not change a bit.
+void sample_block(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t n, uint64_t key, const uint8_t* tbl,
+                  int mu_shift, int shift) {
+  sample_range(out, mu, sg, 0, n, key, tbl, mu_shift, shift);
+}
+
 // One fresh weight sample written into a oneDNN-packed weight (data bytes, then int32 per padded output
-// channel: minus the channel's weight sum, the source zero-point compensation). mu / sg are int8 in packed
-// order (padding: 0, so it stays 0), oc the int16 slot of each byte (its channel's sum; a and b are indexed
-// by slot too): 4 bytes read per weight, the noise generated from (key, packed position).
+// channel: minus the channel's weight sum, the source zero-point compensation). mu / sg are int16 in packed
+// order (padding: 0, so it stays 0); oc (int16, packed order) is each byte's channel-sum slot, read only when
+// there are sums (n_comp > 0). The noise comes from (key, packed position): 4 bytes read per weight.
 void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& oc,
-                   int64_t n_comp, const at::Tensor& a, const at::Tensor& b, const at::Tensor& table, int64_t key,
-                   int64_t shift) {
-  TORCH_CHECK(packed.is_mkldnn(), "qbdl::sample_packed: expected a oneDNN (mkldnn) packed weight");
-  TORCH_CHECK(mu.scalar_type() == at::kChar && sg.scalar_type() == at::kChar && mu.is_contiguous() &&
-                  sg.is_contiguous(),
-              "qbdl::sample_packed: mu and sg must be contiguous int8");
-  TORCH_CHECK(oc.scalar_type() == at::kShort && oc.is_contiguous(), "qbdl::sample_packed: oc must be contiguous int16");
-  check_noise_args(a, b, table, shift, "qbdl::sample_packed");
-  const int64_t n = mu.numel(), n_slots = a.numel();
-  TORCH_CHECK(sg.numel() == n && oc.numel() == n, "qbdl::sample_packed: mu, sg and oc must be of one size");
-  TORCH_CHECK(n_comp >= 0 && n + 4 * n_comp == at::native::nbytes_from_mkldnn(packed),
-              "qbdl::sample_packed: layout does not match the packed weight's size");
-  TORCH_CHECK(n_comp == 0 || n_slots == n_comp, "qbdl::sample_packed: one multiplier per channel sum expected");
-  TORCH_CHECK(n_slots >= 1, "qbdl::sample_packed: no channels");
-  const int16_t* c = oc.data_ptr<int16_t>();
-  // every slot index is checked before it indexes anything (2 bytes a weight, vectorized)
-  int16_t cmin = 0, cmax = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    cmin = std::min(cmin, c[p]);
-    cmax = std::max(cmax, c[p]);
+                   int64_t n_comp, const at::Tensor& table, int64_t key, int64_t mu_shift, int64_t shift) {
+  const char* op = "qbdl::sample_packed";
+  TORCH_CHECK(packed.is_mkldnn(), op, ": expected a oneDNN (mkldnn) packed weight");
+  check_noise_args(mu, sg, table, mu_shift, shift, op);
+  const int64_t n = mu.numel();
+  TORCH_CHECK(n_comp >= 0 && n + 4 * n_comp == at::native::nbytes_from_mkldnn(packed), op,
+              ": layout does not match the packed weight's size");
+  TORCH_CHECK(n_comp == 0 || (oc.scalar_type() == at::kShort && oc.is_contiguous() && oc.numel() == n), op,
+              ": oc must be contiguous int16 of mu's size when there are channel sums");
+  const int16_t* c = n_comp ? oc.data_ptr<int16_t>() : nullptr;
+  if (n_comp) {  // every slot index is checked before it indexes anything (2 bytes a weight, vectorized)
+    int16_t cmin = 0, cmax = 0;
+    for (int64_t p = 0; p < n; ++p) {
+      cmin = std::min(cmin, c[p]);
+      cmax = std::max(cmax, c[p]);
+    }
+    TORCH_CHECK(cmin >= 0 && cmax < n_comp, op, ": channel slot out of range");
   }
-  TORCH_CHECK(cmin >= 0 && cmax < n_slots, "qbdl::sample_packed: channel slot out of range");
   if (n == 0) return;
   int8_t* out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
   int32_t* comp = reinterpret_cast<int32_t*>(out + n);  // oneDNN aligns the data size: int32-aligned
-  // One thread: on the 2-core machines measured two OpenMP threads ran the memory-bound loop slower.
-  sample_block(out, mu.data_ptr<int8_t>(), sg.data_ptr<int8_t>(), n, 0, static_cast<uint64_t>(key),
-               a.data_ptr<int32_t>(), b.data_ptr<int32_t>(), table.data_ptr<uint8_t>(), static_cast<int>(shift),
-               [c](int64_t p) { return static_cast<int64_t>(c[p]); });
+  sample_block(out, mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), n, static_cast<uint64_t>(key),
+               table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift));
   if (!n_comp) return;
   std::fill(comp, comp + n_comp, 0);
   // packed layouts keep runs of one channel (e.g. 4 bytes for VNNI): sum a run in a register, so the
@@ -138,23 +139,16 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
   comp[cur] -= acc;
 }
 
-// One int8 weight sample in the weight's own order ([C_out, ...] contiguous), positions = flat indices:
-// the re-packing path and the bank (noise.sample_reference computes the same integers in torch).
-at::Tensor sample_plain(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& a, const at::Tensor& b,
-                        const at::Tensor& table, int64_t key, int64_t shift) {
-  TORCH_CHECK(mu.scalar_type() == at::kChar && sg.scalar_type() == at::kChar && mu.is_contiguous() &&
-                  sg.is_contiguous() && mu.sizes() == sg.sizes() && mu.dim() >= 1,
-              "qbdl::sample_plain: mu and sg must be contiguous int8 of one shape");
-  check_noise_args(a, b, table, shift, "qbdl::sample_plain");
-  TORCH_CHECK(a.numel() == mu.size(0), "qbdl::sample_plain: one multiplier per output channel expected");
-  TORCH_CHECK(mu.numel() < (int64_t{1} << 32), "qbdl::sample_plain: more than 2^32 weights");
-  auto out = at::empty_like(mu);
-  const int64_t n = mu.numel(), C = mu.size(0);
-  if (n == 0) return out;
-  const int64_t row = n / C;
-  sample_block(out.data_ptr<int8_t>(), mu.data_ptr<int8_t>(), sg.data_ptr<int8_t>(), n, 0, static_cast<uint64_t>(key),
-               a.data_ptr<int32_t>(), b.data_ptr<int32_t>(), table.data_ptr<uint8_t>(), static_cast<int>(shift),
-               [row](int64_t p) { return p / row; });
+// One int8 weight sample in the weights' own order (positions = flat indices): the re-packing path and the
+// bank (noise.sample_reference computes the same integers in torch).
+at::Tensor sample_plain(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
+                        int64_t mu_shift, int64_t shift) {
+  check_noise_args(mu, sg, table, mu_shift, shift, "qbdl::sample_plain");
+  auto out = at::empty(mu.sizes(), mu.options().dtype(at::kChar));
+  if (mu.numel() == 0) return out;
+  sample_block(out.data_ptr<int8_t>(), mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), mu.numel(),
+               static_cast<uint64_t>(key), table.data_ptr<uint8_t>(), static_cast<int>(mu_shift),
+               static_cast<int>(shift));
   return out;
 }
 
@@ -335,9 +329,9 @@ at::Tensor max_pool2d_u8(const at::Tensor& x_in, int64_t kh, int64_t kw, int64_t
 
 TORCH_LIBRARY(qbdl, m) {
   m.def("packed_bytes(Tensor packed) -> Tensor", &packed_bytes);
-  m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, Tensor a, Tensor b, Tensor table, int key, int shift) -> ()",
+  m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, Tensor table, int key, int mu_shift, int shift) -> ()",
         &sample_packed);
-  m.def("sample_plain(Tensor mu, Tensor sg, Tensor a, Tensor b, Tensor table, int key, int shift) -> Tensor", &sample_plain);
+  m.def("sample_plain(Tensor mu, Tensor sg, Tensor table, int key, int mu_shift, int shift) -> Tensor", &sample_plain);
   m.def("flip_requant(Tensor x, Tensor signs, int in_zp, float ratio, int out_zp) -> Tensor", &flip_requant);
   m.def("signed_add(Tensor a, float sa, int za, Tensor b, float sb, int zb, Tensor signs, float so, int zo, bool relu) -> Tensor",
         &signed_add);
