@@ -719,3 +719,20 @@ def json_schema() -> dict:
         },
         "$defs": defs,
     }
+
+
+def markdown_table() -> str:
+    """The module table of the file format as Markdown (docs/model-file.md holds this, checked by a test)."""
+    rows = ["| module type | field | required | type and range |", "|---|---|---|---|"]
+    for kind, fields in MODULES.items():
+        if not fields:
+            rows.append(f"| `{kind}` | (none) | | |")
+        for k, (chk, req) in fields.items():
+            rows.append(f"| `{kind}` | `{k}` | {'yes' if req else 'no'} | {getattr(chk, 'doc', '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m qbdl.quant.schema [--json]: print the published schema
+    import sys
+
+    print(json.dumps(json_schema(), indent=2) if "--json" in sys.argv else markdown_table())
