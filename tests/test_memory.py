@@ -1,0 +1,95 @@
+"""What each INT8 layer keeps resident after its first forward (issue 29 item 2): bytes of every tensor it holds,
+counted from its objects, against the budget per weight each sampler needs."""
+
+import pytest
+import torch
+from torch import nn
+
+from qbdl.bayes import dnn_to_bnn, set_mc_index
+from qbdl.quant import calibrate, convert, native, prepare, quant_layers
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="qbdl's C++ ops are not built here")
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if t.is_mkldnn:  # a oneDNN-packed weight: its data and channel sums
+        return int(torch.ops.qbdl.packed_bytes(t).numel())
+    return t.untyped_storage().nbytes()
+
+
+def held_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `obj` through attributes, tuples, lists and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        key = ("storage", obj.untyped_storage().data_ptr()) if not obj.is_mkldnn else ("mkldnn", id(obj))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return _tensor_bytes(obj)
+    if isinstance(obj, (tuple, list)):
+        return sum(held_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(held_bytes(x, seen) for x in obj.values())
+    if isinstance(obj, nn.Module):
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k not in ("_modules", "config"))
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("qbdl"):
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k != "pack")
+    return 0
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    ).eval()  # fmt: skip
+    bnn = dnn_to_bnn(net, moped_delta=0.1).eval()
+    return calibrate(prepare(bnn, per_example=True), [torch.randn(4, 3, 12, 12)], mc_samples=1)
+
+
+def _run(q, mc: int = 3) -> None:
+    with torch.no_grad():
+        for i in range(mc):
+            set_mc_index(q, i)
+            q(torch.randn(2, 3, 12, 12))
+        set_mc_index(q, None)
+        q(torch.randn(2, 3, 12, 12))
+
+
+def test_fresh_layers_keep_at_most_seven_bytes_a_weight(prepared):
+    q = convert(prepared, sampler="fresh")
+    _run(q)
+    for m in quant_layers(q):
+        n, c = m.mu_q.numel(), m.mu_q.shape[0]
+        assert m._sampler is not None
+        # int8 mu and sigma (2), the packed sample (1, padded), int16 mu/S and sigma/S in packed order (4), the
+        # int16 channel slots only where oneDNN stores channel sums (the first conv: input zero point != 0)
+        budget = 7 * n + (2 * m._sampler.mu.numel() if m._sampler.n_comp else 0)
+        padded = m._sampler.mu.numel() - n  # oneDNN pads channels to its block: 1 + 4 bytes a padded weight
+        assert held_bytes(m) <= budget + 5 * padded + 64 * c + 4096, (m, held_bytes(m), budget)
+        assert m._ops is None  # the original-order operands were dropped once permuted
+
+
+def test_the_old_pools_are_gone_and_a_bank_keeps_its_packed_samples_only(prepared):
+    k = 4
+    q = convert(prepared, sampler="bank", bank_size=k)
+    _run(q)
+    for m in quant_layers(q):
+        n, c = m.mu_q.numel(), m.mu_q.shape[0]
+        # int8 mu and sigma (2) and K packed samples (K, padded); no operands, no noise (16 x 2 bytes before)
+        assert m._ops is None
+        assert held_bytes(m) <= (2 + k) * n + k * (4 * 64 + 2 * n) + 64 * c + 4096, (m, held_bytes(m))
+        assert held_bytes(m) < 2 * 16 * n  # less than the pool alone held before
+
+
+def test_the_prepack_path_caches_only_its_int16_operands(prepared):
+    q = convert(prepared, sampler="fresh", fresh_kernel="prepack", pack_workers=0)
+    _run(q)
+    for m in quant_layers(q):
+        n = m.mu_q.numel()
+        assert m._ops is not None and held_bytes(m._ops) == 4 * n
+        assert held_bytes(m) <= 7 * n + 64 * m.mu_q.shape[0] + 4096 + 4 * 64 * 2
