@@ -95,6 +95,8 @@ class LastLayerLaplace(nn.Module):
         """Posterior of the last layer under prior precision delta (a buffer: part of the model's fingerprint)."""
         if not delta > 0:
             raise ValueError(f"the prior precision must be > 0, got {delta}")
+        if not any(k.startswith("ggn_") for k in self._buffers):
+            raise ValueError("this Laplace model dropped its GGN (drop_ggn): refit it to change the prior precision")
         self.register_buffer("prior_precision", torch.tensor(float(delta), dtype=torch.float64))
         c, f = self.weight.shape
         if self.hessian == "full":
@@ -109,6 +111,11 @@ class LastLayerLaplace(nn.Module):
             self.register_buffer("inv_eig", 1.0 / (lg[:, None] * la[None, :] / self.ggn_n + delta))  # [C, F]
             self.register_buffer("inv_bias", 1.0 / (lg + delta))  # bias block: G + delta I
         self._cache = None
+
+    def drop_ggn(self) -> None:
+        """Free the GGN statistics once the prior precision is chosen: what stays resident is the posterior."""
+        for k in [k for k in self._buffers if k.startswith("ggn_")]:
+            del self._buffers[k]
 
     def logit_distribution(self, phi: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, C] and covariance [B, C, C] (float64) of the linearised logits at features phi [B, F]."""
@@ -197,5 +204,6 @@ def fit_last_layer_laplace(
         scores[float(d)] = probit_nll(model, phi_val, y_val)
     best = min(scores, key=scores.get)
     model.set_prior_precision(best)
+    model.drop_ggn()  # deployed: the posterior only
     model.fit_report = {"prior_precision": best, "val_probit_nll": scores, "n_train": int(len(phi))}
     return model

@@ -202,4 +202,20 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, holm_correction: bool
         "html": atomic_write_bytes(out / "report.html", render_html(runs, holm_correction).encode()),
         "md": atomic_write_bytes(out / "report.md", render_markdown(runs, holm_correction).encode()),
         "json": atomic_write_json(out / "summary.json", summary(runs, holm_correction)),
+        **speed_plots(runs, out),
     }
+
+
+def speed_plots(runs: Sequence[Run], out_dir: str | Path) -> dict[str, Path]:
+    """Per group with images/s: each uncertainty metric's seed mean against the seed-mean images/s, one point
+    per variant (qbdl.report.plots.metric_vs_throughput), as OUT/uncertainty_vs_speed_<group>.png."""
+    from qbdl.report import plots
+
+    files = {}
+    for gi, g in enumerate(group_runs(runs)):
+        means = {v: {m: s.mean for m, s in ms.items()} for v, ms in seed_stats(g).items()}
+        if not any(m.get("images_per_s") for m in means.values()):
+            continue
+        fig = plots.metric_vs_throughput(means)
+        files[f"uncertainty_vs_speed_{gi}"] = plots.save_figure(fig, Path(out_dir) / f"uncertainty_vs_speed_{gi}.png")
+    return files
