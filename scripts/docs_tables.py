@@ -148,40 +148,53 @@ def _dur(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
+# ImageNet-1k at imagenet_ptq's settings, for scaling the smoke run's probe to the full run
+IMAGENET_FULL = {"train": 1_268_356, "val": 12_811, "test": 50_000, "epochs": 50, "mc": 16, "shift_sets": 65}
+
+
+def _scaled_imagenet(est: dict, batch: int) -> dict:
+    """The full imagenet_ptq from the smoke run's probe: per-image train and forward times x real counts."""
+    f = IMAGENET_FULL
+    per_train = est["per_batch"]["bnn_train_step"] / batch
+    fwd = est["per_image_forward"]
+    n_eval = f["test"] * (1 + f["shift_sets"]) + f["val"]  # test + corrupted copies + val (for _ts)
+    ev = {v: fwd[v] * (f["mc"] if v in ("bnn", "qbnn") else 1) * n_eval for v in est["seconds"]["evaluation"]}
+    s = {
+        "dnn_fit": 0.0,
+        "bnn_fit": per_train * f["train"] * f["epochs"] + fwd["bnn"] * f["val"] * f["epochs"],
+        "calibration": est["seconds"]["calibration"] * 32 / 4,  # 32 calibration batches instead of 4
+        "evaluation": ev,
+    }
+    s["total"] = s["bnn_fit"] + s["calibration"] + sum(ev.values())
+    return s
+
+
 def estimates() -> str:
     rec = load("estimates.json")
-    exps = rec["experiments"]
-    names = list(exps)
-    lines = [
-        "| stage | " + " | ".join(f"`{n}`" for n in names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    sizes = lambda e: f"{e['sizes']['train']:,} / {e['sizes']['val']:,} / {e['sizes']['test']:,}"  # noqa: E731
-    lines.append("| train / val / test images | " + " | ".join(sizes(exps[n]) for n in names) + " |")
-    lines.append(
-        "| BNN epochs, MC samples, shifted sets | "
-        + " | ".join(
-            f"{exps[n]['epochs']['bnn']}, {exps[n]['mc_samples']}, {exps[n]['shift_sets']}" for n in names
-        )
-        + " |"
+    smoke = rec["experiments"]["imagenet_ptq_smoke"]
+    cols = {"`imagenet_ptq_smoke` (the run's estimate)": smoke["estimate"]["seconds"]}
+    cols["`imagenet_ptq` (the same probe x its sizes)"] = _scaled_imagenet(
+        smoke["estimate"], smoke["batch_size"]
     )
-    keys = ["dnn_fit", "bnn_fit", "calibration"]
-    for k in keys:
+    lines = ["| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in ("dnn_fit", "bnn_fit", "calibration"):
+        lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(_dur(s[k]) for s in cols.values()) + " |")
+    for v in smoke["estimate"]["seconds"]["evaluation"]:
         lines.append(
-            f"| {k.replace('_', ' ')} | "
-            + " | ".join(_dur(exps[n]["estimate"]["seconds"][k]) for n in names)
-            + " |"
+            f"| evaluate `{v}` | " + " | ".join(_dur(s["evaluation"][v]) for s in cols.values()) + " |"
         )
-    variants = list(dict.fromkeys(v for n in names for v in exps[n]["estimate"]["seconds"]["evaluation"]))
-    for v in variants:
-        cells = [_dur(exps[n]["estimate"]["seconds"]["evaluation"].get(v, 0.0)) for n in names]
-        lines.append(f"| evaluate `{v}` | " + " | ".join(cells) + " |")
-    lines.append(
-        "| **total** | "
-        + " | ".join(f"**{_dur(exps[n]['estimate']['seconds']['total'])}**" for n in names)
-        + " |"
-    )
-    lines += ["", provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"])]
+    lines.append("| **total** | " + " | ".join(f"**{_dur(s['total'])}**" for s in cols.values()) + " |")
+    sz = smoke["sizes"]
+    lines += [
+        "",
+        f"`imagenet_ptq_smoke`: {sz['train']:,} training, {sz['val']:,} validation and {sz['test']:,} test images, "
+        f"{smoke['epochs']['bnn']} BNN epoch, {smoke['mc_samples']} MC samples, {smoke['shift_sets']} shifted sets "
+        f"(of 100 images). `imagenet_ptq` (scaled): {IMAGENET_FULL['train']:,} / {IMAGENET_FULL['val']:,} / "
+        f"{IMAGENET_FULL['test']:,} images, {IMAGENET_FULL['epochs']} BNN epochs, {IMAGENET_FULL['mc']} MC samples, "
+        f"{IMAGENET_FULL['shift_sets']} shifted sets of the 50,000 test images; data loading, corruption rendering "
+        "and checkpoints are not included. "
+        + provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +211,8 @@ def paper_vs_qbdl() -> str:
     both = lambda k, s, f: f"{f.format(s * v['bnn'][k])} / {f.format(s * v['qbnn'][k])}"  # noqa: E731
     digits = f"digits 16x16, ResNet-20 · {_cpu(run['machine'])} · `{run['provenance']['command']}`"
     bench_where = (
-        f"random weights, ResNet-50 224x224, batch {' / '.join(map(str, batches))} · {_cpu(b['machine'])}, "
+        f"random weights, {b['config']['arch']} {b['config']['image_size']}x{b['config']['image_size']}, "
+        f"batch {' / '.join(map(str, batches))} · {_cpu(b['machine'])}, "
         f"{b['config']['threads']} threads · `{b['provenance']['command']}`"
     )
     rows = [

@@ -125,6 +125,7 @@ def estimate(name: str, overrides: list[str] = ()) -> dict:
         "sizes": {k: v for k, v in sizes.items() if k != "classes"},
         "epochs": {"dnn": cfg.dnn.max_epochs, "bnn": cfg.bnn.max_epochs},
         "mc_samples": cfg.eval.mc_samples,
+        "batch_size": cfg.data.batch_size,
         "shift_sets": len(cfg.shift.corruptions) * len(cfg.shift.severities),
         "estimate": est,
     }
