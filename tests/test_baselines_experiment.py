@@ -91,3 +91,20 @@ def test_seed_report_draws_each_metric_against_speed(tmp_path):
     files = multi.render.speed_plots(runs, tmp_path)
     assert list(files) == ["uncertainty_vs_speed_0"] and files["uncertainty_vs_speed_0"].stat().st_size > 0
     assert multi.render.speed_plots([multi.Run(tmp_path / "x", {"variants": {"a": {"accuracy": 1.0}}})], tmp_path) == {}
+
+
+# INT8 twins: |metric(qX) - metric(X)| on the full digits run, within the run's declared margins
+# (eval.equivalence: accuracy 0.5 pt, NLL 0.01, ECE 1 pt, UCE 1 pt, OOD AUROC 0.02).
+FIDELITY_METRICS = ("accuracy", "nll", "ece", "uce", "ood_auroc")
+
+
+@pytest.mark.slow
+def test_digits_baselines_int8_twins_within_the_fidelity_margins(tmp_path):
+    cfg = compose_config(tmp_path / "run", ["+experiment=digits_baselines", "logger=csv", "estimate=false"], tiny=False)
+    res = run(cfg)["variants"]
+    margins = dict(cfg.eval.equivalence)
+    gaps = {
+        (fp, m): abs(res[f"q{fp}"][m] - res[fp][m]) for fp in ("ens", "mcd", "lla", "bnn") for m in FIDELITY_METRICS
+    }
+    over = {k: round(g, 4) for k, g in gaps.items() if g > margins[k[1]]}
+    assert not over, f"INT8 twins beyond eval.equivalence {margins}: {over}"
