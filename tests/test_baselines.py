@@ -197,6 +197,7 @@ def test_laplace_prior_precision_is_the_validation_argmin(small_net):
     grid = [1e-3, 0.1, 10.0, 1e3]
     la = fit_last_layer_laplace(net[:2], net[2], loader, loader, grid, "full", "mc")
     scores = la.fit_report["val_probit_nll"]
+    assert la.fit_report["at_grid_edge"] == (la.fit_report["prior_precision"] in (grid[0], grid[-1]))
     assert set(scores) == set(grid) and la.fit_report["prior_precision"] == min(scores, key=scores.get)
     assert float(la.prior_precision) == la.fit_report["prior_precision"]
     # the NLL the report gives is the probit NLL of that delta, recomputed from scratch

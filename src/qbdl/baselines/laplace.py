@@ -25,6 +25,7 @@ Forward budget: 1 backbone pass per image (+ S samples of a C-dimensional Gaussi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -205,5 +206,13 @@ def fit_last_layer_laplace(
     best = min(scores, key=scores.get)
     model.set_prior_precision(best)
     model.drop_ggn()  # deployed: the posterior only
-    model.fit_report = {"prior_precision": best, "val_probit_nll": scores, "n_train": int(len(phi))}
+    edge = len(scores) > 1 and best in (min(scores), max(scores))
+    if edge:
+        warnings.warn(
+            f"last-layer Laplace: the validation NLL is lowest at the edge of lla.prior_precisions (delta = {best:g}); "
+            "the optimum may lie beyond it: widen the grid",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    model.fit_report = {"prior_precision": best, "val_probit_nll": scores, "n_train": int(len(phi)), "at_grid_edge": edge}
     return model
