@@ -114,7 +114,7 @@ def predict(model, images: list[Path], batch_size: int = 32, seed: int = 0, thre
         if not batch_x:
             return
         t = time.perf_counter()
-        out = model.run(np.stack(batch_x), seed=(seed * 1_000_003 + n_batch) % 2**31)
+        out = model.run(np.stack(batch_x), seed=(seed * 1_000_003 + n_batch) % 2**24)
         run_s += time.perf_counter() - t
         n_batch += 1
         score = _score(out, ref["score"])

@@ -88,7 +88,7 @@ def _worker(variant: str, model_path: str, samples: int, threads: int, shape: li
         version = f"{m.runtime} {m.version}"
 
         def call(x: np.ndarray, i: int) -> None:
-            m.run(x, seed=i % 2**31)
+            m.run(x, seed=i % 2**24)
 
     else:
         import torch

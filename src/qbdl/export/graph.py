@@ -13,7 +13,7 @@ with random signs s_in / s_out per example and channel, delta_k int8 perturbatio
 (MC sample s uses entry s mod K), and S Monte Carlo samples folded into the batch (row s * N + n), so one
 session run gives every sample of every image. The signs and the bias noise are either graph inputs (`noise=
 "input"`: feed qbdl's own draws, qbdl.export.reference) or made inside the graph from a `seed` input by a
-counter hash in int32 arithmetic (`noise="seed"`): no RandomNormal/RandomUniform op, whose seeding differs
+counter hash, exact in int32 and in float32 arithmetic (`noise="seed"`): no RandomNormal/RandomUniform op, whose seeding differs
 between runtimes. Outputs: `probs` (the predictive mean [N, C]), `entropy`, `mi` (mutual information, >= 0)
 and `logits` [S, N, C].
 """
@@ -34,10 +34,10 @@ from qbdl.quant.layers import QuantLayer
 from qbdl.quant.samplers import FlipoutSampler
 
 OPSET = 21
-# The counter hash: a prime whose square fits int32, so every product stays exact in 32-bit integer arithmetic
-# (OpenVINO's CPU plugin runs int64 tensors as int32).
-HASH_P = 46337
-_HASH_A = (40961, 30011, 21821)
+# The counter hash: a prime whose square fits float32's 24-bit mantissa, so every product stays exact whether a
+# runtime computes int32 element-wise ops in integers or in float32 (OpenVINO's CPU plugin may do either).
+HASH_P = 4093
+_HASH_A = (2039, 3001, 1021)
 U8, I8, I32, I64, F32 = (
     TensorProto.UINT8,
     TensorProto.INT8,
@@ -208,68 +208,88 @@ class _Noise:
         return g.op("Reshape", [e, g.const("rc", np.array([-1, b - a], np.int64))], base)
 
 
-def _hash(g: _Graph, counter: str, seed: str, base: str) -> str:
-    """int32 hash in [0, HASH_P) of an int64 counter (< HASH_P**2) and the seed: squarings modulo a prime."""
-    p64 = g.const("p64", np.array(HASH_P, np.int64))
-    p32 = g.const("p32", np.array(HASH_P, np.int32))
-    a = g.op("Cast", [g.op("Mod", [counter, p64], base, fmod=0)], base, to=I32)
-    b = g.op("Cast", [g.op("Mod", [g.op("Div", [counter, p64], base), p64], base, fmod=0)], base, to=I32)
-    s1, s2 = seed
+def _hash(
+    g: _Graph, r: tuple[str, str], j: tuple[str, str], seed: tuple[str, str], salt: int, base: str
+) -> str:
+    """int32 hash in [0, HASH_P) of a row (two base-P digits), a column (two digits), the seed and a salt.
+
+    Rounds of squaring modulo the prime HASH_P (< 2**12): every intermediate stays below 2**24, so the result
+    is the same whether a runtime computes the int32 ops in integers or in float32 (OpenVINO's CPU plugin does
+    the latter for some element-wise ops).
+    """
+    p = g.const("p32", np.array(HASH_P, np.int32))
 
     def mod(v: str) -> str:
-        return g.op("Mod", [v, p32], base, fmod=0)
+        return g.op("Mod", [v, p], base, fmod=0)
+
+    def add(*vs: str) -> str:
+        out = vs[0]
+        for v in vs[1:]:
+            out = g.op("Add", [out, v], base)
+        return out
+
+    def sq(v: str) -> str:
+        return g.op("Mul", [v, v], base)
 
     def mul(v: str, k: int) -> str:
         return g.op("Mul", [v, g.const("k", np.array(k, np.int32))], base)
 
-    h1 = mod(g.op("Add", [mul(a, _HASH_A[0]), s1], base))
-    h2 = mod(g.op("Add", [g.op("Mul", [h1, h1], base), b], base))
-    h3 = mod(g.op("Add", [mul(h2, _HASH_A[1]), s2], base))
-    h4 = mod(g.op("Add", [g.op("Mul", [h3, h3], base), a], base))
-    h5 = mod(g.op("Add", [g.op("Mul", [h4, h4], base), h1], base))
-    h6 = mod(g.op("Add", [mul(h5, _HASH_A[2]), h3], base))
-    return mod(g.op("Add", [g.op("Mul", [h6, h6], base), h2], base))
+    (r0, r1), (j0, j1), (s0, s1) = r, j, seed
+    h1 = mod(add(mul(j0, _HASH_A[0]), r0))
+    h2 = mod(add(sq(h1), j1, g.const("salt", np.array(salt % HASH_P, np.int32))))
+    h3 = mod(add(sq(h2), r1, s0))
+    h4 = mod(add(mul(h3, _HASH_A[1]), h1))
+    h5 = mod(add(sq(h4), j0, s1))
+    h6 = mod(add(sq(h5), r0))
+    h7 = mod(add(mul(h6, _HASH_A[2]), h2))
+    return mod(add(sq(h7), s0))
 
 
 def _hashed_noise(g: _Graph, noise: _Noise, seed: str, rows: str, layout: NoiseLayout) -> None:
-    """signs [S*N, T] and bias noise [S, B] from the seed: hash of (element counter, seed)."""
-    s64 = g.op("Cast", [seed], "seed", to=I64)
-    s64 = g.op("Reshape", [s64, g.const("one", np.array([], np.int64))], "seed")  # scalar
+    """signs [S*N, T] and bias noise [S, B] from the seed: a hash of (row, column, seed) per element."""
+    s64 = g.op("Reshape", [seed, g.const("one", np.array([], np.int64))], "seed")  # scalar
     p64 = g.const("p64", np.array(HASH_P, np.int64))
-    s1 = g.op("Cast", [g.op("Mod", [s64, p64], "seed", fmod=0)], "seed", to=I32)
-    s2 = g.op("Cast", [g.op("Mod", [g.op("Div", [s64, p64], "seed"), p64], "seed", fmod=0)], "seed", to=I32)
+    s0 = g.op("Cast", [g.op("Mod", [s64, p64], "seed", fmod=0)], "seed", to=I32)
+    s1 = g.op("Cast", [g.op("Mod", [g.op("Div", [s64, p64], "seed"), p64], "seed", fmod=0)], "seed", to=I32)
 
-    def counters(n_rows: str, cols: int, offset: int, base: str) -> str:
-        total = g.op("Mul", [n_rows, g.const("T", np.array([cols], np.int64))], base)
-        total = g.op("Reshape", [total, g.const("one", np.array([], np.int64))], base)
-        r = g.op("Range", [g.const("zero", np.array(offset, np.int64)),
-                           g.op("Add", [total, g.const("off", np.array(offset, np.int64))], base),
-                           g.const("step", np.array(1, np.int64))], base)  # fmt: skip
-        shape = g.op("Concat", [n_rows, g.const("T", np.array([cols], np.int64))], base, axis=0)
-        return g.op("Reshape", [r, shape], base)
+    def row_digits(n_rows: str, base: str) -> tuple[str, str]:
+        n = g.op("Reshape", [n_rows, g.const("one", np.array([], np.int64))], base)
+        r = g.op(
+            "Range",
+            [g.const("zero64", np.array(0, np.int64)), n, g.const("step", np.array(1, np.int64))],
+            base,
+        )
+        r = g.op("Unsqueeze", [r, g.const("ax1", np.array([1], np.int64))], base)  # [R, 1]
+        d0 = g.op("Cast", [g.op("Mod", [r, p64], base, fmod=0)], base, to=I32)
+        d1 = g.op("Cast", [g.op("Mod", [g.op("Div", [r, p64], base), p64], base, fmod=0)], base, to=I32)
+        return d0, d1
+
+    def col_digits(cols: int, base: str) -> tuple[str, str]:
+        j = np.arange(cols, dtype=np.int64)[None]  # [1, T]: constants
+        return (g.const(f"{base}_j0", (j % HASH_P).astype(np.int32), share=False),
+                g.const(f"{base}_j1", (j // HASH_P % HASH_P).astype(np.int32), share=False))  # fmt: skip
 
     if layout.sign_cols:
-        h = _hash(g, counters(rows, layout.sign_cols, 0, "signs"), (s1, s2), "signs")
+        h = _hash(g, row_digits(rows, "signs"), col_digits(layout.sign_cols, "signs"), (s0, s1), 1, "signs")
         bit = g.op("Less", [h, g.const("half", np.array((HASH_P + 1) // 2, np.int32))], "signs")
         noise.signs = g.op("Sub", [g.op("Mul", [g.op("Cast", [bit], "signs", to=F32),
                                                 g.const("two", np.float32(2))], "signs"),
                                    g.const("onef", np.float32(1))], "signs")  # fmt: skip
-    if layout.bias_cols:  # Box-Muller on two hashes of disjoint counters (after the signs' range)
-        s_rows = g.const("Srows", np.array([noise.samples], np.int64))
-        off = 1 << 30
+    if layout.bias_cols:  # Box-Muller; each uniform from two hashes (24 bits), other salts than the signs'
+        r = row_digits(g.const("Srows", np.array([noise.samples], np.int64)), "eps")
+        j = col_digits(layout.bias_cols, "eps")
+        pf = g.const("pf", np.float32(HASH_P))
         u = []
         for i in range(2):
-            h = _hash(
-                g, counters(s_rows, layout.bias_cols, off + i * (1 << 28), f"eps{i}"), (s1, s2), f"eps{i}"
-            )
-            hf = g.op("Cast", [h], f"eps{i}", to=F32)
-            u.append(g.op("Div", [g.op("Add", [hf, g.const("halff", np.float32(0.5))], f"eps{i}"),
-                                  g.const("pf", np.float32(HASH_P))], f"eps{i}"))  # fmt: skip
-        r = g.op(
+            hi = g.op("Cast", [_hash(g, r, j, (s0, s1), 2 + 2 * i, f"eps{i}")], f"eps{i}", to=F32)
+            lo = g.op("Cast", [_hash(g, r, j, (s0, s1), 3 + 2 * i, f"eps{i}")], f"eps{i}", to=F32)
+            lo = g.op("Div", [g.op("Add", [lo, g.const("halff", np.float32(0.5))], f"eps{i}"), pf], f"eps{i}")
+            u.append(g.op("Div", [g.op("Add", [hi, lo], f"eps{i}"), pf], f"eps{i}"))
+        rad = g.op(
             "Sqrt", [g.op("Mul", [g.op("Log", [u[0]], "eps"), g.const("m2", np.float32(-2))], "eps")], "eps"
         )
         c = g.op("Cos", [g.op("Mul", [u[1], g.const("tau", np.float32(2 * math.pi))], "eps")], "eps")
-        noise.bias_noise = g.op("Mul", [r, c], "eps")
+        noise.bias_noise = g.op("Mul", [rad, c], "eps")
 
 
 def _flipout_layer(g: _Graph, q: QuantLayer, x: str, base: str, noise: _Noise, entry: dict, samples: int,
