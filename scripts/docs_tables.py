@@ -8,7 +8,7 @@ the renderer below and its JSON record:
 
 - ``default-run`` / ``default-run-short``: ``docs/data/results.json``, the ``results.json`` of
   ``python -m qbdl.run`` (the digits default);
-- ``bench`` / ``bench-short``: ``docs/data/bench.json``, the ``bench.json`` of ``python -m qbdl.bench``;
+- ``bench``: ``docs/data/bench.json``, the ``bench.json`` of ``python -m qbdl.bench``;
 - ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``.
 
 Each record carries a ``provenance`` object (``command``, ``commit``, ``date``, ``note``) beside the
@@ -200,21 +200,25 @@ def estimates() -> str:
 
 def paper_vs_qbdl() -> str:
     """The paper's quantities beside the nearest runs qbdl does here (README)."""
-    run, b = load("results.json"), load("bench.json")
+    run = load("results.json")
     v = run["variants"]
-    batches, by = _bench_rows(b)
-    speed = " / ".join(
-        f"{by[('qbnn_int8_fresh', n)]['images_per_s'] / by[('bnn_fp32', n)]['images_per_s']:.1f}x"
-        for n in batches
-    )
+    if (DATA / "bench.json").exists():
+        b = load("bench.json")
+        batches, by = _bench_rows(b)
+        speed = " / ".join(
+            f"{by[('qbnn_int8_fresh', n)]['images_per_s'] / by[('bnn_fp32', n)]['images_per_s']:.1f}x"
+            for n in batches
+        )
+        bench_where = (
+            f"random weights, {b['config']['arch']} {b['config']['image_size']}x{b['config']['image_size']}, "
+            f"batch {' / '.join(map(str, batches))} · {_cpu(b['machine'])}, "
+            f"{b['config']['threads']} threads · `{b['provenance']['command']}`"
+        )
+    else:
+        speed, bench_where = "not recorded yet", "`python -m qbdl.bench` ([Benchmark](docs/benchmark.md))"
     pt = lambda k: f"{100 * (v['qbnn'][k] - v['bnn'][k]):+.2f} pt"  # noqa: E731
     both = lambda k, s, f: f"{f.format(s * v['bnn'][k])} / {f.format(s * v['qbnn'][k])}"  # noqa: E731
     digits = f"digits 16x16, ResNet-20 · {_cpu(run['machine'])} · `{run['provenance']['command']}`"
-    bench_where = (
-        f"random weights, {b['config']['arch']} {b['config']['image_size']}x{b['config']['image_size']}, "
-        f"batch {' / '.join(map(str, batches))} · {_cpu(b['machine'])}, "
-        f"{b['config']['threads']} threads · `{b['provenance']['command']}`"
-    )
     rows = [
         ("INT8 QBNN / FP32 BNN throughput", "6.9x on ImageNet, 4th-gen Intel Xeon (AMX)", speed, bench_where),
         ("accuracy, QBNN − BNN", "kept (Table 2, ImageNet)", pt("accuracy"), digits),
@@ -243,9 +247,19 @@ RENDERERS = {
     "default-run": default_run,
     "default-run-short": lambda: default_run(short=True),
     "bench": bench,
-    "bench-short": lambda: bench(short=True),
     "estimates": estimates,
 }
+
+
+MISSING = {
+    "bench.json": "python -m qbdl.bench` then `python scripts/docs_tables.py --import-bench bench/.../bench.json",
+    "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
+    "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
+}
+
+
+def _missing(name: str) -> str:
+    return f"No record in `docs/data/{name}` yet: run `{MISSING[name]}`.\n"
 
 
 def render_file(text: str) -> str:
@@ -255,7 +269,11 @@ def render_file(text: str) -> str:
         name = m.group(2)
         if name not in RENDERERS:
             raise ValueError(f"unknown table {name!r}; known: {sorted(RENDERERS)}")
-        return m.group(1) + RENDERERS[name]() + m.group(4)
+        try:
+            body = RENDERERS[name]()
+        except FileNotFoundError as exc:  # a record not measured yet: the table says how to make it
+            body = _missing(Path(exc.filename).name)
+        return m.group(1) + body + m.group(4)
 
     return BLOCK.sub(sub, text)
 

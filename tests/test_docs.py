@@ -87,8 +87,8 @@ def test_tables_follow_the_json(tmp_path, monkeypatch):
     mod = _tables()
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("results.json", "bench.json", "estimates.json"):
-        (data / name).write_text((DOCS / "data" / name).read_text())
+    for path in RECORDS:
+        (data / path.name).write_text(path.read_text())
     res = json.loads((data / "results.json").read_text())
     new = copy.deepcopy(res)
     new["variants"]["qbnn"]["accuracy"] = 0.5
@@ -99,13 +99,22 @@ def test_tables_follow_the_json(tmp_path, monkeypatch):
     assert "| qbnn | 50.00 |" in table and "commit `abcdef0`" in table
     page = (DOCS / "default-run.md").read_text()
     assert mod.render_file(page) != page
+    (data / "results.json").unlink()  # no record: the table says how to make one
+    assert "No record in `docs/data/results.json` yet" in mod.render_file(page)
     with pytest.raises(ValueError, match="unknown table"):
         mod.render_file("<!-- table:nope -->\n<!-- /table:nope -->")
 
 
-@pytest.mark.parametrize("name", ["results.json", "bench.json", "estimates.json"])
-def test_records_name_machine_torch_and_commit(name):
-    rec = json.loads((DOCS / "data" / name).read_text())
+RECORDS = [
+    p
+    for p in sorted((DOCS / "data").glob("*.json"))
+    if p.name in ("results.json", "bench.json", "estimates.json")
+]
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: p.name)
+def test_records_name_machine_torch_and_commit(path):
+    rec = json.loads(path.read_text())
     torch_version = (rec.get("versions") or rec["machine"])["torch"]
     assert rec["machine"]["cpu"] and re.match(r"2\.\d+", torch_version)
     assert re.fullmatch(r"[0-9a-f]{40}", rec["provenance"]["commit"])

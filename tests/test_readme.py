@@ -1,11 +1,13 @@
 """Every runnable code block of the README and the docs runs as written (or with its stated overrides).
 
-A fenced ``python`` / ``bash`` block runs unless an HTML comment on the line before it says otherwise:
+An HTML comment on the line before a fenced block says what happens to it:
 
 - ``<!-- norun: why -->``: not run (downloads, hours of compute, the whole test suite);
-- ``<!-- run: OVERRIDES -->``: run with OVERRIDES appended to each ``python -m qbdl.run`` line (a tiny
-  version of the same run; the command as printed is the real one);
-- ``<!-- example: NAME -->``: run by its own test (``own-trainer``: tests/test_own_trainer.py).
+- ``<!-- run -->`` / ``<!-- run: OVERRIDES -->``: run, with OVERRIDES appended to each ``python -m qbdl.run``
+  line (a tiny version of the same run; the command as printed is the real one);
+- ``<!-- example: NAME -->``: run by its own test (``own-trainer``: tests/test_own_trainer.py);
+- no comment: a ``python`` block runs; a shell block does not, and in the pages of this documentation's
+  guide (all but those in OTHER_PAGES) every shell block must carry one of the comments above.
 
 The blocks of one page run in order in one fresh directory, so a later block can read what an earlier
 one wrote (docs/library.md saves a ``.qbdl`` and then loads it).
@@ -47,8 +49,16 @@ def blocks(page: Path) -> list[dict]:
     return out
 
 
+# pages written alongside the guide whose shell blocks are install/export recipes, not marked for this runner
+OTHER_PAGES = {"deploy.md", "memory.md", "model-file.md", "baselines.md"}
+
+
 def runnable(page: Path) -> list[dict]:
-    return [b for b in blocks(page) if b["lang"] in RUN_LANGS and b["kind"] in (None, "run")]
+    return [
+        b
+        for b in blocks(page)
+        if (b["lang"] == "python" and b["kind"] is None) or (b["lang"] in RUN_LANGS and b["kind"] == "run")
+    ]
 
 
 def _with_overrides(script: str, overrides: str | None) -> str:
@@ -100,6 +110,14 @@ def test_runnable_blocks_run(page, tmp_path):
 
 def test_blocks_are_classified_and_the_library_snippets_run():
     """The runner sees the blocks it should: the library snippets are python blocks it runs."""
+    unmarked = [
+        (p.name, b["body"][:60])
+        for p in PAGES
+        if p.name not in OTHER_PAGES
+        for b in blocks(p)
+        if b["lang"] in ("bash", "sh") and not b["kind"]
+    ]
+    assert not unmarked, f"shell blocks need <!-- run --> or <!-- norun: why -->: {unmarked}"
     marks = [b for p in PAGES for b in blocks(p) if b["kind"]]
     assert all(b["kind"] != "norun" or b["arg"] for b in marks), "a norun block says why"
     for b in marks:
