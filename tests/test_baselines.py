@@ -147,7 +147,11 @@ def test_last_layer_laplace_matches_laplace_torch(small_net, hessian, structure)
     laplace = pytest.importorskip("laplace")
     net, loader, xt = small_net
     la = laplace.Laplace(
-        net, "classification", subset_of_weights="last_layer", hessian_structure=structure, prior_precision=0.7
+        net,
+        "classification",
+        subset_of_weights="last_layer",
+        hessian_structure=structure,
+        prior_precision=0.7,
     )
     la.fit(loader)
     with torch.no_grad():
@@ -202,7 +206,9 @@ def test_laplace_prior_precision_is_the_validation_argmin(small_net):
     assert float(la.prior_precision) == la.fit_report["prior_precision"]
     # the NLL the report gives is the probit NLL of that delta, recomputed from scratch
     phi, y = features(net[:2], loader)
-    fresh = fit_last_layer_laplace(net[:2], net[2], (phi, y), (phi, y), [la.fit_report["prior_precision"]], "full")
+    fresh = fit_last_layer_laplace(
+        net[:2], net[2], (phi, y), (phi, y), [la.fit_report["prior_precision"]], "full"
+    )
     assert probit_nll(fresh, phi, y) == pytest.approx(scores[la.fit_report["prior_precision"]], rel=1e-9)
     assert not any(k.startswith("ggn_") for k in la._buffers)  # only the posterior stays resident
     with pytest.raises(ValueError, match="positive"):

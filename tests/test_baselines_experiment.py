@@ -24,16 +24,22 @@ def test_digits_baselines_composes_every_variant(tmp_path):
     assert base == {"dnn", "qdnn", "bnn", "bnn_mean", "qbnn", "ens", "qens", "mcd", "qmcd", "lla", "qlla"}
     assert all(f"{b}_ts" in cfg.eval.variants for b in base - {"bnn_mean"})
     assert cfg.ensemble.members == 4 and list(cfg.mcd.placement) == ["blocks", "head"]
-    assert cfg.lla.hessian == "full" and cfg.lla.link == "mc" and cfg.data._target_.endswith("DigitsDataModule")
+    assert (
+        cfg.lla.hessian == "full" and cfg.lla.link == "mc" and cfg.data._target_.endswith("DigitsDataModule")
+    )
     for name in ("mnist_baselines", "fashion_mnist_baselines", "colorectal_baselines", "imagenet_baselines"):
         other = compose_config(tmp_path, [f"+experiment={name}"], tiny=False)
         assert other.eval._target_ == cfg.eval._target_ and "qlla" in other.eval.variants, name
-    assert other.lla.hessian == "kron" and "qmcd" not in other.eval.variants  # imagenet: pretrained, no dropout net
+    assert (
+        other.lla.hessian == "kron" and "qmcd" not in other.eval.variants
+    )  # imagenet: pretrained, no dropout net
 
 
 def test_digits_baselines_runs(tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = compose_config(out, ["+experiment=digits_baselines", *FAST, f"eval.variants=[{','.join(BASELINE_VARIANTS)}]"])
+    cfg = compose_config(
+        out, ["+experiment=digits_baselines", *FAST, f"eval.variants=[{','.join(BASELINE_VARIANTS)}]"]
+    )
     res = run(cfg)
     table = capsys.readouterr().out
     assert "img/s" in table and "mem MiB" in table and "passes" in table
@@ -90,7 +96,12 @@ def test_seed_report_draws_each_metric_against_speed(tmp_path):
         runs.append(multi.Run(tmp_path / f"r{i}", {"variants": variants, "config": {"seed": i, "eval": {}}}))
     files = multi.render.speed_plots(runs, tmp_path)
     assert list(files) == ["uncertainty_vs_speed_0"] and files["uncertainty_vs_speed_0"].stat().st_size > 0
-    assert multi.render.speed_plots([multi.Run(tmp_path / "x", {"variants": {"a": {"accuracy": 1.0}}})], tmp_path) == {}
+    assert (
+        multi.render.speed_plots(
+            [multi.Run(tmp_path / "x", {"variants": {"a": {"accuracy": 1.0}}})], tmp_path
+        )
+        == {}
+    )
 
 
 # INT8 twins: |metric(qX) - metric(X)| on the full digits run, within the run's declared margins
@@ -100,11 +111,15 @@ FIDELITY_METRICS = ("accuracy", "nll", "ece", "uce", "ood_auroc")
 
 @pytest.mark.slow
 def test_digits_baselines_int8_twins_within_the_fidelity_margins(tmp_path):
-    cfg = compose_config(tmp_path / "run", ["+experiment=digits_baselines", "logger=csv", "estimate=false"], tiny=False)
+    cfg = compose_config(
+        tmp_path / "run", ["+experiment=digits_baselines", "logger=csv", "estimate=false"], tiny=False
+    )
     res = run(cfg)["variants"]
     margins = dict(cfg.eval.equivalence)
     gaps = {
-        (fp, m): abs(res[f"q{fp}"][m] - res[fp][m]) for fp in ("ens", "mcd", "lla", "bnn") for m in FIDELITY_METRICS
+        (fp, m): abs(res[f"q{fp}"][m] - res[fp][m])
+        for fp in ("ens", "mcd", "lla", "bnn")
+        for m in FIDELITY_METRICS
     }
     over = {k: round(g, 4) for k, g in gaps.items() if g > margins[k[1]]}
     assert not over, f"INT8 twins beyond eval.equivalence {margins}: {over}"

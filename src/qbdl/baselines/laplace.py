@@ -97,7 +97,9 @@ class LastLayerLaplace(nn.Module):
         if not delta > 0:
             raise ValueError(f"the prior precision must be > 0, got {delta}")
         if not any(k.startswith("ggn_") for k in self._buffers):
-            raise ValueError("this Laplace model dropped its GGN (drop_ggn): refit it to change the prior precision")
+            raise ValueError(
+                "this Laplace model dropped its GGN (drop_ggn): refit it to change the prior precision"
+            )
         self.register_buffer("prior_precision", torch.tensor(float(delta), dtype=torch.float64))
         c, f = self.weight.shape
         if self.hessian == "full":
@@ -187,7 +189,9 @@ def fit_last_layer_laplace(
     if hessian not in HESSIANS:
         raise ValueError(f"lla.hessian: choose one of {list(HESSIANS)}, got {hessian!r}")
     if not prior_precisions or any(not d > 0 for d in prior_precisions):
-        raise ValueError(f"lla.prior_precisions: a non-empty list of positive values, got {list(prior_precisions)}")
+        raise ValueError(
+            f"lla.prior_precisions: a non-empty list of positive values, got {list(prior_precisions)}"
+        )
     phi, _ = train if isinstance(train, tuple) else features(backbone, train)
     phi_val, y_val = val if isinstance(val, tuple) else features(backbone, val)
     weight = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], 1).double().cpu()
@@ -214,5 +218,10 @@ def fit_last_layer_laplace(
             RuntimeWarning,
             stacklevel=2,
         )
-    model.fit_report = {"prior_precision": best, "val_probit_nll": scores, "n_train": int(len(phi)), "at_grid_edge": edge}
+    model.fit_report = {
+        "prior_precision": best,
+        "val_probit_nll": scores,
+        "n_train": int(len(phi)),
+        "at_grid_edge": edge,
+    }
     return model

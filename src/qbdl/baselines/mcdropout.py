@@ -99,7 +99,9 @@ def add_mc_dropout(model: nn.Module, p: float, placement: Sequence[str]) -> nn.M
                 stage[i] = nn.Sequential(block, MCDropout(p))
     if "head" in placement:
         if not isinstance(getattr(model, "fc", None), nn.Linear):
-            raise ValueError(f"mcd.placement 'head' needs a final nn.Linear `fc`; {type(model).__name__} has none")
+            raise ValueError(
+                f"mcd.placement 'head' needs a final nn.Linear `fc`; {type(model).__name__} has none"
+            )
         model.fc = nn.Sequential(MCDropout(p), model.fc)
     return model
 

@@ -32,5 +32,7 @@ def resident_bytes(model: nn.Module) -> int:
             except (RuntimeError, NotImplementedError):  # opaque tensors (e.g. mkldnn) have no storage
                 seen[("opaque", id(t))] = t.numel() * t.element_size()
                 continue
-            seen[(str(t.device), st.data_ptr())] = max(seen.get((str(t.device), st.data_ptr()), 0), st.nbytes())
+            seen[(str(t.device), st.data_ptr())] = max(
+                seen.get((str(t.device), st.data_ptr()), 0), st.nbytes()
+            )
     return sum(seen.values())

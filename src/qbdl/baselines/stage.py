@@ -54,9 +54,7 @@ def _member_loader(dm: Any, seed: int):
     return loader
 
 
-def train_dnn_recipe(
-    config: Mapping[str, Any], dm: Any, seed: int, out: Path, transform=None
-) -> nn.Module:
+def train_dnn_recipe(config: Mapping[str, Any], dm: Any, seed: int, out: Path, transform=None) -> nn.Module:
     """A fresh `model` from seed `seed`, fitted with the DNN recipe (dnn.optimizer/scheduler/max_epochs, trainer).
 
     transform(model) edits the architecture before training (e.g. MC dropout). Saved to `out`; a saved file
@@ -126,7 +124,9 @@ class BaselinesEvaluation(EvaluationCallback):
         self.results["baselines"] = self.baseline_info
         write_results(self.results, self.out_dir)
 
-    def _variants(self, pl_module: L.LightningModule, quantized: Mapping[str, Any]) -> tuple[list[Variant], list[str]]:
+    def _variants(
+        self, pl_module: L.LightningModule, quantized: Mapping[str, Any]
+    ) -> tuple[list[Variant], list[str]]:
         names = list(self.variant_names or [])
         wanted = {n.removesuffix("_ts") for n in names} & set(BASELINES)
         if not wanted:
@@ -143,7 +143,9 @@ class BaselinesEvaluation(EvaluationCallback):
         order = dict.fromkeys(n.removesuffix("_ts") for n in names)
         return [by_name[n] for n in order], names
 
-    def _baselines(self, wanted: set[str], pl_module: L.LightningModule, quantized: Mapping[str, Any]) -> dict[str, Variant]:
+    def _baselines(
+        self, wanted: set[str], pl_module: L.LightningModule, quantized: Mapping[str, Any]
+    ) -> dict[str, Variant]:
         """Train (or load), quantize and wrap the requested baselines."""
         trainer = self._trainer
         dm = trainer.datamodule
@@ -155,7 +157,9 @@ class BaselinesEvaluation(EvaluationCallback):
                 f"no {missing} settings: run them through qbdl.run, or pass recipe={{model, dnn, trainer}}"
             )
         if self.reference is None:
-            raise ValueError("the baseline variants need the stage-1 DNN (reference): ens member 0, lla's backbone")
+            raise ValueError(
+                "the baseline variants need the stage-1 DNN (reference): ens member 0, lla's backbone"
+            )
         out = self.out_dir / "baselines"
         seed = int(config.get("seed", self.seed))
         ptq = next((cb for cb in trainer.callbacks if isinstance(cb, PTQCallback)), None)
@@ -201,7 +205,9 @@ class BaselinesEvaluation(EvaluationCallback):
                     else:
                         qs.append(quantize(f"qens_member{i}", member))
                 e = Ensemble([q.model for q in qs]).eval()
-                variants["qens"] = Variant("qens", e, m, sum(q.size_bytes for q in qs), "cpu", backbone_passes=m)
+                variants["qens"] = Variant(
+                    "qens", e, m, sum(q.size_bytes for q in qs), "cpu", backbone_passes=m
+                )
         if wanted & {"mcd", "qmcd"}:
             mc = _need(config, "mcd", ["mcd", "qmcd"])
             p, placement = float(mc["p"]), list(mc["placement"])
@@ -212,7 +218,9 @@ class BaselinesEvaluation(EvaluationCallback):
             samples = int(mc.get("samples") or self.mc_samples)
             self.baseline_info["mcd"] = {"p": p, "placement": placement, "backbone_passes": samples}
             if "mcd" in wanted:
-                variants["mcd"] = Variant("mcd", net.to(dev), samples, state_dict_bytes(net), dev, backbone_passes=samples)
+                variants["mcd"] = Variant(
+                    "mcd", net.to(dev), samples, state_dict_bytes(net), dev, backbone_passes=samples
+                )
             if "qmcd" in wanted:
                 q = quantize("qmcd", for_ptq(copy.deepcopy(net).cpu()))
                 qm = to_int8_dropout(q.model)
@@ -222,13 +230,21 @@ class BaselinesEvaluation(EvaluationCallback):
             head_name = la["head"]
             head = copy.deepcopy(self.reference.get_submodule(head_name)).cpu()
             if not isinstance(head, nn.Linear):
-                raise ValueError(f"lla.head names the last layer; {head_name!r} is a {type(head).__name__}, not nn.Linear")
+                raise ValueError(
+                    f"lla.head names the last layer; {head_name!r} is a {type(head).__name__}, not nn.Linear"
+                )
             backbone = copy.deepcopy(self.reference).cpu().eval()
             parent, _, child = head_name.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, nn.Identity())
-            train_loader = dm.calib_dataloader(None) if hasattr(dm, "calib_dataloader") else dm.train_dataloader()
+            train_loader = (
+                dm.calib_dataloader(None) if hasattr(dm, "calib_dataloader") else dm.train_dataloader()
+            )
             samples = 1 if la["link"] == "probit" else int(la.get("samples") or self.mc_samples)
-            opts = {"prior_precisions": list(la["prior_precisions"]), "hessian": la["hessian"], "link": la["link"]}
+            opts = {
+                "prior_precisions": list(la["prior_precisions"]),
+                "hessian": la["hessian"],
+                "link": la["link"],
+            }
             for name in sorted(wanted & {"lla", "qlla"}):
                 bb = backbone
                 size = state_dict_bytes(backbone) + state_dict_bytes(head)
