@@ -437,3 +437,12 @@ def test_export_model_without_validation_data_has_no_threshold(run, tmp_path):
     e = export_model(run["qdnn"], tmp_path / "m.onnx", classes=[str(i) for i in range(10)],
                      preprocessing=preprocessing_of(run["dm"]))  # fmt: skip
     assert e.meta["referral"]["threshold"] is None and read_onnx_metadata(e.path)["kind"] == "qdnn"
+
+
+def test_export_cli_on_one_qbdl_file(run, tmp_path, capsys):
+    from qbdl.export.__main__ import main
+
+    out = tmp_path / "q.onnx"
+    assert main([str(run["dir"] / "models" / "qdnn.qbdl"), "--out", str(out)]) == 0
+    assert read_onnx_metadata(out)["referral"]["fitted_on"] == "val" and "qdnn:" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.qbdl")]) == 2
