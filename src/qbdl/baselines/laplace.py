@@ -37,6 +37,7 @@ FULL_MAX_PARAMS = 20_000  # C (F + 1) above this: the full GGN (its square, floa
 
 
 def _aug(phi: Tensor) -> Tensor:
+    """Features with a constant 1 appended (the bias's input)."""
     return torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
 
 
@@ -141,6 +142,7 @@ class LastLayerLaplace(nn.Module):
             self._cache = None
 
     def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logit mean and covariance root (mc) or covariance (probit) of batch x; later MC passes reuse them."""
         if self._cache is not None and self._cache[0] is x and self.index not in (None, 0):
             return self._cache[1], self._cache[2]
         phi = self.backbone(x).float().flatten(1).to(self.weight.device)

@@ -31,6 +31,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
 
 
 def _check_p(p: float) -> float:
+    """The dropout rate as a float, refused outside [0, 1)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"mcd.p is the dropout rate, 0 <= p < 1; got {p}")
     return float(p)
@@ -50,6 +51,7 @@ class MCDropout(nn.Module):
         return x * keep_mask(x.shape, self.p, x.device).to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
+        """The rate, in the module's repr."""
         return f"p={self.p}"
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import Tensor, nn
 
 
-def _tensors(obj: object, depth: int = 0):
+def _tensors(obj: object, depth: int = 0) -> Iterator[Tensor]:
+    """Tensors in an attribute value (a tensor, or lists/tuples/dicts of them, two levels deep)."""
     if isinstance(obj, Tensor):
         yield obj
     elif depth < 2 and isinstance(obj, (list, tuple)):

@@ -37,6 +37,7 @@ BASELINES = ("ens", "qens", "mcd", "qmcd", "lla", "qlla")
 
 
 def _need(config: Mapping[str, Any], key: str, names: list[str]) -> Mapping[str, Any]:
+    """The `key` settings of the run config, or a clear error naming the group to add."""
     if key not in config or config[key] is None:
         raise ValueError(
             f"eval.variants asks for {names}, which need the `{key}` settings (conf/{key}/default.yaml): add "
@@ -105,16 +106,19 @@ class BaselinesEvaluation(EvaluationCallback):
         self.baseline_info: dict[str, Any] = {}
 
     def _config(self) -> dict[str, Any]:
+        """qbdl.run's resolved config, with the settings given to this callback on top."""
         run_config = dict(self.run_info.get("config") or {})
         return {**run_config, **{k: v for k, v in self.baseline_settings.items() if v is not None}}
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, shard) -> None:
+        """EvaluationCallback's evaluation (with the baselines among the variants), then the speed plot."""
         self._trainer = trainer
         super()._evaluate(trainer, pl_module, shard)
         if shard.is_main and self.results.get("variants"):
             self._speed_plot()
 
     def _speed_plot(self) -> None:
+        """plots/uncertainty_vs_speed.png and results['baselines']; results.json and report.html rewritten."""
         from qbdl.experiment.results import write_results
         from qbdl.report import plots
 
@@ -127,6 +131,7 @@ class BaselinesEvaluation(EvaluationCallback):
     def _variants(
         self, pl_module: L.LightningModule, quantized: Mapping[str, Any]
     ) -> tuple[list[Variant], list[str]]:
+        """EvaluationCallback's variants plus the requested baselines, in eval.variants order."""
         names = list(self.variant_names or [])
         wanted = {n.removesuffix("_ts") for n in names} & set(BASELINES)
         if not wanted:
