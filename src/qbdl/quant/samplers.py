@@ -195,7 +195,9 @@ def _check_flipout(q: QuantLayer) -> None:
 class FlipoutSampler(Sampler):
     """'flipout': y = conv(x, mu) + s_out * conv(x * s_in, delta_k), per-example, per-channel signs (Wen et al.
 
-    2018) over K banked int8 perturbations delta_k; two oneDNN kernels and two C++ elementwise passes.
+    2018) over K banked int8 perturbations delta_k; two oneDNN kernels and two C++ elementwise passes. Keeps the
+    packed mu and the K packed perturbations; the int8 ones are dropped once packed (redrawn from the seed
+    when a trace or an exporter asks for them).
     """
 
     name = "flipout"
@@ -203,16 +205,28 @@ class FlipoutSampler(Sampler):
 
     def __init__(self, q: QuantLayer) -> None:
         _check_flipout(q)
-        gen = q._bank_generator()
         sigma = q._deq(q.sigma_q, q.sigma_scale)
         # fixed per-channel scale: 4 sigma_max covers all but ~6e-5 of the N(0,1) draws
         self.w_scale = (4 * sigma.flatten(1).amax(1) / 127).clamp_min(1e-12)
-        s = self.w_scale.view(-1, *[1] * (sigma.dim() - 1))
-        self.pert_q = [
-            torch.round(sigma * torch.randn(sigma.shape, generator=gen) / s).clamp_(-127, 127).to(torch.int8)
-            for _ in range(q.bank_size)
-        ]
+        # what redraws the perturbations: once packed they are dropped (K bytes a weight), redrawn if asked
+        self._redraw = (q.sigma_q, q.sigma_scale, q._bank_generator().initial_seed(), q.bank_size)
+        self._pert: list[Tensor] | None = self._perturbations()
         self.packed: tuple[Tensor, list[Tensor]] | None = None
+
+    def _perturbations(self) -> list[Tensor]:
+        sigma_q, sigma_scale, seed, k = self._redraw
+        gen = torch.Generator().manual_seed(seed)
+        sigma = sigma_q.float() * sigma_scale.view(-1, *[1] * (sigma_q.dim() - 1))
+        s = self.w_scale.view(-1, *[1] * (sigma.dim() - 1))
+        return [
+            torch.round(sigma * torch.randn(sigma.shape, generator=gen) / s).clamp_(-127, 127).to(torch.int8)
+            for _ in range(k)
+        ]
+
+    @property
+    def pert_q(self) -> list[Tensor]:
+        """The K int8 perturbations (redrawn from the layer's seed once the packed copies replaced them)."""
+        return self._pert if self._pert is not None else self._perturbations()
 
     @staticmethod
     def flip_zp(q: QuantLayer) -> int:
@@ -225,6 +239,8 @@ class FlipoutSampler(Sampler):
             mu = q._prepack(q.mu_q, q.mu_scale, q.in_scale, q.in_zp)
             zp = self.flip_zp(q)
             self.packed = (mu, [q._prepack(w, self.w_scale, 2 * q.in_scale, zp) for w in self.pert_q])
+            self._pert = None  # the kernels read the packed copies only
+            native.trim()
         return self.packed
 
     def forward(self, q: QuantLayer, x: Tensor) -> Tensor:
@@ -246,9 +262,10 @@ class FlipoutSampler(Sampler):
         # reduced range: 0..128 at most, whose int16 pair sums 2 * 128 * 127 still fit)
         xf = torch.ops.qbdl.flip_requant(x, s_in, xz, 0.5, fz)
         y2 = q._onednn(xf, 2 * xs, fz, pert[k], self.w_scale, bias_noise, c["pert_scale"], 128)
-        q._record(
-            xf, 2 * xs, fz, self.pert_q[k], self.w_scale, bias_noise, y2, c["pert_scale"], 128, False, 255
-        )
+        if q.trace is not None:
+            q._record(
+                xf, 2 * xs, fz, self.pert_q[k], self.w_scale, bias_noise, y2, c["pert_scale"], 128, False, 255
+            )
         out = torch.ops.qbdl.signed_add(
             y1, c["mean_scale"], c["mean_zp"], y2, c["pert_scale"], 128, s_out, q.out_scale, q.out_zp, q.relu,
         )  # fmt: skip
