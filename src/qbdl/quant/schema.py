@@ -397,7 +397,7 @@ def check_quant_layer(path: str, where: str, cfg: dict, tensors: dict[str, torch
 
 
 def sample_bytes(meta: dict) -> int:
-    """Bytes the layers' samplers will allocate for this file's sampled weights (bank, flipout, noise pools)."""
+    """Bytes the layers' samplers will hold for this file's sampled weights (bank, flipout, fresh operands)."""
     total = 0
     for target, spec in meta["modules"].items():
         if spec["type"] != "QuantLayer":
@@ -405,9 +405,11 @@ def sample_bytes(meta: dict) -> int:
         c, n = spec["config"], meta["_weights"].get(target, 0)
         sampler = c.get("sampler", "fresh")
         if sampler in ("bank", "flipout"):
-            total += 2 * n * c.get("bank_size", 16)  # int8 entries + their packed copies
+            total += (1 + c.get("bank_size", 16)) * n  # K packed entries (+ int8 working copies while built)
+            if sampler == "bank" and "noise_slots" in c:  # a pool-era bank regenerates its K windows (int16)
+                total += 2 * n * c.get("bank_size", 16)
         else:
-            total += 2 * n * c.get("noise_slots", 16)  # int16 noise pool windows
+            total += 7 * n  # the packed sample, int16 operands and channel slots (noise is generated)
     return total
 
 
