@@ -294,7 +294,18 @@ class QuantLayer(nn.Module):
             return self._empty_output(x)
         if self._x_shape is None:
             self._x_shape = list(x.shape)
-        return (self.impl if self.bayesian and self.mode == "sample" else self._mean).forward(self, x)
+        try:
+            return (self.impl if self.bayesian and self.mode == "sample" else self._mean).forward(self, x)
+        except RuntimeError as exc:
+            if "primitive" not in str(exc) and "oneDNN" not in str(exc):
+                raise
+            # oneDNN refuses shapes it cannot run (a graph reshaped by a hand-edited file, a too-small image)
+            raise ValueError(
+                f"INT8 layer {self.index} ({self.kind}, weight {list(self.mu_q.shape)}) cannot run on an input of "
+                f"shape {list(x.shape)}: oneDNN found no kernel for it. The input does not fit the model (image "
+                "size or channels) or the model file's graph was edited; check the input, or re-create the file "
+                "with qbdl.quant.save_qbnn"
+            ) from None
 
     def _empty_output(self, x: Tensor) -> Tensor:
         """The uint8 output of an empty input: its shape by the conv/linear arithmetic, no kernel run."""
