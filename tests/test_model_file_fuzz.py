@@ -369,8 +369,8 @@ def qbdl_case(draw, valid_meta: dict):
 def _apply(meta: dict, tensors: dict, edits: list) -> None:
     for kind, op, where, arg in edits:
         if kind == "json":
-            parent, key = (_get(meta, where[:-1]), where[-1]) if len(where) else (None, None)
             try:
+                parent, key = _get(meta, where[:-1]), where[-1]
                 cur = _get(meta, where)
             except (KeyError, IndexError, TypeError):
                 continue  # an earlier edit removed it
