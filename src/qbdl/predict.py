@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qbdl.export._files import atomic_write_text
+from qbdl.atomic import atomic_write_text
 from qbdl.export.metadata import MetadataError
 from qbdl.export.runtime import RUNTIMES, ImageError, Model, RuntimeMissing, preprocess
 

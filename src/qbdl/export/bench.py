@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import atomic_write_text
+from qbdl.atomic import atomic_write_text
 
 QBDL_VARIANTS = ("qbdl_qdnn", "qbdl_qbnn_fresh", "qbdl_qbnn_flipout", "torch_bnn")
 RUNTIME_VARIANTS = ("ort_qdnn", "ort_qbnn", "ov_qdnn", "ov_qbnn")
@@ -202,7 +202,7 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
 
 def atomic_write_text_bytes(path: Path, data: bytes) -> None:
     """Write bytes atomically."""
-    from ._files import atomic_write_bytes
+    from qbdl.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import fx
 
+from qbdl.atomic import atomic_write_bytes
+
 from . import metadata as md
-from ._files import atomic_write_bytes
 from .graph import ExportError, build_onnx, noise_layout
 
 log = logging.getLogger(__name__)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from qbdl.atomic import atomic_write_bytes
 
 from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
 from .backend import BACKENDS, FULL_QMAX, kernel_plan
@@ -88,7 +89,7 @@ def _module_spec(m: nn.Module) -> dict:
 
 def save_qbnn(model: fx.GraphModule, path: str) -> None:
     """Write a converted QBNN/QDNN to `path` (safetensors: int8/int32 tensors + JSON metadata; no pickle)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     nodes, modules, tensors = [], {}, {}
     for n in model.graph.nodes:
@@ -121,15 +122,7 @@ def save_qbnn(model: fx.GraphModule, path: str) -> None:
     # What this writes, load_qbnn reads: the file is checked against the same schema before it exists.
     check_file(str(path), meta, tensors, legacy=False, limit=2**62)
     meta["digests"] = file_digests(meta, tensors)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"qbdl": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, save(tensors, metadata={"qbdl": json.dumps(meta)}))
 
 
 def _old_keys(meta: dict) -> None:

@@ -1,4 +1,4 @@
-"""Atomic file writes without torch (qbdl.io imports torch; predict must not)."""
+"""Atomic file writes, importing no torch (qbdl.predict on an .onnx must not; qbdl.io re-exports them)."""
 
 from __future__ import annotations
 
