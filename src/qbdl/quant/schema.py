@@ -3,7 +3,7 @@
 A `.qbdl` file is safetensors (the tensors) plus one JSON document (graph, modules, meta). Every field of
 that document is checked here against a declared type and range, every tensor against its module's config,
 and the graph against an allowlist of operations, so that nothing from the file reaches torch.fx's code
-generation, oneDNN or qbdl's C++ ops unchecked. `SCHEMA_TABLE` below is the published table (docs:
+generation, oneDNN or qbdl's C++ ops unchecked. `MODULES` below is the published table (docs:
 "The .qbdl file format"); `json_schema()` gives the same rules as a JSON Schema document.
 """
 
@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from ..bayes.layers import MODES
 from .backend import BACKENDS, FULL_QMAX, REDUCED_QMAX
+from .layers import FRESH_KERNELS, KINDS, SAMPLERS
 
 FORMAT_PREFIX = "qbdl-qbnn/"
 # Bytes a file may ask qbdl to allocate for sampled weights (bank entries, flipout perturbations, noise pools):
@@ -32,10 +34,6 @@ MAX_NODES = 100_000
 MAX_NESTING = 8  # graph arguments: tuples/lists/slices nested deeper than this are refused
 F32_NORMAL_MIN = 1.1754943508222875e-38  # float32's smallest normal: smaller scales lose their precision
 F32_MAX = 3.4028234663852886e38
-SAMPLERS = ("fresh", "bank", "flipout")
-MODES = ("sample", "mean")
-KINDS = ("conv1d", "conv2d", "conv3d", "linear")
-FRESH_KERNELS = ("auto", "prepack")
 QMAXES = (REDUCED_QMAX, FULL_QMAX)
 SEED_MAX = 2**63 - 1
 
@@ -688,9 +686,6 @@ def check_digests(path: str, meta: dict, tensors: dict[str, torch.Tensor]) -> No
             "content that does not match its recorded SHA-256",
             "the bytes save_qbnn wrote (a tensor changed, moved or swapped)",
         )
-
-
-SCHEMA_TABLE = MODULES  # the published table: module type -> field -> (check, required)
 
 
 def json_schema() -> dict:
