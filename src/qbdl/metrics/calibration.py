@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qbdl.metrics.scoring import _correct
-from qbdl.metrics.selective import _tie_mean
-from qbdl.metrics.uncertainty import _pred_entropy
-from qbdl.metrics.validation import _check, _check_bins
+from qbdl.metrics.scoring import correct_terms
+from qbdl.metrics.selective import tie_mean
+from qbdl.metrics.uncertainty import entropy_of_mean
+from qbdl.metrics.validation import check_bins, check_probs_targets
 
 __all__ = [
     "ReliabilityBins",
@@ -70,7 +70,7 @@ def _bin_sums(index: Tensor, values: list[Tensor], n_buckets: int) -> list[Tenso
     return out
 
 
-def _confidence_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def confidence_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count, sum confidence, sum correct) per torchmetrics bucket (``n_bins + 1`` buckets)."""
     # Bucketing uses pbar in the input dtype and float32 confidences so that bin membership is
     # bit-identical to torchmetrics.MulticlassCalibrationError fed with p.mean(0).
@@ -88,21 +88,23 @@ def _gaps(count: Tensor, sum_a: Tensor, sum_b: Tensor) -> tuple[Tensor, Tensor]:
     return gap, nonempty
 
 
-def _ece_from_sums(count: Tensor, conf_sum: Tensor, correct_sum: Tensor) -> float:
+def ece_from_sums(count: Tensor, conf_sum: Tensor, correct_sum: Tensor) -> float:
+    """Expected calibration error from per-bin counts and sums."""
     gap, _ = _gaps(count, conf_sum, correct_sum)
     return float((count / count.sum() * gap).sum())
 
 
-def _max_from_sums(count: Tensor, a_sum: Tensor, b_sum: Tensor) -> float:
+def max_gap_from_sums(count: Tensor, a_sum: Tensor, b_sum: Tensor) -> float:
+    """Largest per-bin gap between two summed quantities (MCE/MUCE) from per-bin sums."""
     gap, nonempty = _gaps(count, a_sum, b_sum)
     return float(gap[nonempty].max())
 
 
 def reliability_bins(p: Tensor, y: Tensor, n_bins: int = 15) -> ReliabilityBins:
     """Reliability-diagram data: ``n_bins`` equal-width ``[lo, hi)`` confidence bins, confidence 1.0 in the last bin."""
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    count, conf_sum, corr_sum = _confidence_bin_sums(p, y, n_bins)
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    count, conf_sum, corr_sum = confidence_bin_sums(p, y, n_bins)
     # For display, fold the degenerate "confidence == 1" bucket into the last regular bin.
     count = torch.cat([count[:-2], count[-2:].sum(0, keepdim=True)])
     conf_sum = torch.cat([conf_sum[:-2], conf_sum[-2:].sum(0, keepdim=True)])
@@ -122,28 +124,28 @@ def expected_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
     Bin membership matches ``torchmetrics.classification.MulticlassCalibrationError(norm="l1")``:
     bins are ``[lo, hi)`` and points with confidence exactly 1.0 form their own bucket.
     """
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    return _ece_from_sums(*_confidence_bin_sums(p, y, n_bins))
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    return ece_from_sums(*confidence_bin_sums(p, y, n_bins))
 
 
 def maximum_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
     """MCE: maximum ``|acc(B_m) - conf(B_m)|`` over non-empty confidence bins (same bins as the ECE)."""
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    return _max_from_sums(*_confidence_bin_sums(p, y, n_bins))
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    return max_gap_from_sums(*confidence_bin_sums(p, y, n_bins))
 
 
 def _normalised_uncertainty(p64: Tensor) -> Tensor:
     c = p64.shape[-1]
-    return (_pred_entropy(p64) / math.log(c)).clamp(0.0, 1.0)
+    return (entropy_of_mean(p64) / math.log(c)).clamp(0.0, 1.0)
 
 
-def _uncertainty_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def uncertainty_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count, sum normalised entropy, sum error) per bin; bins ``(lo, hi]``, the first also holds 0."""
     p64 = p.double()
     u = _normalised_uncertainty(p64)
-    err = 1.0 - _correct(p64, y)
+    err = 1.0 - correct_terms(p64, y)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=u.device)
     # right=False gives edges[i-1] < u <= edges[i]; u == 0 would get index -1 and is moved to bin 0.
     idx = (torch.bucketize(u, edges, right=False) - 1).clamp(0, n_bins - 1)
@@ -152,9 +154,9 @@ def _uncertainty_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Te
 
 def uncertainty_calibration_bins(p: Tensor, y: Tensor, n_bins: int = 15) -> UncertaintyCalibrationBins:
     """Uncertainty-calibration-diagram data: per-bin count, mean ``H[pbar]/log C`` and error rate."""
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    count, u_sum, err_sum = _uncertainty_bin_sums(p, y, n_bins)
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    count, u_sum, err_sum = uncertainty_bin_sums(p, y, n_bins)
     safe = count.clamp_min(1)
     return UncertaintyCalibrationBins(
         edges=torch.linspace(0, 1, n_bins + 1, dtype=torch.float64),
@@ -166,25 +168,25 @@ def uncertainty_calibration_bins(p: Tensor, y: Tensor, n_bins: int = 15) -> Unce
 
 def uncertainty_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
     """UCE (Laves et al. 2019): ``sum_m |B_m|/n |err(B_m) - u(B_m)|`` with ``u = H[pbar]/log C``, as a fraction."""
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    return _ece_from_sums(*_uncertainty_bin_sums(p, y, n_bins))
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    return ece_from_sums(*uncertainty_bin_sums(p, y, n_bins))
 
 
 def maximum_uncertainty_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
     """MUCE: maximum ``|err(B_m) - u(B_m)|`` over non-empty uncertainty bins."""
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    return _max_from_sums(*_uncertainty_bin_sums(p, y, n_bins))
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    return max_gap_from_sums(*uncertainty_bin_sums(p, y, n_bins))
 
 
-def _adaptive_bin_sums_from(conf: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def adaptive_bin_sums_from(conf: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count, sum confidence, sum correct) over ``n_bins`` equal-mass bins of the sorted confidences."""
     n = conf.shape[0]
     conf = conf.double()
     order = torch.sort(conf, stable=True).indices
     c_sorted = conf[order]
-    corr_sorted = _tie_mean(c_sorted, correct.double()[order])
+    corr_sorted = tie_mean(c_sorted, correct.double()[order])
     # Bin sizes as torch.tensor_split(n_bins): the first n % n_bins bins hold one extra point.
     q, r = divmod(n, n_bins)
     pos = torch.arange(n, device=conf.device)
@@ -193,9 +195,10 @@ def _adaptive_bin_sums_from(conf: Tensor, correct: Tensor, n_bins: int) -> tuple
     return tuple(_bin_sums(idx, [torch.ones_like(c_sorted), c_sorted, corr_sorted], n_bins))  # type: ignore[return-value]
 
 
-def _adaptive_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def adaptive_bin_sums(p: Tensor, y: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Equal-mass bin counts and sums of confidence and correctness for ``p`` ``[S, B, C]`` and ``y``."""
     p64 = p.double()
-    return _adaptive_bin_sums_from(p64.mean(0).max(-1).values, _correct(p64, y), n_bins)
+    return adaptive_bin_sums_from(p64.mean(0).max(-1).values, correct_terms(p64, y), n_bins)
 
 
 def adaptive_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
@@ -207,6 +210,6 @@ def adaptive_calibration_error(p: Tensor, y: Tensor, n_bins: int = 15) -> float:
     ``AdaptiveCalibrationError(norm="l1")``.  Tied confidences share their mean correctness, so a tie
     straddling a bin edge does not depend on data order (torch-uncertainty splits it by sort order).
     """
-    p, y = _check(p, y)
-    _check_bins(n_bins)
-    return _ece_from_sums(*_adaptive_bin_sums(p, y, n_bins))
+    p, y = check_probs_targets(p, y)
+    check_bins(n_bins)
+    return ece_from_sums(*adaptive_bin_sums(p, y, n_bins))

@@ -15,28 +15,28 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from qbdl.metrics.calibration import (
-    _adaptive_bin_sums_from,
-    _confidence_bin_sums,
-    _ece_from_sums,
-    _max_from_sums,
-    _uncertainty_bin_sums,
+    adaptive_bin_sums_from,
+    confidence_bin_sums,
+    ece_from_sums,
+    max_gap_from_sums,
+    uncertainty_bin_sums,
 )
 from qbdl.metrics.ood import (
     binary_auroc,
 )
-from qbdl.metrics.scoring import _brier_terms, _correct, _nll_terms
+from qbdl.metrics.scoring import brier_terms, correct_terms, nll_terms
 from qbdl.metrics.selective import (
     ReferralCurve,
-    _augrc,
-    _aurc,
-    _coverage_at_risk,
-    _eaurc,
-    _rate_at_accuracy,
-    _referral_from_scores,
-    _risk_at_coverage,
+    curve_augrc,
+    curve_aurc,
+    curve_coverage_at_risk,
+    curve_eaurc,
+    curve_from_scores,
+    curve_rate_at_accuracy,
+    curve_risk_at_coverage,
 )
-from qbdl.metrics.uncertainty import _check_score, _mi, _scores
-from qbdl.metrics.validation import _check_bins, _check_fraction, validate_probs, validate_targets
+from qbdl.metrics.uncertainty import check_score, mi_terms, scores_from_probs
+from qbdl.metrics.validation import check_bins, check_fraction, validate_probs, validate_targets
 
 __all__ = [
     "MCAccuracy",
@@ -97,7 +97,7 @@ class MCAccuracy(_MeanOfTerms):
     higher_is_better = True
 
     def _terms(self, p64: Tensor, y: Tensor) -> Tensor:
-        return _correct(p64, y)
+        return correct_terms(p64, y)
 
 
 class MCNLL(_MeanOfTerms):
@@ -106,7 +106,7 @@ class MCNLL(_MeanOfTerms):
     higher_is_better = False
 
     def _terms(self, p64: Tensor, y: Tensor) -> Tensor:
-        return _nll_terms(p64, y)
+        return nll_terms(p64, y)
 
 
 class MCBrier(_MeanOfTerms):
@@ -115,7 +115,7 @@ class MCBrier(_MeanOfTerms):
     higher_is_better = False
 
     def _terms(self, p64: Tensor, y: Tensor) -> Tensor:
-        return _brier_terms(p64, y)
+        return brier_terms(p64, y)
 
 
 class MeanMutualInformation(Metric):
@@ -133,7 +133,7 @@ class MeanMutualInformation(Metric):
     def update(self, p: Tensor, y: Tensor | None = None) -> None:
         """Accumulate a batch ``p [S, B, C]``; ``y`` is accepted for a uniform interface and ignored."""
         p = validate_probs(p)
-        mi = _mi(p.double())
+        mi = mi_terms(p.double())
         self.total += mi.sum().to(self.total)
         self.count += mi.numel()
 
@@ -150,7 +150,7 @@ class _BinnedCalibration(Metric):
 
     def __init__(self, n_bins: int = 15, **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_bins(n_bins)
+        check_bins(n_bins)
         self.n_bins = n_bins
         n = n_bins + self._n_buckets_extra
         for name in ("bin_count", "bin_a", "bin_b"):
@@ -169,11 +169,11 @@ class _BinnedCalibration(Metric):
 
     def compute(self) -> Tensor:
         """Binned calibration error as a fraction in [0, 1]."""
-        return torch.tensor(_ece_from_sums(self.bin_count, self.bin_a, self.bin_b), dtype=torch.float64)
+        return torch.tensor(ece_from_sums(self.bin_count, self.bin_a, self.bin_b), dtype=torch.float64)
 
     def compute_max(self) -> Tensor:
         """Maximum gap over non-empty bins (MCE / MUCE)."""
-        return torch.tensor(_max_from_sums(self.bin_count, self.bin_a, self.bin_b), dtype=torch.float64)
+        return torch.tensor(max_gap_from_sums(self.bin_count, self.bin_a, self.bin_b), dtype=torch.float64)
 
 
 class ExpectedCalibrationError(_BinnedCalibration):
@@ -182,14 +182,14 @@ class ExpectedCalibrationError(_BinnedCalibration):
     _n_buckets_extra = 1  # the torchmetrics "confidence == 1" bucket
 
     def _sums(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return _confidence_bin_sums(p, y, self.n_bins)
+        return confidence_bin_sums(p, y, self.n_bins)
 
 
 class UncertaintyCalibrationError(_BinnedCalibration):
     """UCE over normalised predictive entropy ``H[pbar]/log C`` (``compute_max()`` gives the MUCE)."""
 
     def _sums(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return _uncertainty_bin_sums(p, y, self.n_bins)
+        return uncertainty_bin_sums(p, y, self.n_bins)
 
 
 class _Ranking(Metric):
@@ -200,7 +200,7 @@ class _Ranking(Metric):
 
     def __init__(self, score: str = "entropy", **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_score(score)
+        check_score(score)
         self.score = score
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("correct", default=[], dist_reduce_fx="cat")
@@ -209,11 +209,11 @@ class _Ranking(Metric):
         """Store scores and correctness of a batch ``p [S, B, C]``, ``y [B]``."""
         p, y = _checked(p, y)
         p64 = p.double()
-        self.scores.append(_scores(p64, self.score))
-        self.correct.append(_correct(p64, y))
+        self.scores.append(scores_from_probs(p64, self.score))
+        self.correct.append(correct_terms(p64, y))
 
     def _curve(self) -> ReferralCurve:
-        return _referral_from_scores(dim_zero_cat(self.scores), dim_zero_cat(self.correct))
+        return curve_from_scores(dim_zero_cat(self.scores), dim_zero_cat(self.correct))
 
 
 class ReferralRate(_Ranking):
@@ -229,7 +229,7 @@ class ReferralRate(_Ranking):
 
     def compute(self) -> Tensor:
         """Referral rate at the target accuracy."""
-        return torch.tensor(_rate_at_accuracy(self._curve(), self.target), dtype=torch.float64)
+        return torch.tensor(curve_rate_at_accuracy(self._curve(), self.target), dtype=torch.float64)
 
 
 class AURC(_Ranking):
@@ -239,11 +239,11 @@ class AURC(_Ranking):
 
     def compute(self) -> Tensor:
         """AURC as a fraction."""
-        return torch.tensor(_aurc(self._curve()), dtype=torch.float64)
+        return torch.tensor(curve_aurc(self._curve()), dtype=torch.float64)
 
     def compute_excess(self) -> Tensor:
         """E-AURC = AURC - AURC of the oracle ranking."""
-        return torch.tensor(_eaurc(self._curve()), dtype=torch.float64)
+        return torch.tensor(curve_eaurc(self._curve()), dtype=torch.float64)
 
 
 class AUGRC(_Ranking):
@@ -253,7 +253,7 @@ class AUGRC(_Ranking):
 
     def compute(self) -> Tensor:
         """AUGRC of all points seen so far."""
-        return torch.tensor(_augrc(self._curve()), dtype=torch.float64)
+        return torch.tensor(curve_augrc(self._curve()), dtype=torch.float64)
 
 
 class RiskAtCoverage(_Ranking):
@@ -263,11 +263,11 @@ class RiskAtCoverage(_Ranking):
 
     def __init__(self, coverage: float = 0.8, score: str = "entropy", **kwargs) -> None:
         super().__init__(score=score, **kwargs)
-        self.coverage = _check_fraction(coverage, "coverage", low_open=True)
+        self.coverage = check_fraction(coverage, "coverage", low_open=True)
 
     def compute(self) -> Tensor:
         """Selective risk at ``coverage``."""
-        return torch.tensor(_risk_at_coverage(self._curve(), self.coverage), dtype=torch.float64)
+        return torch.tensor(curve_risk_at_coverage(self._curve(), self.coverage), dtype=torch.float64)
 
 
 class CoverageAtRisk(_Ranking):
@@ -277,11 +277,11 @@ class CoverageAtRisk(_Ranking):
 
     def __init__(self, risk: float = 0.05, score: str = "entropy", **kwargs) -> None:
         super().__init__(score=score, **kwargs)
-        self.risk = _check_fraction(risk, "risk")
+        self.risk = check_fraction(risk, "risk")
 
     def compute(self) -> Tensor:
         """Coverage at ``risk``."""
-        return torch.tensor(_coverage_at_risk(self._curve(), self.risk), dtype=torch.float64)
+        return torch.tensor(curve_coverage_at_risk(self._curve(), self.risk), dtype=torch.float64)
 
 
 class AdaptiveCalibrationError(Metric):
@@ -293,7 +293,7 @@ class AdaptiveCalibrationError(Metric):
 
     def __init__(self, n_bins: int = 15, **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_bins(n_bins)
+        check_bins(n_bins)
         self.n_bins = n_bins
         self.add_state("confidence", default=[], dist_reduce_fx="cat")
         self.add_state("correct", default=[], dist_reduce_fx="cat")
@@ -303,12 +303,12 @@ class AdaptiveCalibrationError(Metric):
         p, y = _checked(p, y)
         p64 = p.double()
         self.confidence.append(p64.mean(0).max(-1).values)
-        self.correct.append(_correct(p64, y))
+        self.correct.append(correct_terms(p64, y))
 
     def compute(self) -> Tensor:
         """Adaptive calibration error as a fraction in [0, 1]."""
-        sums = _adaptive_bin_sums_from(dim_zero_cat(self.confidence), dim_zero_cat(self.correct), self.n_bins)
-        return torch.tensor(_ece_from_sums(*sums), dtype=torch.float64)
+        sums = adaptive_bin_sums_from(dim_zero_cat(self.confidence), dim_zero_cat(self.correct), self.n_bins)
+        return torch.tensor(ece_from_sums(*sums), dtype=torch.float64)
 
 
 class OODAUROC(Metric):
@@ -320,7 +320,7 @@ class OODAUROC(Metric):
 
     def __init__(self, score: str = "entropy", **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_score(score)
+        check_score(score)
         self.score = score
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
@@ -328,7 +328,7 @@ class OODAUROC(Metric):
     def update(self, p: Tensor, is_ood: bool | Tensor) -> None:
         """Store scores of a batch ``p [S, B, C]``; ``is_ood`` marks OOD (positive) points."""
         p = validate_probs(p)
-        s = _scores(p.double(), self.score)
+        s = scores_from_probs(p.double(), self.score)
         if isinstance(is_ood, Tensor):
             if is_ood.shape != s.shape:
                 raise ValueError(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from qbdl.metrics.registry import OOD_SCORE_METRICS
-from qbdl.metrics.uncertainty import _SCORES, _scores
+from qbdl.metrics.uncertainty import SCORE_NAMES, scores_from_probs
 from qbdl.metrics.validation import validate_probs
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 #: Scores computed from MC logits ``[S, B, C]`` (larger = more OOD).
 LOGIT_SCORES = ("maxlogit", "energy")
 #: Every OOD score name: probability scores first, then logit scores.
-OOD_SCORES = (*_SCORES, *LOGIT_SCORES)
+OOD_SCORES = (*SCORE_NAMES, *LOGIT_SCORES)
 #: Keys of one score's block in :func:`ood_metrics` / :func:`ood_detection_metrics`.
 OOD_METRIC_KEYS = tuple(OOD_SCORE_METRICS)
 
@@ -80,8 +80,8 @@ def ood_scores(p_in: Tensor, p_out: Tensor, score: str = "entropy") -> tuple[Ten
     p_out = validate_probs(p_out, "p_out")
     if p_in.shape[-1] != p_out.shape[-1]:
         raise ValueError(f"p_in has C = {p_in.shape[-1]} classes but p_out has C = {p_out.shape[-1]}")
-    s_in = _scores(p_in.double(), score)
-    s_out = _scores(p_out.double(), score).to(s_in.device)
+    s_in = scores_from_probs(p_in.double(), score)
+    s_out = scores_from_probs(p_out.double(), score).to(s_in.device)
     labels = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)])
     return torch.cat([s_in, s_out]), labels
 
@@ -184,8 +184,8 @@ def ood_detection_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, fl
 
 
 def _per_point_scores(p: Tensor, logits: Tensor | None, score: str, which: str) -> Tensor:
-    if score in _SCORES:
-        return _scores(p.double(), score)
+    if score in SCORE_NAMES:
+        return scores_from_probs(p.double(), score)
     if score not in LOGIT_SCORES:
         raise ValueError(f"unknown OOD score {score!r}; choose one of {OOD_SCORES}")
     if logits is None:
@@ -224,7 +224,7 @@ def ood_metrics(
     logits_out = _checked_logits(logits_out, p_out, "logits_out")
     if scores is None:
         have_logits = logits_in is not None and logits_out is not None
-        scores = OOD_SCORES if have_logits else _SCORES
+        scores = OOD_SCORES if have_logits else SCORE_NAMES
     out: dict[str, dict[str, float]] = {}
     for score in scores:
         s_in = _per_point_scores(p_in, logits_in, score, "in")

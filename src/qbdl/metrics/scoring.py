@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qbdl.metrics.validation import _check
+from qbdl.metrics.validation import check_probs_targets
 
 __all__ = ["EPS", "accuracy", "nll", "brier"]
 
@@ -13,22 +13,25 @@ __all__ = ["EPS", "accuracy", "nll", "brier"]
 EPS = 1e-12
 
 
-def _correct(p64: Tensor, y: Tensor) -> Tensor:
+def correct_terms(p64: Tensor, y: Tensor) -> Tensor:
+    """Per-point 1.0/0.0 for a correct top-1 of the mean prediction (validated float64 ``[S, B, C]``)."""
     return (p64.mean(0).argmax(-1) == y).double()
 
 
 def accuracy(p: Tensor, y: Tensor) -> float:
     """Fraction of points whose ``argmax pbar`` equals the target (first maximal class wins ties)."""
-    p, y = _check(p, y)
-    return float(_correct(p.double(), y).mean())
+    p, y = check_probs_targets(p, y)
+    return float(correct_terms(p.double(), y).mean())
 
 
-def _nll_terms(p64: Tensor, y: Tensor) -> Tensor:
+def nll_terms(p64: Tensor, y: Tensor) -> Tensor:
+    """Per-point negative log-likelihood of the mean prediction (validated float64 ``[S, B, C]``)."""
     pbar = p64.mean(0)
     return -pbar.gather(1, y.long().unsqueeze(1)).squeeze(1).clamp_min(EPS).log()
 
 
-def _brier_terms(p64: Tensor, y: Tensor) -> Tensor:
+def brier_terms(p64: Tensor, y: Tensor) -> Tensor:
+    """Per-point Brier score of the mean prediction (validated float64 ``[S, B, C]``)."""
     pbar = p64.mean(0)
     onehot = torch.nn.functional.one_hot(y.long(), pbar.shape[1]).double()
     return ((pbar - onehot) ** 2).sum(-1)
@@ -36,11 +39,11 @@ def _brier_terms(p64: Tensor, y: Tensor) -> Tensor:
 
 def nll(p: Tensor, y: Tensor) -> float:
     """Mean negative log-likelihood ``-log pbar[y]`` (probabilities clamped at ``EPS``)."""
-    p, y = _check(p, y)
-    return float(_nll_terms(p.double(), y).mean())
+    p, y = check_probs_targets(p, y)
+    return float(nll_terms(p.double(), y).mean())
 
 
 def brier(p: Tensor, y: Tensor) -> float:
     """Multi-class Brier score: mean over points of ``sum_c (pbar_c - onehot_c)^2`` (range [0, 2])."""
-    p, y = _check(p, y)
-    return float(_brier_terms(p.double(), y).mean())
+    p, y = check_probs_targets(p, y)
+    return float(brier_terms(p.double(), y).mean())

@@ -7,27 +7,27 @@ from typing import Any
 from torch import Tensor
 
 from qbdl.metrics.calibration import (
-    _adaptive_bin_sums,
-    _confidence_bin_sums,
-    _ece_from_sums,
-    _max_from_sums,
-    _uncertainty_bin_sums,
+    adaptive_bin_sums,
+    confidence_bin_sums,
+    ece_from_sums,
+    max_gap_from_sums,
+    uncertainty_bin_sums,
 )
 from qbdl.metrics.ood import OOD_METRIC_KEYS, ood_metrics
 from qbdl.metrics.registry import OOD_SET_METRICS, summary_keys
-from qbdl.metrics.scoring import _brier_terms, _correct, _nll_terms
+from qbdl.metrics.scoring import brier_terms, correct_terms, nll_terms
 from qbdl.metrics.selective import (
-    _augrc,
-    _aurc,
-    _coverage_at_risk,
-    _eaurc,
-    _rate_at_accuracy,
-    _referral_auc,
-    _referral_from_scores,
-    _risk_at_coverage,
+    curve_augrc,
+    curve_aurc,
+    curve_coverage_at_risk,
+    curve_eaurc,
+    curve_from_scores,
+    curve_rate_at_accuracy,
+    curve_referral_auc,
+    curve_risk_at_coverage,
 )
-from qbdl.metrics.uncertainty import _SCORES, _aleatoric, _mi, _pred_entropy, _scores
-from qbdl.metrics.validation import _check_bins, _check_fraction, validate_probs, validate_targets
+from qbdl.metrics.uncertainty import SCORE_NAMES, entropy_of_mean, mean_entropy, mi_terms, scores_from_probs
+from qbdl.metrics.validation import check_bins, check_fraction, validate_probs, validate_targets
 
 __all__ = ["summarize", "SUMMARY_KEYS", "OOD_KEYS", "OOD_METRIC_KEYS"]
 
@@ -119,35 +119,35 @@ def summarize(
     y = validate_targets(y, p.shape[1], p.shape[2]).to(p.device)
     if not 0.0 <= float(target_accuracy) <= 1.0:
         raise ValueError(f"target_accuracy must lie in [0, 1], got {target_accuracy}")
-    _check_bins(n_bins)
-    if score not in _SCORES:
-        raise ValueError(f"unknown uncertainty score {score!r}; choose one of {_SCORES}")
-    coverages = tuple(_check_fraction(c, "coverage", low_open=True) for c in coverages)
-    risks = tuple(_check_fraction(r, "risk") for r in risks)
+    check_bins(n_bins)
+    if score not in SCORE_NAMES:
+        raise ValueError(f"unknown uncertainty score {score!r}; choose one of {SCORE_NAMES}")
+    coverages = tuple(check_fraction(c, "coverage", low_open=True) for c in coverages)
+    risks = tuple(check_fraction(r, "risk") for r in risks)
     p64 = p.double()
-    correct = _correct(p64, y)
-    curve = _referral_from_scores(_scores(p64, score), correct)
-    conf_sums = _confidence_bin_sums(p, y, n_bins)
-    unc_sums = _uncertainty_bin_sums(p, y, n_bins)
+    correct = correct_terms(p64, y)
+    curve = curve_from_scores(scores_from_probs(p64, score), correct)
+    conf_sums = confidence_bin_sums(p, y, n_bins)
+    unc_sums = uncertainty_bin_sums(p, y, n_bins)
     result: dict[str, Any] = {
         "accuracy": float(correct.mean()),
-        "nll": float(_nll_terms(p64, y).mean()),
-        "brier": float(_brier_terms(p64, y).mean()),
-        "ece": _ece_from_sums(*conf_sums),
-        "ece_adaptive": _ece_from_sums(*_adaptive_bin_sums(p, y, n_bins)),
-        "mce": _max_from_sums(*conf_sums),
-        "uce": _ece_from_sums(*unc_sums),
-        "muce": _max_from_sums(*unc_sums),
-        "entropy_mean": float(_pred_entropy(p64).mean()),
-        "aleatoric_mean": float(_aleatoric(p64).mean()),
-        "mi_mean": float(_mi(p64).mean()),
-        "referral_rate_at_target": _rate_at_accuracy(curve, float(target_accuracy)),
-        "referral_auc": _referral_auc(curve),
-        "aurc": _aurc(curve),
-        "eaurc": _eaurc(curve),
-        "augrc": _augrc(curve),
-        "risk_at_coverage": {str(c): _risk_at_coverage(curve, c) for c in coverages},
-        "coverage_at_risk": {str(r): _coverage_at_risk(curve, r) for r in risks},
+        "nll": float(nll_terms(p64, y).mean()),
+        "brier": float(brier_terms(p64, y).mean()),
+        "ece": ece_from_sums(*conf_sums),
+        "ece_adaptive": ece_from_sums(*adaptive_bin_sums(p, y, n_bins)),
+        "mce": max_gap_from_sums(*conf_sums),
+        "uce": ece_from_sums(*unc_sums),
+        "muce": max_gap_from_sums(*unc_sums),
+        "entropy_mean": float(entropy_of_mean(p64).mean()),
+        "aleatoric_mean": float(mean_entropy(p64).mean()),
+        "mi_mean": float(mi_terms(p64).mean()),
+        "referral_rate_at_target": curve_rate_at_accuracy(curve, float(target_accuracy)),
+        "referral_auc": curve_referral_auc(curve),
+        "aurc": curve_aurc(curve),
+        "eaurc": curve_eaurc(curve),
+        "augrc": curve_augrc(curve),
+        "risk_at_coverage": {str(c): curve_risk_at_coverage(curve, c) for c in coverages},
+        "coverage_at_risk": {str(r): curve_coverage_at_risk(curve, r) for r in risks},
         "ood": {},
         "ood_auroc": None,
         "ood_groups": {},

@@ -22,12 +22,13 @@ __all__ = [
 ]
 
 Score = Literal["entropy", "mi", "maxprob"]
-_SCORES = ("entropy", "mi", "maxprob")
+SCORE_NAMES = ("entropy", "mi", "maxprob")
 
 
-def _check_score(score: str) -> None:
-    if score not in _SCORES:
-        raise ValueError(f"unknown uncertainty score {score!r}; choose one of {_SCORES}")
+def check_score(score: str) -> None:
+    """Raise a ValueError naming the choices unless ``score`` is a known uncertainty score."""
+    if score not in SCORE_NAMES:
+        raise ValueError(f"unknown uncertainty score {score!r}; choose one of {SCORE_NAMES}")
 
 
 def _entropy(q: Tensor) -> Tensor:
@@ -35,25 +36,29 @@ def _entropy(q: Tensor) -> Tensor:
     return -torch.special.xlogy(q, q).sum(-1)
 
 
-def _pred_entropy(p64: Tensor) -> Tensor:
+def entropy_of_mean(p64: Tensor) -> Tensor:
+    """Predictive entropy H[pbar] of validated float64 ``[S, B, C]`` probabilities."""
     return _entropy(p64.mean(0))
 
 
-def _aleatoric(p64: Tensor) -> Tensor:
+def mean_entropy(p64: Tensor) -> Tensor:
+    """Expected entropy mean_s H[p_s] (aleatoric part) of validated float64 probabilities."""
     return _entropy(p64).mean(0)
 
 
-def _mi(p64: Tensor) -> Tensor:
+def mi_terms(p64: Tensor) -> Tensor:
+    """Mutual information H[pbar] - mean_s H[p_s], clamped at 0, of validated float64 probabilities."""
     # Clamp because round-off can make H[pbar] - E[H[p_s]] slightly negative (MI >= 0 by Jensen).
-    return (_pred_entropy(p64) - _aleatoric(p64)).clamp_min(0.0)
+    return (entropy_of_mean(p64) - mean_entropy(p64)).clamp_min(0.0)
 
 
-def _scores(p64: Tensor, score: str) -> Tensor:
-    _check_score(score)
+def scores_from_probs(p64: Tensor, score: str) -> Tensor:
+    """Per-point uncertainty score (larger = more uncertain) of validated float64 probabilities."""
+    check_score(score)
     if score == "entropy":
-        return _pred_entropy(p64)
+        return entropy_of_mean(p64)
     if score == "mi":
-        return _mi(p64)
+        return mi_terms(p64)
     return 1.0 - p64.mean(0).max(-1).values
 
 
@@ -65,22 +70,22 @@ def predictive_mean(p: Tensor) -> Tensor:
 def predictive_entropy(p: Tensor) -> Tensor:
     """Per-point predictive (total) entropy ``H[pbar]`` in nats, shape ``[B]``, in ``p``'s dtype."""
     p = validate_probs(p)
-    return _pred_entropy(p.double()).to(p.dtype)
+    return entropy_of_mean(p.double()).to(p.dtype)
 
 
 def aleatoric_entropy(p: Tensor) -> Tensor:
     """Per-point expected entropy ``mean_s H[p_s]`` (aleatoric part) in nats, shape ``[B]``, in ``p``'s dtype."""
     p = validate_probs(p)
-    return _aleatoric(p.double()).to(p.dtype)
+    return mean_entropy(p.double()).to(p.dtype)
 
 
 def mutual_information(p: Tensor) -> Tensor:
     """Per-point mutual information ``H[pbar] - mean_s H[p_s]`` (clamped >= 0), shape ``[B]``, in ``p``'s dtype."""
     p = validate_probs(p)
-    return _mi(p.double()).to(p.dtype)
+    return mi_terms(p.double()).to(p.dtype)
 
 
 def uncertainty_scores(p: Tensor, score: str = "entropy") -> Tensor:
     """Per-point score (larger = more uncertain) in ``p``'s dtype: ``entropy`` H[pbar], ``mi``, or ``maxprob`` 1 - max pbar."""
     p = validate_probs(p)
-    return _scores(p.double(), score).to(p.dtype)
+    return scores_from_probs(p.double(), score).to(p.dtype)

@@ -64,18 +64,21 @@ def validate_targets(y: Tensor, batch: int, num_classes: int) -> Tensor:
     return y
 
 
-def _check(p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def check_probs_targets(p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate probabilities ``p`` and their targets ``y`` together; returns both."""
     p = validate_probs(p)
     y = validate_targets(y, p.shape[1], p.shape[2]).to(p.device)
     return p, y
 
 
-def _check_bins(n_bins: int) -> None:
+def check_bins(n_bins: int) -> None:
+    """Raise a ValueError unless ``n_bins`` is a positive int."""
     if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
 
 
-def _check_fraction(value: float, name: str, low_open: bool = False) -> float:
+def check_fraction(value: float, name: str, low_open: bool = False) -> float:
+    """Return ``value`` as a float after checking it is a fraction in (0, 1] or [0, 1]."""
     v = float(value)
     if not (0.0 < v <= 1.0 if low_open else 0.0 <= v <= 1.0):
         raise ValueError(f"{name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
