@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qbdl.quant import schema
+from qbdl.quant import schema, schema_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,10 @@ def test_json_schema_file_is_the_codes_schema():
 def test_scale_rule_on_hand_picked_values(value, ok):
     """Scales: finite, > 0, inside float32's normal range; booleans and strings are not numbers."""
     if ok:
-        assert schema._scale("f", "s", value) == value
+        assert schema_fields._scale("f", "s", value) == value
     else:
         with pytest.raises(schema.ModelFileError, match="f: s is"):
-            schema._scale("f", "s", value)
+            schema_fields._scale("f", "s", value)
 
 
 @pytest.mark.parametrize(
