@@ -123,7 +123,7 @@ def test_fp32_layers_follow_the_bnn_and_leave_input_and_logits_unquantized(nets)
     bnn, qs = nets
     x = _data(32, 9)
     abl = ablation_model(bnn, qs["fresh"])
-    order = abl._fid_graph_order
+    order = abl.ablation.graph_order
     assert order == ["conv1", "conv2", "conv3", "fc"]
     layers = {m.site_name: m for m in abl.modules() if hasattr(m, "feeds_output")}
     assert [n for n, m in layers.items() if m.feeds_output] == ["fc"]

@@ -65,11 +65,11 @@ def test_fresh_layers_keep_at_most_seven_bytes_a_weight(prepared):
     _run(q)
     for m in quant_layers(q):
         n, c = m.mu_q.numel(), m.mu_q.shape[0]
-        assert m._sampler is not None
+        assert m.inplace_sampler is not None
         # int8 mu and sigma (2), the packed sample (1, padded), int16 mu/S and sigma/S in packed order (4), the
         # int16 channel slots only where oneDNN stores channel sums (the first conv: input zero point != 0)
-        budget = 7 * n + (2 * m._sampler.mu.numel() if m._sampler.n_comp else 0)
-        padded = m._sampler.mu.numel() - n  # oneDNN pads channels to its block: 1 + 4 bytes a padded weight
+        budget = 7 * n + (2 * m.inplace_sampler.mu.numel() if m.inplace_sampler.n_comp else 0)
+        padded = m.inplace_sampler.mu.numel() - n  # oneDNN pads channels to its block: 1 + 4 bytes a padded weight
         assert held_bytes(m) <= budget + 5 * padded + 64 * c + 4096, (m, held_bytes(m), budget)
         assert m._ops is None  # the original-order operands were dropped once permuted
 

@@ -79,7 +79,7 @@ def _assert_every_layer_exact(q: nn.Module, batches: list[torch.Tensor]) -> None
             q(xb)
         for h in hooks:
             h.remove()
-        assert all(m._sampler is not None for m in layers), (
+        assert all(m.inplace_sampler is not None for m in layers), (
             "every conv2d/linear layer takes the in-place path"
         )
         assert any(m.in_zp != 0 for m in layers)  # the compensation bytes matter
@@ -89,12 +89,12 @@ def _assert_every_layer_exact(q: nn.Module, batches: list[torch.Tensor]) -> None
             with torch.no_grad():
                 y = m(x)
             torch.manual_seed(7)
-            _, _, eps_b = m._draw(None)
-            w = m._sampler.unpacked(m._sampler.packed, tuple(m.mu_q.shape))
-            packed, bias = m._prepack(w, m._w_scale, m.in_scale, m.in_zp), m._bias(eps_b)
+            _, _, eps_b = m.draw(None)
+            w = m.inplace_sampler.unpacked(m.inplace_sampler.packed, tuple(m.mu_q.shape))
+            packed, bias = m.prepack(w, m.w_scale, m.in_scale, m.in_zp), m.float_bias(eps_b)
             post = "relu" if m.relu else "none"
-            expected = m._onednn(
-                x, m.in_scale, m.in_zp, packed, m._w_scale.float(), bias, m.out_scale, m.out_zp, post
+            expected = m.kernel(
+                x, m.in_scale, m.in_zp, packed, m.w_scale.float(), bias, m.out_scale, m.out_zp, post
             )
             # identical kernels on VNNI; capped below VNNI, oneDNN may pick another implementation for either
             # packing (rounding order): the integers agree to 1 LSB, and exactly almost everywhere
@@ -118,7 +118,7 @@ def test_a_layout_that_does_not_check_out_warns_and_re_packs_the_same_samples(pr
     torch.manual_seed(11)
     with torch.no_grad():
         assert torch.equal(y, ref(_x()))
-    assert all(m._sampler is None and m.fresh_kernel == "prepack" for m in quant_layers(q) if m.bayesian)
+    assert all(m.inplace_sampler is None and m.fresh_kernel == "prepack" for m in quant_layers(q) if m.bayesian)
 
 
 def test_inplace_exact_on_grouped_depthwise_strided_dilated_convs():
@@ -143,7 +143,7 @@ def test_inplace_spread_matches_sigma():
     with torch.no_grad():
         q(torch.randn(2, 32, 6, 6))
     layer = quant_layers(q)[0]
-    assert layer._sampler is not None
+    assert layer.inplace_sampler is not None
     torch.manual_seed(123)
     step = layer.weight_scale().view(-1, 1, 1, 1)
     samples = torch.stack([layer.sampled_int8_weight().float() * step for _ in range(600)])
@@ -163,8 +163,8 @@ def test_inplace_and_prepack_kernels_agree_in_distribution(prepared):
         ps = mc_predict(slow, x, 64, seed=1).softmax(-1).mean(0)
         with sampling(fast, "mean"):
             pm = fast(x).softmax(-1)
-    assert all(m._sampler is not None for m in quant_layers(fast))
-    assert all(m._sampler is None for m in quant_layers(slow))
+    assert all(m.inplace_sampler is not None for m in quant_layers(fast))
+    assert all(m.inplace_sampler is None for m in quant_layers(slow))
     gap = (pf - ps).abs().max()
     assert gap < 0.08, gap
     # and they sample: MC means differ from the mean-weight prediction by far more than from each other
@@ -202,7 +202,7 @@ prep = calibrate(prepare(bnn, per_example=True), [torch.randn(4, 3, 16, 16)], mc
 q = convert(prep, sampler="fresh")
 with torch.no_grad():
     y = q(torch.randn(2, 3, 16, 16))
-print("native", native.available(), "inplace", sum(m._sampler is not None for m in quant_layers(q)), y.shape[1])
+print("native", native.available(), "inplace", sum(m.inplace_sampler is not None for m in quant_layers(q)), y.shape[1])
 try:
     convert(prep, sampler="flipout")
 except ValueError as e:

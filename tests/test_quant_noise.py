@@ -160,7 +160,7 @@ def _sample(layer, index):
 def test_the_in_place_path_samples_uncorrelated_noise_across_indices_and_layers(qbnn):
     _, q = qbnn
     first, second = [m for m in quant_layers(q) if m.mu_q.shape == (N_IN, N_IN)]
-    assert first._sampler is not None and second._sampler is not None
+    assert first.inplace_sampler is not None and second.inplace_sampler is not None
 
     def z(layer, i):  # standardised noise of MC sample i: (w - E w) / sd, flattened
         w = _sample(layer, i).double()
@@ -236,7 +236,7 @@ def test_bank_entry_k_is_the_counter_sample_of_mc_index_k():
                                                                                fresh_kernel="prepack")  # fmt: skip
     for lb, lf in zip(quant_layers(bank), quant_layers(fresh), strict=True):
         for k in range(3):
-            assert torch.equal(lb.bank_weight(k)[0], lf._make(*lf._draw(None, k))[0])
+            assert torch.equal(lb.bank_weight(k)[0], lf.make_sample(*lf.draw(None, k))[0])
 
 
 def _old_pool_sample(mu, sigma, scale, seed, stream, slot, negate, slots=16):
@@ -267,12 +267,12 @@ def test_an_older_files_bank_keeps_its_pool_samples_and_fresh_layers_warn():
         old = QuantLayer(cfg, m.mu_q, m.mu_scale, m.sigma_q, m.sigma_scale, m.bias_q, m.bias_sigma_q)
         old.in_zp = m.in_zp
         assert old.noise == "pool" and old.spec()["noise_slots"] == 16
-        gen = old._bank_generator()
+        gen = old.bank_generator()
         for k in range(3):
             negate = bool(torch.randint(0, 2, (1,), generator=gen))
             if old.bias_q is not None:
                 torch.randn(old.bias_q.shape, generator=gen)
-            mu, sig = old._deq(old.mu_q, old.mu_scale), old._deq(old.sigma_q, old.sigma_scale)
+            mu, sig = noise.dequantize(old.mu_q, old.mu_scale), noise.dequantize(old.sigma_q, old.sigma_scale)
             want = _old_pool_sample(mu, sig, old.weight_scale(), 2, old.index, k, negate)
             assert torch.equal(old.bank_weight(k)[0], want)
         with pytest.warns(RuntimeWarning, match="MC samples"):

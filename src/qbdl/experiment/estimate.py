@@ -9,6 +9,7 @@ estimate leaves out: data loading (the probe reuses one batch), checkpointing, p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,6 @@ from torch import Tensor, nn
 
 from qbdl import quant
 from qbdl.bayes import bayesian_layers, dnn_to_bnn, elbo_loss, mc_logits, sampling
-from qbdl.experiment.quantize import PTQ_OPTIONS
 
 
 def _seconds(fn: Callable[[], Any], reps: int = 2) -> float:
@@ -101,25 +101,20 @@ def estimate_run(
         fwd["bnn_mean"] = _forward_seconds(bnn, eval_batch, device)
     calibration = 0.0
     if quant_options is not None:
-        opts = dict(quant_options)
-        n_calib, calib_samples = opts.pop("calib_batches"), opts.pop("mc_samples")
+        opts = quant.PTQOptions(**quant_options)
+        # the real PTQ stages on one batch and one MC pass, scaled to the run's calibration passes
+        probe = dataclasses.replace(opts, calib_batches=1, mc_samples=1, seed=0)
         calib_x = x.cpu()
         models = {"qbnn": bnn} | ({"qdnn": dnn} if quantize_dnn else {})
         for name, model in models.items():
             t0 = time.perf_counter()
-            prepared = quant.prepare(
-                copy.deepcopy(model).cpu().eval(), backend=opts["backend"], observer=opts["observer"],
-                per_example=opts["sampler"] == "flipout",
-            )  # fmt: skip
+            prepared = probe.prepare(copy.deepcopy(model).cpu().eval())
             t1 = time.perf_counter()
-            quant.calibrate(prepared, [calib_x], mc_samples=1, seed=0)
+            probe.calibrate(prepared, [calib_x])
             t2 = time.perf_counter()
-            q = quant.convert(
-                prepared, sampler=opts["sampler"], bank_size=opts["bank_size"], seed=0, backend=opts["backend"],
-                fresh_kernel=opts["fresh_kernel"], noise_slots=opts["noise_slots"],
-            )  # fmt: skip
+            q = probe.convert(prepared)
             t3 = time.perf_counter()
-            calibration += (t1 - t0) + (t2 - t1) * (n_calib or 1) * calib_samples + (t3 - t2)
+            calibration += (t1 - t0) + (t2 - t1) * (opts.calib_batches or 1) * opts.mc_samples + (t3 - t2)
             fwd[name] = _forward_seconds(q, eval_batch, "cpu")
     per_image = {v: t / eval_batch.shape[0] for v, t in fwd.items()}
     evaluation: dict[str, float] = {}
@@ -184,7 +179,7 @@ def estimate_for_config(cfg: Any, dm: Any, dnn: nn.Module, ood_loaders: Mapping[
         shift_images = n_sets * min(n_test, cfg.shift.get("max_items") or n_test)
     quant_options = None
     if cfg.get("quant"):
-        quant_options = {k: cfg.quant[k] for k in PTQ_OPTIONS}
+        quant_options = {k: cfg.quant[k] for k in quant.PTQ_OPTIONS if k in cfg.quant}
     accel = str(cfg.trainer.get("accelerator", "cpu"))
     device = "cuda" if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
     return estimate_run(

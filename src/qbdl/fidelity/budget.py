@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qbdl.bayes.predict import mc_logits, sample_seed
-from qbdl.fidelity.ablation import _check_qbnn, _collect, _sites, ablation_model, set_parts
+from qbdl.fidelity.ablation import ablation_model, check_qbnn, collect_stats, set_parts, sites_of
 from qbdl.fidelity.parts import BASE_METRICS, CONFIGS, FORMAT, PART_DOC
-from qbdl.fidelity.sites import _chan, _fq, _int8_sample
+from qbdl.fidelity.sites import channel_view, fake_quant, int8_sample
 from qbdl.quant.layers import QuantLayer
 
 
@@ -86,7 +86,7 @@ def _db(sig: float, err: float) -> float | None:
 @torch.no_grad()
 def _weight_report(abl: nn.Module, seed: int) -> dict[str, dict]:
     out = {}
-    for m in abl._fid_layers:
+    for m in abl.ablation.layers:
         q = m.q
         nd = m.mu_fold.dim()
         r: dict[str, Any] = {
@@ -98,14 +98,14 @@ def _weight_report(abl: nn.Module, seed: int) -> dict[str, dict]:
             r["bias_sqnr_db"] = _sqnr_db(m.bias_fold, m.bias_deq)
         if m.bayesian:
             r["sigma_sqnr_db"] = _sqnr_db(m.sigma_fold, m.sigma_deq)
-            step = _chan(q._w_scale.float(), nd)
-            r["sample_step_over_mu_step"] = float((q._w_scale / q.mu_scale).median())
+            step = channel_view(q.w_scale.float(), nd)
+            r["sample_step_over_mu_step"] = float((q.w_scale / q.mu_scale).median())
             r["sigma_over_sample_step"] = float((m.sigma_deq / step).median())
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(seed, 0))
                 q.set_mc_index(0)
                 try:
-                    wq, _ = _int8_sample(q)
+                    wq, _ = int8_sample(q)
                 finally:
                     q.set_mc_index(None)
             # variance of the INT8 sample's perturbation over the posterior's: 1 + rounding on the sample grid
@@ -119,7 +119,7 @@ def _emulate_trace(t: dict) -> Tensor:
     x = (t["x"].float() - t["xz"]) * t["xs"]
     w = t["w"].float()
     ws = t["ws"].float()
-    w = w * _chan(ws, w.dim())
+    w = w * channel_view(ws, w.dim())
     c = t["config"]
     if t["kind"] == "linear":
         y = F.linear(x, w, t["bias"])
@@ -128,7 +128,7 @@ def _emulate_trace(t: dict) -> Tensor:
         y = conv(x, w, t["bias"], c["stride"], c["padding"], c["dilation"], c["groups"])
     if t["relu"]:
         y = F.relu(y)
-    return torch.round(_fq(y, t["os"], t["oz"], t["qmax"]) / t["os"]) + t["oz"]
+    return torch.round(fake_quant(y, t["os"], t["oz"], t["qmax"]) / t["os"]) + t["oz"]
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ def error_budget(
         raise ValueError("error budget: no test batches")
     ood = {k: cut(v) for k, v in (ood_batches or {}).items()}
     y = torch.cat([b[1] for b in test]).long()
-    qbnn = _check_qbnn(qbnn)
+    qbnn = check_qbnn(qbnn)
     bnn = bnn.cpu().eval()
     abl = ablation_model(bnn, qbnn)
     data = {"test": test, **{f"ood/{k}": v for k, v in ood.items()}}
@@ -192,7 +192,7 @@ def error_budget(
         out = {}
         for name, batches in data.items():
             if sink is not None:
-                with _collect(model, sink.setdefault(name.removeprefix("ood/"), {})):
+                with collect_stats(model, sink.setdefault(name.removeprefix("ood/"), {})):
                     out[name] = _predict(model, batches, mc_samples, s)
             else:
                 out[name] = _predict(model, batches, mc_samples, s)
@@ -212,7 +212,7 @@ def error_budget(
         say(name)
         set_parts(abl, **{p: True for p in parts})
         logits[name] = run(abl, seed, stats if name == "none" else None)
-    order = abl._fid_graph_order
+    order = abl.ablation.graph_order
     mixed = {"first_last_fp32": [order[0], order[-1]]} if mixed is None else mixed
     for name, layers in mixed.items():
         say(f"mixed {name}")
@@ -261,7 +261,7 @@ def error_budget(
         }
 
     sites = {}
-    for s in _sites(abl):
+    for s in sites_of(abl):
         lo, hi = s.grid_range()
         r: dict[str, Any] = {"kind": s.site_kind, "scale": s.scale, "zero_point": s.zp, "qmax": s.qmax}
         r.update(range=[lo, hi], sqnr_db={}, clip={}, clip_low={}, clip_high={})

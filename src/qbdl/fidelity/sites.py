@@ -10,20 +10,22 @@ from qbdl.bayes.layers import BayesianLayer, random_signs
 from qbdl.quant.activations import QAdd, Quantize
 from qbdl.quant.fold import bn_scale_shift
 from qbdl.quant.layers import QuantLayer
-from qbdl.quant.prepared import PreparedLayer
+from qbdl.quant.prepared import PreparedLayer, channel_dim
 
 
-def _fq(x: Tensor, scale: float, zp: int, qmax: int) -> Tensor:
+def fake_quant(x: Tensor, scale: float, zp: int, qmax: int) -> Tensor:
+    """x fake-quantized per tensor on the uint8 grid (scale, zero point zp, values 0..qmax)."""
     return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, qmax)
 
 
-def _chan(t: Tensor, ndim: int, dim: int = 0) -> Tensor:
+def channel_view(t: Tensor, ndim: int, dim: int = 0) -> Tensor:
+    """A per-channel vector viewed to broadcast along dimension `dim` of an ndim-dimensional tensor."""
     shape = [1] * ndim
     shape[dim] = -1
     return t.view(shape)
 
 
-class _Site(nn.Module):
+class Site(nn.Module):
     """An activation the INT8 graph quantizes: fake-quant when `activations` is on; optional statistics."""
 
     site_kind = "site"
@@ -43,17 +45,17 @@ class _Site(nn.Module):
             lo, hi = self.grid_range()
             lo, hi = lo - self.scale / 2, hi + self.scale / 2  # beyond these the error exceeds rounding
             yd = y.detach()
-            err = (yd - _fq(yd, self.scale, self.zp, self.qmax)).double()
+            err = (yd - fake_quant(yd, self.scale, self.zp, self.qmax)).double()
             st = self.stats.setdefault(self.site_name, [0.0, 0.0, 0, 0, 0])
             st[0] += float(yd.double().pow(2).sum())
             st[1] += float(err.pow(2).sum())
             st[2] += int((yd < lo).sum())
             st[3] += int((yd > hi).sum())
             st[4] += yd.numel()
-        return _fq(y, self.scale, self.zp, self.qmax) if self.activations else y
+        return fake_quant(y, self.scale, self.zp, self.qmax) if self.activations else y
 
 
-class _AblationQuant(_Site):
+class AblationQuant(Site):
     site_kind = "input"
 
     def __init__(self, name: str, q: Quantize) -> None:
@@ -63,7 +65,7 @@ class _AblationQuant(_Site):
         return self._out(x)
 
 
-class _AblationAdd(_Site):
+class AblationAdd(Site):
     site_kind = "add"
 
     def __init__(self, name: str, relu: bool, q: QAdd) -> None:
@@ -77,39 +79,26 @@ class _AblationAdd(_Site):
         return self._out(y)
 
 
-class _Requant(_AblationQuant):
+class Requant(AblationQuant):
     """After an average pool: the INT8 pool rounds its mean to its input's grid (no statistics: _sites skips it)."""
 
     site_kind = "pool"
 
-    def __init__(self, name: str, src: _Site) -> None:
-        _Site.__init__(self, name, src.scale, src.zp, src.qmax)
+    def __init__(self, name: str, src: Site) -> None:
+        Site.__init__(self, name, src.scale, src.zp, src.qmax)
 
 
-def _int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
+def int8_sample(q: QuantLayer) -> tuple[Tensor, Tensor | None]:
     """The dequantized int8 weight sample and float bias the QuantLayer computes with for this forward.
 
-    Draws the layer's random numbers from the global generator exactly as its own forward (or the prefetch
-    hook) does: with the MC index set, the sign then the bias noise.
+    Its sampler draws the layer's random numbers from the global generator exactly as its own forward (or the
+    prefetch hook) does; samplers without one weight sample shared by the batch raise NotImplementedError.
     """
-    if q.sampler == "bank":
-        i = q._mc_index
-        i = int(torch.randint(0, q.bank_size, (1,))) if i is None else i % q.bank_size
-        wq, bias = q.bank_weight(i)
-        return wq.float() * _chan(q._w_scale.float(), wq.dim()), bias
-    if q.sampler != "fresh":
-        raise NotImplementedError(f"error budget: sampler {q.sampler!r} is not supported (fresh, bank)")
-    slot, negate, eps_b = q._draw(None)
-    if q._sampler is not None:  # the in-place kernel: read back the bytes it will compute with
-        wq = q._sampler.unpacked(q._sampler.sample(slot, negate), tuple(q.mu_q.shape))
-        w = wq.float() * _chan(q._w_scale.float(), wq.dim())
-    else:
-        wq = q._make(slot, negate, eps_b)[0]
-        w = wq.float() * _chan(q._w_scale.float(), wq.dim())
-    return w, q._bias(eps_b)
+    wq, bias = q.int8_sample()
+    return wq.float() * channel_view(q.w_scale.float(), wq.dim()), bias
 
 
-class _AblationLayer(_Site):
+class AblationLayer(Site):
     """A conv/linear (+BN, +ReLU) whose weights, sampling and output quantization are switched separately."""
 
     site_kind = "layer"
@@ -126,10 +115,10 @@ class _AblationLayer(_Site):
                 f"{name}: the QBNN layer is {'' if q.bayesian else 'not '}Bayesian, the BNN's is"
             )
         self.weights = self.sampling = False
-        self.input_site: _Site | None = None  # set by ablation_model: the network-input site it reads
+        self.input_site: Site | None = None  # set by ablation_model: the network-input site it reads
         self.feeds_output = False  # ... and whether its output is the network's (the logits)
         self.exact_sigma = False  # (a) with the BNN's own sigma: what a lossless sigma grid would change
-        self._draws: tuple[Tensor, Tensor | None] | None = None
+        self.drawn: tuple[Tensor, Tensor | None] | None = None  # set by the draw hook
         folded = prep.layer
         with torch.no_grad():
             mu = (folded.mu_weight if self.bayesian else folded.weight).detach().float()
@@ -144,21 +133,21 @@ class _AblationLayer(_Site):
             sgn = torch.where(s < 0, -1.0, 1.0).float()
             self.register_buffer("mu_fold", mu.clone())
             self.register_buffer("bias_fold", None if bias is None else bias.clone())
-            self.register_buffer("mu_deq", q.mu_q.float() * _chan(q.mu_scale, nd))
-            self.register_buffer("bias_deq", None if q.bias_q is None else q.bias_q.float() * q._bias_scale)
+            self.register_buffer("mu_deq", q.mu_q.float() * channel_view(q.mu_scale, nd))
+            self.register_buffer("bias_deq", None if q.bias_q is None else q.bias_q.float() * q.bias_scale)
             if (self.bias_fold is None) != (self.bias_deq is None):
                 raise ValueError(f"{name}: the BNN and the QBNN disagree on having a bias")
-            self.register_buffer("sgn", _chan(sgn, nd))
+            self.register_buffer("sgn", channel_view(sgn, nd))
             self.register_buffer("sgn_b", sgn)
             self.register_buffer(
                 "sigma_fold", folded.sigma_weight.detach().float().clone() if self.bayesian else None
             )
             self.register_buffer(
-                "sigma_deq", q.sigma_q.float() * _chan(q.sigma_scale, nd) if self.bayesian else None
+                "sigma_deq", q.sigma_q.float() * channel_view(q.sigma_scale, nd) if self.bayesian else None
             )
             bs = None
             if self.bayesian and q.bias_sigma_q is not None:
-                bs = q.bias_sigma_q.float() * q._bias_scale
+                bs = q.bias_sigma_q.float() * q.bias_scale
             self.register_buffer("bias_sigma_deq", bs)
 
     def layer_mode(self) -> str:
@@ -166,7 +155,7 @@ class _AblationLayer(_Site):
         return self.orig.mode if self.bayesian else "mean"
 
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return self.prep._op(x, w, b)
+        return self.prep.op(x, w, b)
 
     def _sigma(self) -> Tensor:
         return self.sigma_fold if self.exact_sigma else self.sigma_deq
@@ -176,12 +165,12 @@ class _AblationLayer(_Site):
         if not self.bayesian or self.layer_mode() == "mean":
             return self._op(x, self.mu_deq if a else self.mu_fold, self.bias_deq if a else self.bias_fold)
         if b:
-            if self._draws is None:
+            if self.drawn is None:
                 raise RuntimeError(
                     f"{self.site_name}: no int8 sample drawn (run the ablation model's forward)"
                 )
-            wq, bq = self._draws
-            self._draws = None
+            wq, bq = self.drawn
+            self.drawn = None
             if a:
                 return self._op(x, wq, bq)
             w = self.mu_fold + (wq - self.mu_deq)
@@ -201,7 +190,7 @@ class _AblationLayer(_Site):
         delta_b = None
         if orig.mu_bias is not None:
             delta_b = self.sgn_b * self.bias_sigma_deq * torch.randn_like(orig.mu_bias)
-        ch = orig._channel_dim
+        ch = channel_dim(orig)
         pert = self._op(x * random_signs(x, ch), delta_w, delta_b)
         return out + pert * random_signs(pert, ch)
 

@@ -7,18 +7,31 @@ from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Qu
 from .backend import BACKENDS, check_backend, supported_backends
 from .fold import bn_scale_shift, fold_bn
 from .io import load_qbnn, save_qbnn
-from .layers import FRESH_KERNELS, SAMPLERS, QuantLayer
+from .layers import FRESH_KERNELS, QuantLayer
 from .observers import OBSERVERS, ActObserver
 from .prepared import PreparedLayer
-from .ptq import calibrate, check_options, convert, prepare, quant_layers, quantize_bnn, set_sampler
+from .ptq import (
+    PTQ_OPTIONS,
+    PTQOptions,
+    calibrate,
+    check_options,
+    convert,
+    prepare,
+    quant_layers,
+    quantize_bnn,
+    set_sampler,
+)
 from .qat import convert_qat, finetune_qat, prepare_qat, set_fake_quant, simulate
+from .samplers import SAMPLERS
 
 __all__ = [
     "BACKENDS",
     "FRESH_KERNELS",
     "OBSERVERS",
+    "PTQ_OPTIONS",
     "SAMPLERS",
     "ActObserver",
+    "PTQOptions",
     "DeQuantize",
     "PreparedLayer",
     "QAdaptiveAvgPool",

@@ -50,7 +50,7 @@ class Quantize(nn.Module):
         return {"scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
 
 
-class _Wired(nn.Module):
+class Wired(nn.Module):
     """A module whose input qparams come from the graph (quant.lower.lower sets `inputs`)."""
 
     def __init__(self) -> None:
@@ -62,21 +62,21 @@ class _Wired(nn.Module):
         return {}
 
 
-class DeQuantize(_Wired):
+class DeQuantize(Wired):
     """uint8 -> FP32 with its input's qparams."""
 
     def forward(self, x: Tensor) -> Tensor:
         return dequantize_act(x, *self.inputs[0])
 
 
-class QReLU(_Wired):
+class QReLU(Wired):
     """ReLU of a uint8 activation: max(q, zero point)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x.clamp_min(self.inputs[0][1])
 
 
-class QAdaptiveAvgPool(_Wired):
+class QAdaptiveAvgPool(Wired):
     """Adaptive average pooling of a uint8 activation, output on the input's grid (as quantized pooling does).
 
     Rounding as ATen's quantized kernels: zp + round(mean(q - zp)) for channels-last input, round(mean(q))
@@ -145,7 +145,7 @@ class QMaxPool(nn.Module):
                 "dilation": self.dilation, "ceil_mode": self.ceil_mode}  # fmt: skip
 
 
-class QAdd(_Wired):
+class QAdd(Wired):
     """Residual add (+ReLU) of two uint8 activations with a calibrated output scale / zero point."""
 
     def __init__(self, relu: bool, scale: float, zero_point: int, qmax: int = FULL_QMAX) -> None:

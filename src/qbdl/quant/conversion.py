@@ -15,13 +15,11 @@ from ..bayes.layers import BayesianConv1d, BayesianConv2d, BayesianConv3d, Bayes
 from . import noise
 from .activations import DeQuantize, QAdd, Quantize
 from .backend import KernelPlan, check_backend, kernel_plan
-from .layers import FRESH_KERNELS, SAMPLERS, QuantLayer, enable_prefetch
+from .contract import sampler_class
+from .fx import module_of
+from .layers import FRESH_KERNELS, QuantLayer, enable_prefetch
 from .lower import lower
 from .prepared import DeQuantMarker, ObservedAdd, ObservedQuant, PreparedLayer
-
-
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
 def _layer_kind(layer: nn.Module) -> str:
@@ -45,7 +43,7 @@ def _input_qparams(gm: fx.GraphModule, node: fx.Node, bits: int = 8) -> tuple[fl
     """qparams of the activation feeding `node`: walk back through shape/pool ops to an observed producer."""
     src = node.args[0]
     while isinstance(src, fx.Node):
-        mod = _module(gm, src)
+        mod = module_of(gm, src)
         if isinstance(mod, (PreparedLayer, ObservedQuant, ObservedAdd)):
             return mod.obs.qparams(bits=bits)
         nxt = [a for a in src.args if isinstance(a, fx.Node)]
@@ -53,10 +51,6 @@ def _input_qparams(gm: fx.GraphModule, node: fx.Node, bits: int = 8) -> tuple[fl
             break
         src = nxt[0]
     raise RuntimeError(f"{node.name}: no quantized activation feeds this layer")
-
-
-def _deq(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.view(-1, *[1] * (q.dim() - 1))
 
 
 @torch.no_grad()
@@ -87,7 +81,7 @@ def _quantize_layer(prep: PreparedLayer, in_scale: float, config: dict) -> Quant
     # The int32 bias is in units of input_scale * (the scale of the weights it is added to).
     w_scale = mu_scale
     if bayes:
-        w_scale = noise.sample_scale(_deq(mu_q, mu_scale), _deq(sigma_q, sigma_scale))
+        w_scale = noise.sample_scale(noise.dequantize(mu_q, mu_scale), noise.dequantize(sigma_q, sigma_scale))
     bias_scale = in_scale * w_scale
     bias = bias_sigma = None
     b_mu = layer.mu_bias if bayes else layer.bias
@@ -124,8 +118,7 @@ def convert(
     noise_slots: ignored (kept for callers of earlier versions): the weight noise is generated from a
     counter (noise.py), so every MC sample has its own and none is stored.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    needs_ranges = sampler_class(sampler).needs_input_ranges
     if fresh_kernel not in FRESH_KERNELS:
         raise ValueError(f"unknown fresh_kernel {fresh_kernel!r}; choose one of {FRESH_KERNELS}")
     if bank_size < 1:
@@ -140,7 +133,7 @@ def convert(
     index = 0
     bayes = False
     for node in gm.graph.nodes:
-        mod = _module(gm, node)
+        mod = module_of(gm, node)
         if isinstance(mod, PreparedLayer):
             in_scale, _ = _input_qparams(gm, node, bits)  # the zero point is wired by lower()
             config = {
@@ -159,11 +152,11 @@ def convert(
                     config["mean_scale"], config["mean_zp"] = mod.obs_mean.qparams()  # an output: full range
                     lo, hi = mod.obs_pert.range()
                     config["pert_scale"] = max(abs(lo), abs(hi), 1e-8) / 127  # zero point 128: symmetric
-                elif sampler == "flipout":
+                elif needs_ranges:
                     raise ValueError(
-                        f"{node.target}: sampler='flipout' needs the ranges of INT8 Flipout's two terms; prepare "
-                        "the model with prepare(..., per_example=True) (quantize_bnn does this for "
-                        "sampler='flipout') and calibrate it again"
+                        f"{node.target}: sampler={sampler!r} needs per-example calibration ranges (for 'flipout': "
+                        "those of INT8 Flipout's two terms); prepare the model with prepare(..., per_example=True) "
+                        f"(quantize_bnn does this for sampler={sampler!r}) and calibrate it again"
                     )
             new_modules[node.target] = _quantize_layer(mod, in_scale, config)
             index += 1

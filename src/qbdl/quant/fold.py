@@ -9,8 +9,14 @@ from torch import Tensor, nn
 
 from ..bayes.layers import BayesianLayer, softplus_inv
 
+#: The BatchNorm classes prepare() folds into the conv/linear before them (eval statistics).
+BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)  # fmt: skip
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+
+def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
     """(s, t) with bn(y) = s*y + t in eval mode: s = gamma/sqrt(var+eps), t = beta - s*running_mean."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"{bn} has no running statistics (track_running_stats=False): it cannot be folded")
@@ -26,7 +32,7 @@ def _per_out(s: Tensor, w: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[nn.Module, Tensor | None]:
+def fold_bn(layer: nn.Module, bn: nn.Module) -> tuple[nn.Module, Tensor | None]:
     """Fold `bn` into a copy of `layer`; returns (folded layer, deterministic bias or None).
 
     Bayesian layer: mu' = s*mu, sigma' = |s|*sigma, priors scaled the same way (so the KL is unchanged);
@@ -43,7 +49,7 @@ def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[nn.M
         new.rho_weight.copy_(softplus_inv(sa * layer.sigma_weight))
         new.prior_mu_weight.copy_(_per_out(s, w) * layer.prior_mu_weight)
         new.prior_sigma_weight.copy_(sa * layer.prior_sigma_weight)
-        new._sigma_cache = {}
+        # the copied sigma cache needs no reset: its entries are keyed by the original rho's storage, never the copy's
         if layer.mu_bias is None:
             return new, t.clone()
         new.mu_bias.copy_(s * layer.mu_bias + t)

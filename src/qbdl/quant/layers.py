@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from . import inplace, native, noise, samplers
+from . import inplace, noise
 from .activations import clamp_qmax
 from .backend import FULL_QMAX, check_backend
+from .contract import Sampler, sampler_class
+from .samplers import BankSampler, MeanSampler
 
-SAMPLERS = ("fresh", "bank", "flipout")
 FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 
@@ -29,7 +30,8 @@ class QuantLayer(nn.Module):
     signs over K banked perturbations.
     Sampled weights use the fixed per-channel scale S = max(|mu| + 3 sigma)/127, so the int32 bias (in
     units of input_scale * S) is exact for every sample. Every kernel is a oneDNN op on plain uint8 / int8
-    tensors; the input's scale and zero point are `in_scale` / `in_zp` (set from the graph).
+    tensors; the input's scale and zero point are `in_scale` / `in_zp` (set from the graph). What a sampler
+    may use of this layer is contract.SampledLayer.
     """
 
     def __init__(
@@ -60,8 +62,7 @@ class QuantLayer(nn.Module):
         self.qmax: int = int(c.get("qmax", FULL_QMAX))
         self.backend: str = c["backend"]
         self.sampler: str = c.get("sampler", "fresh")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        sampler_class(self.sampler)  # refuses an unknown name before any tensor is built
         self.bank_size: int = int(c.get("bank_size", 16))
         self.seed: int = int(c.get("seed", 0))
         self.index: int = int(c.get("index", 0))
@@ -103,32 +104,42 @@ class QuantLayer(nn.Module):
         """True when the layer holds a sigma (samples weights)."""
         return self.sigma_q is not None
 
-    def _deq(self, q: Tensor, scale: Tensor) -> Tensor:
-        return q.float() * scale.view(-1, *[1] * (q.dim() - 1))
-
     def weight_scale(self) -> Tensor:
         """Per-channel scale of the weights the int32 bias refers to (S of samples, or mu's scale)."""
         if not self.bayesian:
             return self.mu_scale
         return noise.sample_scale(
-            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale)
+            noise.dequantize(self.mu_q, self.mu_scale), noise.dequantize(self.sigma_q, self.sigma_scale)
         )
 
     def _build(self) -> None:
-        self._w_scale = self.weight_scale()
-        self._bias_scale = self.in_scale * self._w_scale
+        self.w_scale: Tensor = self.weight_scale()  # what the samplers and the int32 bias use
+        self.bias_scale: Tensor = self.in_scale * self.w_scale
         self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
         self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
         self._ops: tuple[Tensor, Tensor] | None = None  # int16 operands of the re-packing path, cached
-        self._mean = samplers.MeanSampler()
+        self._mean = MeanSampler()
         # the sampler of mode 'sample' (the bank and flipout ones draw their samples now, from the seed)
-        self.impl: samplers.Sampler = samplers.make(self) if self.bayesian else self._mean
+        self.impl: Sampler = sampler_class(self.sampler)(self) if self.bayesian else self._mean
 
-    def _bank_generator(self) -> torch.Generator:
+    @property
+    def mc_index(self) -> int | None:
+        """The MC sample index of the following forwards (set_mc_index; None: the global generator)."""
+        return self._mc_index
+
+    # the old private names qbdl.export still reads (reference.py, graph.py); go once it uses draw / bias_scale
+    @property
+    def _bias_scale(self) -> Tensor:
+        return self.bias_scale
+
+    def _draw(self, gen: torch.Generator | None, index: int | None = None) -> tuple[int, bool, Tensor | None]:
+        return self.draw(gen, index)
+
+    def bank_generator(self) -> torch.Generator:
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1))
 
-    def _draw(self, gen: torch.Generator | None, index: int | None = None) -> tuple[int, bool, Tensor | None]:
+    def draw(self, gen: torch.Generator | None, index: int | None = None) -> tuple[int, bool, Tensor | None]:
         """One weight sample's noise key, sign and bias noise, drawn in this order.
 
         Counter noise: the key of MC index `index` (else the layer's MC index, else a counter from `gen`: None is
@@ -150,44 +161,52 @@ class QuantLayer(nn.Module):
             eps_b = torch.randn(self.bias_q.shape, generator=gen)
         return draw, negate, eps_b
 
-    def _bias(self, eps_b: Tensor | None) -> Tensor | None:
+    def float_bias(self, eps_b: Tensor | None) -> Tensor | None:
+        """The float bias (bias noise eps_b added) in the kernel's units (input scale * w_scale)."""
         if self.bias_q is None:
             return None
         b = self.bias_q.float()
         if eps_b is not None:
             b = b + self.bias_sigma_q.float() * eps_b
-        return b * self._bias_scale
+        return b * self.bias_scale
 
-    def _make(self, draw: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """One int8 weight sample (original order; scale weight_scale()) and its float bias, from `_draw`'s output.
+    def make_sample(self, draw: int, negate: bool, eps_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One int8 weight sample (original order; scale w_scale) and its float bias, from `draw`'s output.
 
         Nothing is cached: the counter noise is regenerated from the key (the C++ op, ~1 ns a weight), and a
         pool window of an older file is redrawn (only its bank calls this, once per entry).
         """
         if self.noise == "pool":
             z = noise.legacy_window(self.seed, self.index, self.mu_q.numel(), draw)
-            mu, sigma = self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale)
-            return noise.legacy_sample(mu, sigma, self._w_scale, z, negate), self._bias(eps_b)
-        return noise.sample_int8(*self.operands(), draw), self._bias(eps_b)
+            mu = noise.dequantize(self.mu_q, self.mu_scale)
+            sigma = noise.dequantize(self.sigma_q, self.sigma_scale)
+            return noise.legacy_sample(mu, sigma, self.w_scale, z, negate), self.float_bias(eps_b)
+        return noise.sample_int8(*self.operands(), draw), self.float_bias(eps_b)
 
     def operands(self, keep: bool = True) -> tuple[Tensor, Tensor]:
         """int16 (mu/S, sigma/S) fixed point of the sampling kernels (noise.operands); cached when `keep`."""
         if self._ops is not None:
             return self._ops
         ops = noise.operands(
-            self._deq(self.mu_q, self.mu_scale), self._deq(self.sigma_q, self.sigma_scale), self._w_scale
-        )
+            noise.dequantize(self.mu_q, self.mu_scale), noise.dequantize(self.sigma_q, self.sigma_scale),
+            self.w_scale,
+        )  # fmt: skip
         if keep:
             self._ops = ops
         return ops
 
+    def drop_operands(self) -> None:
+        """Forget the cached int16 operands (a sampler that has packed every sample it needs)."""
+        self._ops = None
+
     def bank_weight(self, i: int) -> tuple[Tensor, Tensor | None]:
         """Bank entry i's int8 weight and float bias (what sampler='bank' computes with at MC index i)."""
-        if not isinstance(self.impl, samplers.BankSampler):
+        if not isinstance(self.impl, BankSampler):
             raise ValueError(f"INT8 layer {self.index} has no bank (sampler {self.sampler!r})")
         return self.impl.weight(self, i)
 
-    def _prepack(self, w: Tensor, w_scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
+    def prepack(self, w: Tensor, w_scale: Tensor, x_scale: float, x_zp: int) -> Tensor:
+        """The oneDNN-packed int8 weight `w` (scales w_scale) for inputs of scale x_scale, zero point x_zp."""
         # packed for the first input's shape: oneDNN picks its kernel by it (a 512-channel 3x3 conv on 7x7
         # runs 4x slower packed without one); other batch sizes reuse it
         x_shape = self._x_shape
@@ -206,7 +225,7 @@ class QuantLayer(nn.Module):
             return [1, *c["stride"]], [0, *c["padding"]], [1, *c["dilation"]], c["groups"]
         return c["stride"], c["padding"], c["dilation"], c["groups"]
 
-    def _onednn(
+    def kernel(
         self,
         xu: Tensor,
         xs: float,
@@ -227,14 +246,15 @@ class QuantLayer(nn.Module):
             xu = xu.unsqueeze(2)
         if self.kind == "conv3d" and post == "relu":
             # oneDNN fuses no ReLU into conv3d; max(q, zp) after the kernel is the same
-            return self._onednn(xu, xs, xz, w, ws, bias, os, oz).clamp_(min=oz)
+            return self.kernel(xu, xs, xz, w, ws, bias, os, oz).clamp_(min=oz)
         y = torch.ops.onednn.qconv_pointwise(
             xu, xs, xz, w, ws, self._w_zp, bias, *self._conv_args(), os, oz, torch.uint8, post, [], ""
         )  # fmt: skip
         return y.squeeze(2) if self.kind == "conv1d" else y
 
-    def _record(self, x: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, y: Tensor, os: float, oz: int,
-                relu: bool, qmax: int) -> None:  # fmt: skip
+    def record(self, x: Tensor, xs: float, xz: int, w: Tensor, ws: Tensor, bias, y: Tensor, os: float, oz: int,
+               relu: bool, qmax: int) -> None:  # fmt: skip
+        """Append one kernel call (operands, qparams, output) to `trace` when tracing is on."""
         if self.trace is not None:
             self.trace.append({
                 "x": x.clone(), "xs": xs, "xz": xz, "w": w.clone(), "ws": ws.clone(),
@@ -247,11 +267,11 @@ class QuantLayer(nn.Module):
     ) -> Tensor:
         """This layer's kernel on uint8 `x` with a packed weight (scales `ws`); `w`: its int8 weight, traced."""
         post = "relu" if self.relu else "none"
-        y = self._onednn(
+        y = self.kernel(
             x, self.in_scale, self.in_zp, packed, ws.float(), bias, self.out_scale, self.out_zp, post
         )
         y = clamp_qmax(y, self.qmax)
-        self._record(
+        self.record(
             x, self.in_scale, self.in_zp, w, ws, bias, y, self.out_scale, self.out_zp, self.relu, self.qmax
         )
         return y
@@ -261,9 +281,13 @@ class QuantLayer(nn.Module):
         self._mc_index = index
 
     @property
-    def _sampler(self) -> inplace.PackedSampler | None:
-        """The in-place sampler of a 'fresh' layer once its first sampled forward built it (qbdl.fidelity reads it)."""
+    def inplace_sampler(self) -> inplace.PackedSampler | None:
+        """The in-place sampler of a 'fresh' layer once its first sampled forward built it (None otherwise)."""
         return getattr(self.impl, "inplace", None)
+
+    def int8_sample(self) -> tuple[Tensor, Tensor | None]:
+        """The int8 weight (scale w_scale) and float bias of the next sampled forward (its sampler's draws)."""
+        return self.impl.int8_sample(self)
 
     def sampled_int8_weight(self) -> Tensor:
         """One fresh int8 weight sample (global generator; scale weight_scale()); for tests.
@@ -271,23 +295,16 @@ class QuantLayer(nn.Module):
         With the in-place kernel (after a first forward) the sample is written to the packed weight and
         read back, so it is exactly what that path computes with.
         """
-        if self._sampler is None:
-            return self._make(*self._draw(None))[0]
-        draw, negate, _ = self._draw(None)
-        return self._sampler.unpacked(self._sampler.sample(draw, negate), tuple(self.mu_q.shape))
+        packed = self.inplace_sampler
+        if packed is None:
+            return self.make_sample(*self.draw(None))[0]
+        draw, negate, _ = self.draw(None)
+        return packed.unpacked(packed.sample(draw, negate), tuple(self.mu_q.shape))
 
     @property
     def inplace_capable(self) -> bool:
         """True when fresh samples can be written into oneDNN-packed weights (checked again on first use)."""
-        return (
-            self.bayesian
-            and self.sampler == "fresh"
-            and self.noise == "counter"
-            and self.fresh_kernel == "auto"
-            and self.kind in ("conv2d", "linear")
-            and self.mu_q.shape[0] <= torch.iinfo(torch.int16).max
-            and native.available()
-        )
+        return self.bayesian and self.impl.can_write_in_place(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:  # a batch of 0: oneDNN must never see an empty tensor (it divides by the batch)
@@ -322,10 +339,9 @@ class QuantLayer(nn.Module):
 
     def set_sampler(self, sampler: str, bank_size: int | None = None, seed: int | None = None) -> None:
         """Switch to another sampler (rebuilds the bank)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        cls = sampler_class(sampler)
         self.sampler = self.config["sampler"] = sampler
-        if sampler != "bank":  # an older file's pool noise served its bank only: other samplers count
+        if not cls.pool_noise:  # an older file's pool noise served its bank only: other samplers count
             self.config.pop("noise_slots", None)
         self.noise = noise.generator(self.config)
         if bank_size is not None:
@@ -344,9 +360,7 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}"
         if self.bayesian:
-            s += f", mode={self.mode}, sampler={self.sampler}"
-            if self.sampler == "bank":
-                s += f", K={self.bank_size}"
+            s += f", mode={self.mode}, sampler={self.sampler}" + self.impl.describe(self)
         return s
 
 
@@ -361,14 +375,15 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def _prefetch_hook(model: nn.Module, args) -> None:
+    workers = getattr(model, "qbdl_pack_workers", 2)
     layers = [
         m
         for m in model.modules()
-        if isinstance(m, QuantLayer) and m.bayesian and m.mode == "sample" and m.sampler == "fresh"
+        if isinstance(m, QuantLayer) and m.bayesian and m.mode == "sample" and m.impl.prefetches
     ]
-    if not layers:
+    if workers <= 0 or not layers:
         return
-    ex = _executor(getattr(model, "_qbdl_pack_workers", 2))
+    ex = _executor(workers)
     # Draw every layer's random numbers now, in layer order (exactly what the sequential path draws), then
     # sample + pack in worker threads while the forward runs: packing is the dominant cost at small batch.
     for m in layers:
@@ -377,10 +392,8 @@ def _prefetch_hook(model: nn.Module, args) -> None:
 
 def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
     """Pack fresh weight samples in `workers` background threads during the forward (0: off)."""
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if hook is _prefetch_hook:
-            del model._forward_pre_hooks[key]
-    if workers > 0:
-        model._qbdl_pack_workers = workers
+    # one hook per model, registered once (torch lists hooks only privately); `qbdl_pack_workers` switches it
+    if not hasattr(model, "qbdl_pack_workers"):
         model.register_forward_pre_hook(_prefetch_hook)
+    model.qbdl_pack_workers = int(workers)
     return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, _Wired
+from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize, Wired
 from .layers import QuantLayer
 
 _KEEP_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -39,7 +39,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, qp: dict, n: 
         new = gm.graph.call_module(name, (src,))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-    if isinstance(module, _Wired):
+    if isinstance(module, Wired):
         module.inputs = [qp[src]]
     qp[new] = qp[src]
 

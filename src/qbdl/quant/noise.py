@@ -112,6 +112,11 @@ def z_grid(k: int, n: int, start: int = 0) -> Tensor:
     return torch.where(((h >> 16) & 1).bool(), -z, z)
 
 
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """Per-output-channel int8 -> float: q * scale (scale broadcast over dimension 0)."""
+    return q.float() * scale.view(-1, *[1] * (q.dim() - 1))
+
+
 def sample_scale(mu: Tensor, sigma: Tensor) -> Tensor:
     """Per-output-channel symmetric scale of sampled weights: max(|mu| + 3 sigma) / 127."""
     return ((mu.abs() + SAMPLE_HEADROOM * sigma).flatten(1).amax(1) / 127).clamp_min(1e-12)

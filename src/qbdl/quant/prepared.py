@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bayes.layers import BayesianLayer
+from ..bayes.layers import BayesianLayer, BayesianLinear
 from . import noise
 from .observers import ActObserver, fake_quant_act, fake_quant_weight, symmetric_scale
 
@@ -15,6 +15,21 @@ def _chan_view(t: Tensor, dim: int, ndim: int) -> Tensor:
     shape = [1] * ndim
     shape[dim] = -1
     return t.view(shape)
+
+
+def channel_dim(layer: nn.Module) -> int:
+    """The output-channel dimension of a conv/linear's output: -1 for linear layers, 1 for convolutions."""
+    return -1 if isinstance(layer, (nn.Linear, BayesianLinear)) else 1
+
+
+def apply_weights(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The conv/linear `layer` (Bayesian or not, zero padding) computed with weight `w` and bias `b`."""
+    if isinstance(layer, (nn.Linear, BayesianLinear)):
+        return F.linear(x, w, b)
+    if getattr(layer, "padding_mode", "zeros") != "zeros":  # prepare refuses these layers
+        raise NotImplementedError(f"padding_mode {layer.padding_mode!r} is not quantizable")
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(layer.kernel_size) - 1]
+    return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 class _Observed(nn.Module):
@@ -56,9 +71,9 @@ class PreparedLayer(_Observed):
 
     def _observe_flipout(self, x: Tensor) -> None:
         layer = self.layer
-        y = layer._op(x, layer.mu_weight, layer.mu_bias)
+        y = self.op(x, layer.mu_weight, layer.mu_bias)
         if self.det_bias is not None:
-            y = y + _chan_view(self.det_bias, layer._channel_dim, y.dim())
+            y = y + _chan_view(self.det_bias, channel_dim(layer), y.dim())
         self.obs_mean(y)
         self.obs_pert(layer.flipout_perturbation(x))
 
@@ -67,24 +82,21 @@ class PreparedLayer(_Observed):
         """True when the wrapped layer is a Bayesian layer."""
         return isinstance(self.layer, BayesianLayer)
 
-    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if isinstance(self.layer, BayesianLayer):
-            return self.layer._op(x, w, b)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, b)
-        return self.layer._conv_forward(x, w, b)
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """The wrapped conv/linear computed with weight `w` and bias `b` (no BN, ReLU or observer)."""
+        return apply_weights(self.layer, x, w, b)
 
     def _fq_forward(self, x: Tensor) -> Tensor:
         bits = self.fq_bits
         layer = self.layer
         if not isinstance(layer, BayesianLayer):
-            return self._op(
+            return self.op(
                 x, fake_quant_weight(layer.weight, symmetric_scale(layer.weight, bits), bits), layer.bias
             )
         mu = layer.mu_weight
         mu_q = fake_quant_weight(mu, symmetric_scale(mu, bits), bits)
         if layer.mode == "mean":
-            return self._op(x, mu_q, layer.mu_bias)
+            return self.op(x, mu_q, layer.mu_bias)
         # Flipout and reparameterization both fake-quantize one shared weight sample (what INT8 runs).
         sigma = layer.sigma_weight
         sig_q = fake_quant_weight(sigma, symmetric_scale(sigma, bits), bits)
@@ -94,7 +106,7 @@ class PreparedLayer(_Observed):
         b = layer.mu_bias
         if b is not None:
             b = b + layer.sigma_bias * torch.randn_like(b)
-        return self._op(x, w, b)
+        return self.op(x, w, b)
 
     def forward(self, x: Tensor) -> Tensor:
         if (
@@ -106,12 +118,7 @@ class PreparedLayer(_Observed):
             self._observe_flipout(x)
         y = self.layer(x) if self.fq_bits is None else self._fq_forward(x)
         if self.det_bias is not None:
-            ch = (
-                -1
-                if isinstance(self.layer, (nn.Linear,)) or getattr(self.layer, "_channel_dim", 1) == -1
-                else 1
-            )
-            y = y + _chan_view(self.det_bias, ch, y.dim())
+            y = y + _chan_view(self.det_bias, channel_dim(self.layer), y.dim())
         if self.relu:
             y = F.relu(y)
         y = self._observe(y)

@@ -12,6 +12,7 @@ import copy
 import itertools
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,48 +23,24 @@ from ..bayes.layers import BayesianLayer
 from ..bayes.predict import sample_seed, sampling
 from . import noise
 from .backend import check_backend
-from .conversion import _module, convert, plan_for
-from .fold import fold_bn
-from .layers import FRESH_KERNELS, SAMPLERS, QuantLayer
+from .contract import sampler_class, sampler_names
+from .conversion import convert, plan_for
+from .fold import BATCH_NORMS, fold_bn
+from .fx import WEIGHTED, LeafTracer, is_ao, module_of, set_module, sole_user
+from .layers import FRESH_KERNELS, QuantLayer
 from .observers import OBSERVERS, ActObserver
 from .prepared import DeQuantMarker, ObservedAdd, ObservedQuant, PreparedLayer
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, BayesianLayer)
 _ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FNS = (F.relu, torch.relu)
 
 
-def _is_ao(m: nn.Module, *names: str) -> bool:
-    """True for torch.ao's QuantStub / DeQuantStub / FloatFunctional (by class, without importing torch.ao)."""
-    return type(m).__name__ in names and type(m).__module__.startswith("torch.ao")
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # every Conv/Linear (subclasses too) is a leaf, so prepare sees it and can refuse a custom forward
-        if isinstance(m, (*_WEIGHTED, PreparedLayer, ObservedQuant, ObservedAdd)) or _is_ao(
-            m, "QuantStub", "DeQuantStub"
-        ):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(_module(gm, node), nn.ReLU)
+        return isinstance(module_of(gm, node), nn.ReLU)
     if node.op == "call_function":
         return node.target in _RELU_FNS
     return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def _sole_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def prepare(
@@ -88,7 +65,7 @@ def prepare(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    gm = fx.GraphModule(model, _Tracer().trace(model), class_name=f"Prepared{type(model).__name__}")
+    gm = fx.GraphModule(model, LeafTracer().trace(model), class_name=f"Prepared{type(model).__name__}")
     graph = gm.graph
 
     # FloatFunctional's activation_post_process is an Identity placeholder: drop it, keep the add (+relu).
@@ -96,7 +73,7 @@ def prepare(
         if node.op == "call_module" and node.target.endswith("activation_post_process"):
             # (the GraphModule keeps only leaves, so ask the original model what the parent was)
             parent = model.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else None
-            if _is_ao(parent, "FloatFunctional"):
+            if is_ao(parent, "FloatFunctional"):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
 
@@ -105,42 +82,42 @@ def prepare(
     for node in list(graph.nodes):
         if node in removed:
             continue
-        mod = _module(gm, node)
-        if isinstance(mod, _WEIGHTED):
+        mod = module_of(gm, node)
+        if isinstance(mod, WEIGHTED):
             refuse_custom_forward(str(node.target), mod, "prepare")
             if getattr(mod, "padding_mode", "zeros") != "zeros":
                 raise NotImplementedError(
                     f"{node.target}: padding_mode {mod.padding_mode!r} is not quantizable"
                 )
             det_bias = None
-            user = _sole_user(node)
-            if user is not None and isinstance(_module(gm, user), nn.modules.batchnorm._BatchNorm):
-                mod, det_bias = fold_bn(mod, _module(gm, user))
+            user = sole_user(node)
+            if user is not None and isinstance(module_of(gm, user), BATCH_NORMS):
+                mod, det_bias = fold_bn(mod, module_of(gm, user))
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 removed.add(user)
             relu = False
-            user = _sole_user(node)
+            user = sole_user(node)
             if fuse_relu and user is not None and _is_relu(gm, user):
                 relu = True
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 removed.add(user)
-            _set_module(gm, node.target, PreparedLayer(mod, det_bias, relu, observer, per_example))
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            set_module(gm, node.target, PreparedLayer(mod, det_bias, relu, observer, per_example))
+        elif isinstance(mod, BATCH_NORMS):
             raise NotImplementedError(
                 f"{node.target}: BatchNorm that does not follow a conv/linear cannot be folded"
             )
-        elif _is_ao(mod, "QuantStub"):
-            _set_module(gm, node.target, ObservedQuant(observer))
-        elif _is_ao(mod, "DeQuantStub"):
-            _set_module(gm, node.target, DeQuantMarker())
+        elif is_ao(mod, "QuantStub"):
+            set_module(gm, node.target, ObservedQuant(observer))
+        elif is_ao(mod, "DeQuantStub"):
+            set_module(gm, node.target, DeQuantMarker())
         elif node.op == "call_function" and node.target in _ADDS:
             a, b = (node.args + (None, None))[:2]
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(node.args) > 2 or node.kwargs:
                 raise NotImplementedError(f"{node.name}: only tensor + tensor adds are quantizable")
             relu = False
-            user = _sole_user(node)
+            user = sole_user(node)
             if fuse_relu and user is not None and _is_relu(gm, user):
                 relu = True
             name = f"qadd_{n_add}"
@@ -171,8 +148,8 @@ def prepare(
             out.args = (d,)
     # Logits keep their full range: clipping (percentile/histogram) would tie the top classes.
     for node in graph.nodes:
-        if isinstance(_module(gm, node), DeQuantMarker) and isinstance(node.args[0], fx.Node):
-            src = _module(gm, node.args[0])
+        if isinstance(module_of(gm, node), DeQuantMarker) and isinstance(node.args[0], fx.Node):
+            src = module_of(gm, node.args[0])
             if isinstance(src, (PreparedLayer, ObservedAdd)):
                 src.obs = ActObserver("minmax")
                 if getattr(src, "obs_mean", None) is not None:
@@ -243,10 +220,16 @@ def check_options(
 ) -> None:
     """Refuse unknown quantize_bnn options with the fix, before any training or calibration has run."""
     if "mode" in other:  # configs written before the rename
-        raise ValueError("quant.mode is now quant.sampler (fresh | bank | flipout): rename the option")
+        names = " | ".join(sampler_names())
+        raise ValueError(f"quant.mode is now quant.sampler ({names}): rename the option")
     check_backend(backend)
+    try:
+        sampler_class(sampler)
+    except ValueError:
+        raise ValueError(
+            f"unknown quant.sampler {sampler!r}; choose one of {list(sampler_names())}"
+        ) from None
     for name, value, allowed in (
-        ("sampler", sampler, SAMPLERS),
         ("fresh_kernel", fresh_kernel, FRESH_KERNELS),
         ("observer", observer, OBSERVERS),
     ):
@@ -254,6 +237,48 @@ def check_options(
             raise ValueError(f"unknown quant.{name} {value!r}; choose one of {list(allowed)}")
     if calib_batches is not None and calib_batches < 1:
         raise ValueError(f"quant.calib_batches must be >= 1, got {calib_batches} (calibration needs data)")
+
+
+@dataclass(frozen=True)
+class PTQOptions:
+    """quantize_bnn's options and its three stages with them (the run's estimate times each stage)."""
+
+    backend: str = "x86"
+    sampler: str = "fresh"
+    bank_size: int = 16
+    calib_batches: int | None = None
+    mc_samples: int = 4
+    observer: str = "minmax"
+    seed: int = 0
+    fresh_kernel: str = "auto"
+    noise_slots: int = noise.NOISE_SLOTS
+
+    def prepare(self, model: nn.Module) -> fx.GraphModule:
+        """prepare() for this sampler (with the per-example ranges it may need)."""
+        per_example = sampler_class(self.sampler).needs_input_ranges
+        return prepare(model, backend=self.backend, observer=self.observer, per_example=per_example)
+
+    def calibrate(self, prepared: nn.Module, batches: Iterable) -> nn.Module:
+        """calibrate() on the first calib_batches of `batches` (training data)."""
+        if self.calib_batches is not None:
+            batches = itertools.islice(batches, self.calib_batches)
+        return calibrate(prepared, batches, mc_samples=self.mc_samples, seed=self.seed)
+
+    def convert(self, prepared: fx.GraphModule) -> fx.GraphModule:
+        """convert() with these options."""
+        return convert(
+            prepared,
+            sampler=self.sampler,
+            bank_size=self.bank_size,
+            seed=self.seed,
+            backend=self.backend,
+            fresh_kernel=self.fresh_kernel,
+            noise_slots=self.noise_slots,
+        )
+
+
+#: The names of quantize_bnn's options (PTQOptions' fields).
+PTQ_OPTIONS = tuple(f.name for f in fields(PTQOptions))
 
 
 def quantize_bnn(
@@ -270,19 +295,9 @@ def quantize_bnn(
     noise_slots: int = noise.NOISE_SLOTS,
 ) -> fx.GraphModule:
     """prepare -> calibrate (first calib_batches of `batches`, training data) -> convert; input untouched."""
-    prepared = prepare(model, backend=backend, observer=observer, per_example=sampler == "flipout")
-    if calib_batches is not None:
-        batches = itertools.islice(batches, calib_batches)
-    calibrate(prepared, batches, mc_samples=mc_samples, seed=seed)
-    return convert(
-        prepared,
-        sampler=sampler,
-        bank_size=bank_size,
-        seed=seed,
-        backend=backend,
-        fresh_kernel=fresh_kernel,
-        noise_slots=noise_slots,
-    )
+    opts = PTQOptions(backend, sampler, bank_size, calib_batches, mc_samples, observer, seed, fresh_kernel,
+                      noise_slots)  # fmt: skip
+    return opts.convert(opts.calibrate(opts.prepare(model), batches))
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -294,6 +309,7 @@ def set_sampler(
     model: nn.Module, sampler: str, bank_size: int | None = None, seed: int | None = None
 ) -> nn.Module:
     """Switch a QBNN's sampler (e.g. between 'fresh' and 'bank') in place."""
+    sampler_class(sampler)  # a model without Bayesian layers refuses an unknown name too
     for m in quant_layers(model):
         if m.bayesian:
             m.set_sampler(sampler, bank_size, seed)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import fx, nn
 
+from .contract import sampler_class, sampler_names
 from .prepared import ObservedAdd, ObservedQuant, PreparedLayer
 from .ptq import calibrate, convert, freeze_ranges, prepare
 
@@ -83,11 +84,12 @@ def convert_qat(
     prepared: fx.GraphModule, sampler: str = "fresh", bank_size: int = 16, seed: int = 0
 ) -> fx.GraphModule:
     """INT8 QBNN from a QAT model (the same conversion as PTQ, using the trained weights and ranges)."""
-    if sampler == "flipout":
+    if not sampler_class(sampler).shared_sample:
+        shared = [n for n in sampler_names() if sampler_class(n).shared_sample]
         raise ValueError(
-            "convert_qat: QAT fine-tunes one shared weight sample per pass, so it converts with sampler 'fresh' or "
-            "'bank'; per-example INT8 Flipout is a post-training mode: quantize_bnn(bnn, train_batches, "
-            "sampler='flipout') on the BNN"
+            f"convert_qat: QAT fine-tunes one shared weight sample per pass, so it converts with a sampler of one "
+            f"shared sample ({shared}); sampler {sampler!r} (per-example samples) is a post-training mode: "
+            f"quantize_bnn(bnn, train_batches, sampler={sampler!r}) on the BNN"
         )
     bits = next((m.fq_bits for m in prepared.modules() if isinstance(m, PreparedLayer)), 8)
     if bits not in (None, 8):

@@ -12,7 +12,8 @@ import torch
 
 from ..bayes.layers import MODES
 from .backend import BACKENDS, FULL_QMAX, REDUCED_QMAX
-from .layers import FRESH_KERNELS, KINDS, SAMPLERS
+from .layers import FRESH_KERNELS, KINDS
+from .samplers import SAMPLERS
 
 FORMAT_PREFIX = "qbdl-qbnn/"
 # Bytes a file may ask qbdl to allocate for sampled weights (bank entries, flipout perturbations, noise pools):
