@@ -19,9 +19,10 @@ from pathlib import Path
 from qbdl import quant
 from qbdl.experiment.evaluate import Variant, evaluate_variants
 from qbdl.experiment.quantize import PTQ_OPTIONS
-from qbdl.fidelity import load_run, mc_noise_floor
+from qbdl.fidelity import mc_noise_floor
 from qbdl.io import atomic_write_bytes, atomic_write_json
 from qbdl.machine import machine_info
+from qbdl.pipeline.build import load_run
 
 METRICS = ("accuracy", "nll", "uce", "ood_auroc")
 # (name, overrides of the run's quant config)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-seeds", type=int, default=3)
     ap.add_argument("--mc-samples", type=int, default=None, help="default: the run's eval.mc_samples")
     args = ap.parse_args(argv)
-    bnn, _, dm, ood, cfg = load_run(args.run_dir)
+    bnn, _, dm, ood, cfg = load_run(args.run_dir).astuple()
     ev_cfg, q_cfg = cfg["eval"], cfg["quant"]
     samples, seed = args.mc_samples or ev_cfg["mc_samples"], ev_cfg["seed"]
     test = dm.test_dataloader()

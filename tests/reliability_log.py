@@ -78,7 +78,7 @@ def record(
 
 
 def tiny_config(out_dir: str | os.PathLike, overrides: list[str] = (), ptq: bool | None = None):
-    """The real Hydra config with the tiny settings and `overrides`, writing into out_dir (for `qbdl.experiment.pipeline.run`)."""
+    """The real Hydra config with the tiny settings and `overrides`, writing into out_dir (for `qbdl.pipeline.run.run`)."""
     from helpers_run import compose_config
     from omegaconf import open_dict
 

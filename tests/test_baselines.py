@@ -14,8 +14,8 @@ from qbdl import metrics, quant
 from qbdl.baselines import Ensemble, MCDropout, QDropout, add_mc_dropout, fit_last_layer_laplace, int8_dropout
 from qbdl.baselines.laplace import LastLayerLaplace, features, probit_nll
 from qbdl.baselines.mcdropout import for_ptq, to_int8_dropout
-from qbdl.baselines.memory import resident_bytes
 from qbdl.bayes import mc_logits
+from qbdl.experiment.memory import resident_bytes
 from qbdl.models import resnet20
 
 

@@ -9,7 +9,7 @@ import pytest
 from helpers_run import compose_config
 from scipy import stats
 
-from qbdl.experiment.pipeline import run
+from qbdl.pipeline.run import run
 from qbdl.report import multi
 from qbdl.report.multi.claims import BASELINE_CLAIMS, baseline_claims
 

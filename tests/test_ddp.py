@@ -56,7 +56,7 @@ def test_ddp_fit_and_sharded_evaluation_equal_one_process(tmp_path):
     _cli([*PTQ_TINY, *weights, f"hydra.run.dir={one}"])
     _cli(["trainer=ddp", *PTQ_TINY, *weights, f"hydra.run.dir={two}"])
     a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
-    assert {"qbnn", "qdnn", "bnn", "dnn"} <= set(a["variants"]) and a["shift"]["_meta"]["n"]
+    assert {"qbnn", "qdnn", "bnn", "dnn"} <= set(a["variants"]) and a["shift"]["meta"]["n"]
     assert a["timings"]["evaluation_ranks"] == 1 and b["timings"]["evaluation_ranks"] == 2
     assert _strip(a["variants"]) == _strip(b["variants"])  # exact: the same batches, the same MC seeds
     for k in ("temperatures", "data", "validation", "shift", "quantization_seconds"):

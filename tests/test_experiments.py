@@ -6,7 +6,7 @@ import pytest
 from fabricate import make_camelyon17, make_colorectal, make_fashion_mnist, make_imagenet, make_mnist
 from helpers_run import compose_config
 
-from qbdl.experiment.pipeline import run
+from qbdl.pipeline.run import run
 
 RESNET50_TINY = [
     "data.image_size=32",
@@ -330,13 +330,13 @@ def test_digits_shift_runs(tmp_path):
     )
     run(cfg)
     res = _check_digits(tmp_path / "run")
-    shift = res["shift"]
+    shift = res["shift"]["cells"]
     assert set(shift["qbnn"]) == set(cfg.shift.corruptions) and set(shift["qbnn"]["rotate"]) == {
         "1",
         "3",
         "5",
     }
-    assert shift["_mce"]["dnn"]["mCE"] == pytest.approx(1.0)  # the baseline's own mCE
+    assert res["shift"]["mce"]["dnn"]["mCE"] == pytest.approx(1.0)  # the baseline's own mCE
     assert (tmp_path / "run" / "plots" / "shift_accuracy.png").exists()
 
 

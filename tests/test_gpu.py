@@ -31,7 +31,7 @@ def test_simulate_runs_on_the_gpu_as_on_the_cpu(bits):
 
 
 def test_gpu_run_evaluates_fp32_on_cuda_and_int8_on_cpu(tmp_path):
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     res = run(compose_config(tmp_path, ["trainer=gpu", "trainer.devices=1"]))
     on_disk = json.loads((tmp_path / "results.json").read_text())

@@ -14,7 +14,7 @@ import torch
 import qbdl.metrics as M
 from qbdl.metrics import registry
 from qbdl.report import multi
-from qbdl.report.table import COLUMNS, format_table, table_rows
+from qbdl.report.table import format_table, table_rows
 
 
 def _small_summary() -> dict:
@@ -72,7 +72,7 @@ def test_registry_entries_are_well_formed_and_nested_keys_resolve():
         for key, spec in table.items():
             assert spec.key == key and spec.label and spec.scale > 0 and spec.decimals >= 0
             assert spec.better in ("higher", "lower", None)
-    assert set(COLUMNS) <= set(registry.METRICS) and set(multi.SEED_METRICS) <= set(registry.METRICS)
+    assert set(registry.table_keys()) <= set(registry.METRICS) and set(multi.seed_metrics()) <= set(registry.METRICS)
     assert M.OOD_KEYS[:-3] == tuple(registry.OOD_SET_METRICS)
     assert M.OOD_METRIC_KEYS == tuple(registry.OOD_SCORE_METRICS)
     auroc = registry.find_metric("ood.photos.auroc")
@@ -98,11 +98,11 @@ def test_registry_entries_are_well_formed_and_nested_keys_resolve():
 def test_the_table_takes_titles_and_formats_from_the_registry(monkeypatch):
     variants = {"bnn": {"uce": 0.01234, "nll": 0.5, "size_bytes": 3 * 2**20}}
     header, rows = table_rows(variants)
-    assert header[COLUMNS.index("uce") + 1] == "UCE %" and rows[0][COLUMNS.index("uce") + 1] == "1.23"
+    assert header[registry.table_keys().index("uce") + 1] == "UCE %" and rows[0][registry.table_keys().index("uce") + 1] == "1.23"
     spec = registry.METRICS["uce"]
     monkeypatch.setitem(registry.METRICS, "uce", replace(spec, label="UCE ‰", scale=1000.0, decimals=1))
     header, rows = table_rows(variants)
-    assert header[COLUMNS.index("uce") + 1] == "UCE ‰" and rows[0][COLUMNS.index("uce") + 1] == "12.3"
+    assert header[registry.table_keys().index("uce") + 1] == "UCE ‰" and rows[0][registry.table_keys().index("uce") + 1] == "12.3"
     assert "UCE ‰" in format_table(variants) and "12.3" in format_table(variants)
     # the short column heading wins over the label
     monkeypatch.setitem(registry.METRICS, "nll", replace(registry.METRICS["nll"], column="nll!"))

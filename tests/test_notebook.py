@@ -9,7 +9,7 @@ from helpers_run import compose_config
 from omegaconf import open_dict
 from test_wandb import CLI_TINY
 
-from qbdl.experiment.pipeline import run
+from qbdl.pipeline.run import run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 

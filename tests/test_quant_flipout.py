@@ -6,7 +6,7 @@ from helpers_run import compose_config
 from torch import nn
 
 from qbdl.bayes import dnn_to_bnn, mc_predict, set_mc_index
-from qbdl.experiment.pipeline import run
+from qbdl.pipeline.run import run
 from qbdl.models import resnet20
 from qbdl.quant import calibrate, convert, load_qbnn, native, prepare, quant_layers, save_qbnn
 

@@ -78,7 +78,7 @@ def _install_recorder(mp: pytest.MonkeyPatch) -> list[DigitsDataModule]:
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """One tiny run with every read of the underlying digits data recorded by phase."""
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     with pytest.MonkeyPatch.context() as mp:
         made = _install_recorder(mp)
@@ -93,7 +93,7 @@ def _strip(variants: dict) -> dict:
 
 def test_same_seed_gives_identical_metrics(recorded_run, tmp_path):
     """Two runs with seed 7 (the first with the read recorder in place): results.json variants equal exactly."""
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     first, _ = recorded_run
     second = run(tiny_config(tmp_path, ["seed=7"], ptq=PTQ))

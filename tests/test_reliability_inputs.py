@@ -103,7 +103,7 @@ def _leak_overrides() -> list[str]:
 
 
 def test_ood_set_equal_to_test_set_is_refused(tmp_path):
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     with pytest.raises(ValueError, match="OOD set 'leak'") as info:
         run(tiny_config(tmp_path, _leak_overrides()))
@@ -326,7 +326,7 @@ class Poison(L.Callback):
 
 @pytest.mark.parametrize(("value", "target"), [("nan", "weights"), ("inf", "weights"), ("nan", "input")])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, value, target):
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
     from qbdl.lit.module import NonFiniteLossError
 
     step = 2

@@ -129,7 +129,7 @@ def test_lightning_resume_refuses_crafted_last_ckpt(tmp_path, stage):
     ckpt = out / "checkpoints" / stage / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     craft(ckpt, marker, wrap="lightning")
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     with pytest.raises(ValueError, match="refusing to resume") as info:
         run(tiny_config(out, overrides))

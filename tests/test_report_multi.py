@@ -99,7 +99,7 @@ def test_paired_claims_with_t_interval(hand_made):
     assert q.verdict == "different"
     assert cl["qbnn", "bnn", "nll"].verdict == "equivalent within ±0.01"  # identical: d = 0 on every seed
     assert cl["qbnn", "bnn", "size_bytes"].kind == "difference"  # no margin: the two-sided test only
-    assert {m for a, b, m in cl if a == "qbnn"} == set(multi.SEED_METRICS)
+    assert {m for a, b, m in cl if a == "qbnn"} == set(multi.seed_metrics())
 
 
 def _group(diffs, metric="accuracy", margin=None, devices=("cpu", "cpu")):

@@ -18,6 +18,8 @@ from qbdl.bayes import dnn_to_bnn
 from qbdl.data import DigitsDataModule
 from qbdl.data.shift import shift_datasets
 from qbdl.experiment.evaluate import Variant, predict_loader
+from qbdl.report.shift import shift_table
+from qbdl.report.shift_plots import save_shift_plots
 from qbdl.io import atomic_write_json
 from qbdl.report import multi
 
@@ -75,20 +77,21 @@ def _run(setup, cache_dir=None, **kw):
 def test_schema_values_detection_table_and_plots(setup, tmp_path: Path) -> None:
     _, variants, sets, clean, clean_metrics = setup
     out = _run(setup)
-    assert set(out) == {"dnn", "bnn", "qbnn", "_summary", "_mce", "_meta"}
+    assert set(out) == {"cells", "summary", "mce", "meta"}  # bookkeeping beside the variants, not among them
     assert se.cell_results(out).keys() == {"dnn", "bnn", "qbnn"}
-    meta = out["_meta"]
+    cells = out["cells"]
+    meta = out["meta"]
     assert meta["corruptions"] == CORRUPTIONS and meta["severities"] == SEVERITIES
     assert meta["baseline"] == "dnn" and meta["n"] == {c: {"1": 120, "3": 120} for c in CORRUPTIONS}
     for v in variants:
-        assert set(out[v.name]) == set(CORRUPTIONS)
+        assert set(cells[v.name]) == set(CORRUPTIONS)
         for c in CORRUPTIONS:
-            assert set(out[v.name][c]) == {"1", "3"}
-            for m in out[v.name][c].values():
+            assert set(cells[v.name][c]) == {"1", "3"}
+            for m in cells[v.name][c].values():
                 assert tuple(m) == se.CELL_METRICS and all(isinstance(x, float) for x in m.values())
     # a JSON round trip keeps everything (string keys, floats)
     back = json.loads(atomic_write_json(tmp_path / "shift.json", out).read_text())
-    assert back["bnn"] == out["bnn"] and back["_meta"] == out["_meta"]
+    assert back["cells"]["bnn"] == cells["bnn"] and back["meta"] == out["meta"]
 
     # every cell equals summarize() / sklearn on the same predictions (same MC seed as the clean run)
     v = variants[1]
@@ -96,7 +99,7 @@ def test_schema_values_detection_table_and_plots(setup, tmp_path: Path) -> None:
     logits, y, _, _ = predict_loader(v.model, torch.utils.data.DataLoader(ds, batch_size=50), 2, SEED)
     p = torch.softmax(logits, -1)
     ref = metrics.summarize(p, y, n_bins=10)
-    cell = out["bnn"][c][str(s)]
+    cell = cells["bnn"][c][str(s)]
     for k in ("accuracy", "nll", "brier", "ece", "uce", "entropy_mean", "mi_mean"):
         assert cell[k] == pytest.approx(ref[k], abs=1e-12), k
     assert cell["error"] == pytest.approx(1 - ref["accuracy"])
@@ -106,28 +109,28 @@ def test_schema_values_detection_table_and_plots(setup, tmp_path: Path) -> None:
         scores = torch.cat([fn(p_clean.double()), fn(p.double())]).numpy()  # float64, as qbdl.metrics
         assert cell[f"detect_auroc_{key}"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     # a deterministic variant has MI = 0 everywhere: detection by MI is chance
-    assert out["dnn"][c][str(s)]["detect_auroc_mi"] == pytest.approx(0.5)
+    assert cells["dnn"][c][str(s)]["detect_auroc_mi"] == pytest.approx(0.5)
     # stronger corruption, larger shift: the gaussian-noise images are told apart from the clean ones
-    assert out["bnn"]["gaussian_noise"]["3"]["detect_auroc_entropy"] > 0.5
+    assert cells["bnn"]["gaussian_noise"]["3"]["detect_auroc_entropy"] > 0.5
 
     # summary: box stats over corruptions; mCE against dnn (itself: 1)
-    acc = [out["qbnn"][c]["1"]["accuracy"] for c in CORRUPTIONS]
-    box = out["_summary"]["qbnn"]["1"]["accuracy"]
+    acc = [cells["qbnn"][c]["1"]["accuracy"] for c in CORRUPTIONS]
+    box = out["summary"]["qbnn"]["1"]["accuracy"]
     assert box["mean"] == pytest.approx(sum(acc) / 2) and box["n"] == 2
-    assert out["_mce"]["dnn"]["mCE"] == pytest.approx(1.0)
+    assert out["mce"]["dnn"]["mCE"] == pytest.approx(1.0)
     ce = {
-        c: sum(out["bnn"][c][s]["error"] for s in ("1", "3"))
-        / sum(out["dnn"][c][s]["error"] for s in ("1", "3"))
+        c: sum(cells["bnn"][c][s]["error"] for s in ("1", "3"))
+        / sum(cells["dnn"][c][s]["error"] for s in ("1", "3"))
         for c in CORRUPTIONS
     }
-    assert out["_mce"]["bnn"]["CE"] == pytest.approx(ce)
-    assert "relative_mCE" in out["_mce"]["bnn"]
+    assert out["mce"]["bnn"]["CE"] == pytest.approx(ce)
+    assert "relative_mCE" in out["mce"]["bnn"]
 
-    text = se.shift_table(out)
+    text = shift_table(out)
     assert "mCE (vs dnn)" in text and "sev 3" in text and "UCE %" in text
-    expected = 100 * sum(out["bnn"][c]["3"]["accuracy"] for c in CORRUPTIONS) / 2
+    expected = 100 * sum(cells["bnn"][c]["3"]["accuracy"] for c in CORRUPTIONS) / 2
     assert f"{expected:.2f}" in text
-    files = se.save_shift_plots(back, tmp_path / "plots", clean_metrics)
+    files = save_shift_plots(back, tmp_path / "plots", clean_metrics)
     assert set(files) == {
         *(f"shift_{m}" for m in ("accuracy", "ece", "uce")),
         *(f"shift_diff_qbnn_bnn_{m}" for m in ("accuracy", "ece", "uce")),
@@ -153,8 +156,8 @@ def test_no_baseline_no_mce_and_clear_errors(setup) -> None:
         cache_dir=None,
         data_key="",
     )
-    assert out["_mce"] == {} and out["_meta"]["baseline"] is None
-    assert "mCE" in se.shift_table(out)  # the column is there, empty
+    assert out["mce"] == {} and out["meta"]["baseline"] is None
+    assert "mCE" in shift_table(out)  # the column is there, empty
     with pytest.raises(KeyError, match="clean_logits"):
         se.evaluate_shift(
             variants, sets[:1], seed=0, batch_size=8, n_bins=10, clean_logits={}, cache_dir=None, data_key=""
@@ -165,13 +168,13 @@ def test_temperature_scaled_twins(setup) -> None:
     _, variants, sets, clean, _ = setup
     kw = dict(seed=SEED, batch_size=64, n_bins=10, clean_logits=clean, cache_dir=None, data_key="")
     out = se.evaluate_shift(variants[:1], sets[:2], temperatures={"dnn": 2.0}, **kw)
-    assert list(se.cell_results(out)) == ["dnn", "dnn_ts"] and out["_meta"]["temperatures"] == {"dnn": 2.0}
+    assert list(se.cell_results(out)) == ["dnn", "dnn_ts"] and "temperatures" not in out["meta"]
     c, s, ds = sets[1]
     logits, y, _, _ = predict_loader(
         variants[0].model, torch.utils.data.DataLoader(ds, batch_size=64), 1, SEED
     )
     p = torch.softmax(logits / 2.0, -1)
-    cell, plain = out["dnn_ts"][c][str(s)], out["dnn"][c][str(s)]
+    cell, plain = out["cells"]["dnn_ts"][c][str(s)], out["cells"]["dnn"][c][str(s)]
     assert cell["accuracy"] == plain["accuracy"]  # T > 0 keeps the argmax
     assert cell["ece"] == pytest.approx(metrics.summarize(p, y, n_bins=10)["ece"], abs=1e-12)
     assert cell["nll"] != plain["nll"]
@@ -243,6 +246,7 @@ def _shift_result(qbnn_minus_bnn: float) -> dict:
     cell = lambda a: {"accuracy": a, "ece": 0.1 - a / 10, "uce": 0.05}  # noqa: E731
     bnn = {c: {"1": cell(0.8 - 0.1 * k), "3": cell(0.6 - 0.1 * k)} for k, c in enumerate(CORRUPTIONS)}
     qbnn = {c: {s: cell(m["accuracy"] + qbnn_minus_bnn) for s, m in per.items()} for c, per in bnn.items()}
+    # the shape results.json had before "cells"/"summary"/"mce"/"meta": older sweeps still report
     return {"bnn": bnn, "qbnn": qbnn, "_summary": {}, "_mce": {}, "_meta": {}}
 
 
@@ -288,7 +292,7 @@ def test_multi_seed_report_has_a_data_shift_section(tmp_path: Path) -> None:
 def test_bad_shift_config_fails_at_start_up_before_any_training(tmp_path, overrides, match):
     from helpers_run import compose_config
 
-    from qbdl.experiment.pipeline import run
+    from qbdl.pipeline.run import run
 
     with pytest.raises(ValueError, match=match):
         run(compose_config(tmp_path, overrides))

@@ -12,7 +12,7 @@ from test_wandb import CLI_TINY, check_wandb_run
 
 from qbdl.run import CONF_DIR
 
-SUMMARY = "++hydra.callbacks.sweep_summary._target_=qbdl.experiment.sweep.SweepSummary"
+SUMMARY = "++hydra.callbacks.sweep_summary._target_=qbdl.pipeline.sweep.SweepSummary"
 
 
 def _plus(group: str) -> str:
@@ -110,7 +110,7 @@ def test_optuna_two_trials(tmp_path):
 def test_sweep_and_launcher_configs_compose(tmp_path):
     seeds = compose_config(tmp_path, [f"{_plus('experiment')}experiment=seeds"], tiny=False)
     assert str(seeds.hydra.sweeper.params.seed) == "0,1,2,3,4"
-    assert seeds.hydra.callbacks.sweep_summary._target_ == "qbdl.experiment.sweep.SweepSummary"
+    assert seeds.hydra.callbacks.sweep_summary._target_ == "qbdl.pipeline.sweep.SweepSummary"
     opt = compose_config(tmp_path, [f"{_plus('hparams_search')}hparams_search=optuna"], tiny=False)
     assert "Optuna" in opt.hydra.sweeper._target_ and opt.hydra.sweeper.direction == "minimize"
     assert opt.hydra.sweeper.sampler.seed is not None and opt.optimize_metric == "bnn/val/nll"

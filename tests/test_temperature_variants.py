@@ -45,7 +45,7 @@ def test_ts_variants_fit_on_validation_and_scale_each_sample(nets):
         samples = 1 if name == "dnn" else 4
         val_logits = torch.cat([mc_logits(v, x, samples, seed=7) for x, _ in val], 1)
         t = metrics.fit_temperature(val_logits, torch.cat([y for _, y in val]))
-        assert res[f"{name}_ts"]["temperature"] == pytest.approx(t, rel=1e-9)
+        assert ev.temperatures[name] == pytest.approx(t, rel=1e-9)
         # test metrics of the scaled variant: softmax(logits_s / T) averaged over samples, never test-fitted
         test_logits = torch.cat([mc_logits(v, x, samples, seed=7) for x, _ in test], 1)
         y = torch.cat([y for _, y in test])
@@ -54,7 +54,7 @@ def test_ts_variants_fit_on_validation_and_scale_each_sample(nets):
             assert res[f"{name}_ts"][k] == pytest.approx(want[k], rel=1e-6, abs=1e-9)
         t_test = metrics.fit_temperature(test_logits, y)
         assert abs(t - t_test) > 1e-6  # (so the check above tells validation from test fitting)
-    assert res["dnn_ts"]["temperature"] > 1.0 and res["dnn_ts"]["nll"] < res["dnn"]["nll"]
+    assert ev.temperatures["dnn"] > 1.0 and res["dnn_ts"]["nll"] < res["dnn"]["nll"]
     assert res["bnn_ts"]["ood"]["shifted"]["group"] == "far" and "far" in res["bnn_ts"]["ood_groups"]
     assert res["bnn_ts"]["ood_far_auroc"] == res["bnn_ts"]["ood_groups"]["far"]["entropy"]["auroc"]
     assert set(pred["bnn_ts"]) >= {"pbar", "logits", "entropy"}

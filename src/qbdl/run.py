@@ -1,6 +1,6 @@
 """Hydra entry point: python -m qbdl.run [+experiment=NAME] [key=value ...].
 
-Runs qbdl.experiment.pipeline.run on the composed config; bad input or configuration ends in one clear
+Runs qbdl.pipeline.run.run on the composed config; bad input or configuration ends in one clear
 paragraph (exit code 2) instead of a traceback.
 """
 
@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from torch.multiprocessing import ProcessExitedException
 
 from qbdl.data.errors import BadImageError, DataLeakError, DataNotFoundError
-from qbdl.experiment.pipeline import run
 from qbdl.lit.module import NonFiniteLossError
 from qbdl.models.resnet import WeightsUnavailableError
+from qbdl.pipeline.run import run
 
 log = logging.getLogger("qbdl")
 # Errors that describe bad input or configuration (their messages say what to fix).

@@ -4,10 +4,11 @@ Framework-free (no Lightning, no Hydra): the models and their maths. qbdl.baseli
 quantizes them inside an experiment.
 """
 
+from qbdl.experiment.memory import resident_bytes
+
 from .ensemble import Ensemble
 from .laplace import LastLayerLaplace, fit_last_layer_laplace
 from .mcdropout import MCDropout, QDropout, add_mc_dropout, int8_dropout
-from .memory import resident_bytes
 
 __all__ = [
     "Ensemble",

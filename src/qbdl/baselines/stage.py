@@ -27,7 +27,7 @@ from qbdl.baselines.laplace import fit_last_layer_laplace
 from qbdl.baselines.mcdropout import add_mc_dropout, for_ptq, to_int8_dropout
 from qbdl.experiment.evaluate import Variant
 from qbdl.experiment.quantize import calibration_batches, quantize_to_file
-from qbdl.lit.callbacks import EvaluationCallback, PTQCallback
+from qbdl.lit.callbacks import EvaluationCallback, PTQCallback, write_run_outputs
 from qbdl.lit.module import BayesianClassifier
 from qbdl.models.files import load_state, save_state, state_dict_bytes
 
@@ -119,14 +119,13 @@ class BaselinesEvaluation(EvaluationCallback):
 
     def _speed_plot(self) -> None:
         """plots/uncertainty_vs_speed.png and results['baselines']; results.json and report.html rewritten."""
-        from qbdl.experiment.results import write_results
         from qbdl.report import plots
 
         fig = plots.metric_vs_throughput(self.results["variants"])
         path = plots.save_figure(fig, self.out_dir / "plots" / "uncertainty_vs_speed.png")
         self.results["plots"]["uncertainty_vs_speed"] = str(path)
         self.results["baselines"] = self.baseline_info
-        write_results(self.results, self.out_dir)
+        write_run_outputs(self.results, self.out_dir)
 
     def _variants(
         self, pl_module: L.LightningModule, quantized: Mapping[str, Any]

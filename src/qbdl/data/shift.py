@@ -14,16 +14,13 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qbdl.data.corruptions import CORRUPTIONS, MNIST_C, SEVERITIES, corrupt_image, corruption_names, item_seed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qbdl.data.module import ImageDataModule
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +308,7 @@ def validate_shift(cfg: Mapping[str, Any] | None, datamodule: Any) -> None:
 
 
 def shift_datasets(
-    datamodule: ImageDataModule,
+    datamodule: Any,  # an ImageDataModule (qbdl.data.module imports this module)
     cfg: Mapping[str, Any] | None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> list[tuple[str, int, Dataset]]:

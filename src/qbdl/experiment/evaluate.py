@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbdl import metrics
-from qbdl.baselines.memory import resident_bytes
 from qbdl.bayes import mc_logits, sampling
+from qbdl.experiment.memory import resident_bytes
 from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
+from qbdl.metrics.registry import computed_metrics
 from qbdl.models.files import state_dict_bytes
 from qbdl.quant.backend import int8_summary
 
@@ -75,12 +76,16 @@ def model_variants(
 
 @dataclass
 class Evaluation:
-    """What evaluate_variants returns: metrics, per-example predictions and curves per variant, test MC logits."""
+    """What evaluate_variants returns: metrics, per-example predictions and curves per variant, test MC logits.
+
+    temperatures: {variant: T} of the variants that also got a `<name>_ts` twin (fitted on validation data).
+    """
 
     metrics: dict = field(default_factory=dict)
     predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     curves: dict = field(default_factory=dict)
     test_logits: dict[str, Tensor] = field(default_factory=dict)
+    temperatures: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -253,14 +258,13 @@ def evaluate_variants(
         scaled = [(v.name, 1.0)]
         if v.name in ts:
             val_logits, val_y, _, _ = out["val"]
-            scaled.append((f"{v.name}_ts", metrics.fit_temperature(val_logits, val_y)))
+            ev.temperatures[v.name] = metrics.fit_temperature(val_logits, val_y)
+            scaled.append((f"{v.name}_ts", ev.temperatures[v.name]))
         for name, temperature in scaled:
             res, pred, curve = _assess(
                 v, out, temperature, target_accuracy=target_accuracy, n_bins=n_bins, score=score,
                 ood_groups=ood_groups,
             )  # fmt: skip
-            if name != v.name:
-                res["temperature"] = temperature
             ev.metrics[name], ev.predictions[name], ev.curves[name] = res, pred, curve
     return ev if shard.is_main else None
 
@@ -278,7 +282,8 @@ def _assess(
         p, y, ood=p_ood or None, target_accuracy=target_accuracy, n_bins=n_bins, score=score,
         logits=logits, ood_logits=ood_logits or None, ood_groups=ood_groups,
     )  # fmt: skip
-    for group, by_score in (res.get("ood_groups") or {}).items():  # flat, for tables and sweeps
+    res.update(computed_metrics(p, y))  # registry entries that carry their own function
+    for group, by_score in (res.get("ood_groups") or {}).items():  # the registry's near/far table columns
         res[f"ood_{group}_auroc"] = by_score[score]["auroc"]
     n = y.numel()
     res.update(
@@ -327,29 +332,3 @@ def save_predictions(predictions: dict[str, dict[str, np.ndarray]], path: str | 
         buf, **{f"{v}/{k}": a for v, fields in predictions.items() for k, a in fields.items()}
     )
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def save_plots(curves: dict, out_dir: str | Path, target_accuracy: float) -> dict[str, str]:
-    """Draw the paper's figures for every variant; returns {plot name: file path}."""
-    from qbdl.report import plots
-
-    out_dir = Path(out_dir)
-    files: dict[str, str] = {}
-
-    def save(fig, name: str) -> None:
-        files[name] = str(plots.save_figure(fig, out_dir / f"{name}.png"))
-
-    for v, c in curves.items():
-        save(plots.reliability_diagram(c["reliability"]), f"reliability_{v}")
-        save(plots.uncertainty_calibration_diagram(c["uncertainty"]), f"uncertainty_calibration_{v}")
-        save(plots.entropy_density(c["entropy_correct"], c["entropy_incorrect"]), f"entropy_density_{v}")
-    save(
-        plots.referral_curves({v: c["referral"] for v, c in curves.items()}, target=target_accuracy),
-        "referral",
-    )
-    save(plots.generalized_risk_curves({v: c["referral"] for v, c in curves.items()}), "generalized_risk")
-    ood_names = sorted({n for c in curves.values() for n in c["roc"]})
-    for name in ood_names:
-        rocs = {v: c["roc"][name] for v, c in curves.items() if name in c["roc"]}
-        save(plots.ood_roc_curves(rocs), f"ood_roc_{name}")
-    return files

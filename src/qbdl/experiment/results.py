@@ -1,14 +1,14 @@
-"""The run's one results object: assembled in one place, written once as results.json, with the HTML report."""
+"""The run's one results object: assembled in one place, written once as results.json (docs/data/results.schema.json)."""
 
 from __future__ import annotations
 
 import platform
 import sys
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from qbdl.io import atomic_write_json
@@ -19,9 +19,32 @@ RESULTS_FILE = "results.json"
 
 def qbdl_version() -> str:
     """The installed qbdl's version."""
-    from importlib.metadata import version
-
     return version("qbdl")
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def shift_parts(shift: Mapping[str, Any]) -> dict[str, Any]:
+    """``{cells, summary, mce, meta}`` of results["shift"], of this shape or of older runs' (reserved ``_`` keys).
+
+    Older results.json kept the variants beside ``_summary`` / ``_mce`` / ``_meta`` (and the temperatures in
+    ``_meta``); both read the same here.
+    """
+    if not shift:
+        return {"cells": {}, "summary": {}, "mce": {}, "meta": {}}
+    if "cells" in shift:
+        return {k: dict(shift.get(k) or {}) for k in ("cells", "summary", "mce", "meta")}
+    return {
+        "cells": {k: v for k, v in shift.items() if not str(k).startswith("_")},
+        "summary": dict(shift.get("_summary") or {}),
+        "mce": dict(shift.get("_mce") or {}),
+        "meta": dict(shift.get("_meta") or {}),
+    }
 
 
 def data_summary(dm: Any, ood_sets: list[str]) -> dict[str, Any]:
@@ -52,6 +75,7 @@ def build_results(
     data: Mapping[str, Any],
     config: Mapping[str, Any],
     estimate: Mapping[str, Any] | None = None,
+    temperatures: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """results.json's content: the evaluation, model-selection metrics, timings, data, config, machine, versions."""
     return {
@@ -61,8 +85,8 @@ def build_results(
         "shift": dict(shift),
         # model-selection metrics: validation data only (sweepers optimise these, never test metrics)
         "validation": {k: float(v) for k, v in validation.items()},
-        # post-hoc temperatures of the <name>_ts variants (fitted on the validation split)
-        "temperatures": {k: v["temperature"] for k, v in variants.items() if "temperature" in v},
+        # post-hoc temperatures of the <name>_ts variants (fitted on the validation split): stored here only
+        "temperatures": {f"{k}_ts": float(t) for k, t in (temperatures or {}).items() if f"{k}_ts" in variants},
         "timings": dict(timings),
         # the start-up probe's expected seconds (qbdl.experiment.estimate), beside the actual ones
         "estimate": dict(estimate) if estimate is not None else None,
@@ -72,7 +96,7 @@ def build_results(
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "lightning": L.__version__,
+            "lightning": _installed("lightning"),
             "qbdl": qbdl_version(),
         },
         "argv": sys.argv,
@@ -80,11 +104,5 @@ def build_results(
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """results.json (atomically) and, when variants were evaluated, report.html beside it."""
-    out_dir = Path(out_dir)
-    path = atomic_write_json(out_dir / RESULTS_FILE, dict(results))
-    if results["variants"]:
-        from qbdl.report.html import write_run_report
-
-        write_run_report(dict(results), out_dir)
-    return Path(path)
+    """results.json, atomically (the HTML report beside it: qbdl.report.html.write_run_report)."""
+    return Path(atomic_write_json(Path(out_dir) / RESULTS_FILE, dict(results)))

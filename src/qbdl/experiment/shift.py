@@ -6,16 +6,16 @@ variants it already evaluated on the clean test split, the sets from
 
 Result schema (what goes to ``results.json["shift"]``), JSON-serialisable (string keys, floats)::
 
-    shift[VARIANT][CORRUPTION][str(SEVERITY)][METRIC] = float   # METRIC in CELL_METRICS
-    shift["_summary"][VARIANT][str(SEVERITY)][METRIC] = {mean, min, q1, median, q3, max, n}  # over corruptions
-    shift["_mce"][VARIANT] = {mCE, mean_error, CE: {corruption: ...}[, relative_mCE, relative_CE]}
-    shift["_meta"] = {corruptions, severities, variants, temperatures, baseline, n_bins, seed,
-                      n: {c: {s: images}}}
+    shift["cells"][VARIANT][CORRUPTION][str(SEVERITY)][METRIC] = float   # METRIC in CELL_METRICS
+    shift["summary"][VARIANT][str(SEVERITY)][METRIC] = {mean, min, q1, median, q3, max, n}  # over corruptions
+    shift["mce"][VARIANT] = {mCE, mean_error, CE: {corruption: ...}[, relative_mCE, relative_CE]}
+    shift["meta"] = {corruptions, severities, variants, baseline, n_bins, seed, n: {c: {s: images}}}
 
-Top-level keys starting with ``_`` are reserved (variant names may not start with ``_``);
-:func:`cell_results` returns the per-cell part alone, the input of :mod:`qbdl.metrics.shift` and
-:mod:`qbdl.report.shift_plots`. ``_mce`` is ``{}`` when the baseline variant (default ``dnn``) is not
-among the variants. Fractions everywhere (accuracy, error, ECE, UCE in [0, 1]), as in
+The temperatures of the ``<name>_ts`` variants are the run's (``results["temperatures"]``), stored once.
+Results written before this shape (variants beside ``_summary`` / ``_mce`` / ``_meta``) are read through
+:func:`qbdl.experiment.results.shift_parts`; :func:`cell_results` returns the per-cell part alone, the input
+of :mod:`qbdl.metrics.shift` and the data-shift figures. ``mce`` is ``{}`` when the baseline variant
+(default ``dnn``) is not among the variants. Fractions everywhere (accuracy, error, ECE, UCE in [0, 1]), as in
 :func:`qbdl.metrics.summarize`; non-finite values become ``null`` through
 :func:`qbdl.io.atomic_write_json`.
 
@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qbdl import metrics
 from qbdl.experiment.evaluate import Variant, predict_loader, variant_fingerprint
+from qbdl.experiment.results import shift_parts
 from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
 from qbdl.metrics.shift import corruption_errors, severity_summary
@@ -73,19 +74,9 @@ CELL_METRICS = (
     "detect_auroc_mi",
 )
 _FROM_SUMMARY = ("accuracy", "nll", "brier", "ece", "uce", "entropy_mean", "mi_mean")
-RESERVED = ("_summary", "_mce", "_meta")
-#: (metric, table title, display scale) of the console table and the box plots.
-DISPLAY = (
-    ("accuracy", "accuracy %", 100.0),
-    ("ece", "ECE %", 100.0),
-    ("uce", "UCE %", 100.0),
-    ("nll", "NLL", 1.0),
-)
-
-
 def cell_results(shift: Mapping[str, Any]) -> dict[str, Any]:
-    """``{variant: {corruption: {severity: {metric: value}}}}``: ``shift`` without its reserved ``_`` keys."""
-    return {k: v for k, v in shift.items() if not str(k).startswith("_")}
+    """``{variant: {corruption: {severity: {metric: value}}}}``: the cells of ``shift`` (either shape)."""
+    return shift_parts(shift)["cells"]
 
 
 def set_key(ds: Dataset) -> str:
@@ -175,9 +166,6 @@ def evaluate_shift(
     if not shard.is_main:
         _predict_share(variants, sets, seed, batch_size, num_workers, shard)
         return {}
-    bad = [v.name for v in variants if v.name.startswith("_")]
-    if bad:
-        raise ValueError(f"variant names may not start with '_' (reserved keys of the shift results): {bad}")
     missing = [v.name for v in variants if v.name not in clean_logits]
     if missing:
         raise KeyError(
@@ -227,14 +215,13 @@ def evaluate_shift(
     if baseline in results:
         mce = corruption_errors(results, baseline, error_key="error", accuracy_key="accuracy", clean=clean)
     return {
-        **results,
-        "_summary": _str_keys(severity_summary(results, metrics=CELL_METRICS)),
-        "_mce": mce,
-        "_meta": {
+        "cells": results,
+        "summary": _str_keys(severity_summary(results, metrics=CELL_METRICS)),
+        "mce": mce,
+        "meta": {
             "corruptions": corruptions,
             "severities": sevs,
             "variants": list(results),
-            "temperatures": temps,
             "baseline": baseline if baseline in results else None,
             "n_bins": int(n_bins),
             "seed": int(seed),
@@ -256,87 +243,6 @@ def _predict_share(
                 )
 
 
-def _mean_over_corruptions(per_c: Mapping[str, Any], metric: str, severity: int) -> float:
-    vals = [
-        float(m[metric])
-        for per_s in per_c.values()
-        for s, m in per_s.items()
-        if int(s) == int(severity) and m.get(metric) is not None
-    ]
-    vals = [x for x in vals if math.isfinite(x)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def _fmt(x: Any, scale: float) -> str:
-    if x is None or not math.isfinite(float(x)):
-        return "-"
-    x = float(x) * scale
-    return f"{x:.2f}" if scale != 1.0 else f"{x:.4f}"
-
-
-def shift_table(shift: Mapping[str, Any]) -> str:
-    """A console table: per variant, accuracy %, ECE %, UCE %, NLL vs severity (mean over corruptions), and mCE."""
-    res = cell_results(shift)
-    if not res:
-        return "data shift: no results"
-    meta = shift.get("_meta") or {}
-    sevs = [
-        int(s)
-        for s in meta.get("severities")
-        or sorted({int(s) for p in res.values() for d in p.values() for s in d})
-    ]
-    corrs = meta.get("corruptions") or sorted({c for p in res.values() for c in p})
-    mce = shift.get("_mce") or {}
-    base = meta.get("baseline")
-    header = ["variant", "metric", *(f"sev {s}" for s in sevs), f"mCE (vs {base})" if base else "mCE"]
-    rows = []
-    for v, per_c in res.items():
-        for i, (metric, title, scale) in enumerate(DISPLAY):
-            cells = [_fmt(_mean_over_corruptions(per_c, metric, s), scale) for s in sevs]
-            extra = _fmt((mce.get(v) or {}).get("mCE"), 1.0) if i == 0 and mce else ""
-            rows.append([v if i == 0 else "", title, *cells, extra])
-    widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(r, widths)))
-
-    title = f"data shift: {len(corrs)} corruption(s), mean over corruptions per severity"
-    return "\n".join([title, line(header), "-" * len(line(header)), *map(line, rows)])
-
-
-def save_shift_plots(
-    shift: Mapping[str, Any], out_dir: Path, clean: Mapping[str, Mapping[str, Any]] | None = None
-) -> dict[str, str]:
-    """Ovadia-style box plots (accuracy, ECE, UCE vs severity; one box per variant; clean values when given)
-    and, when both exist, the qbnn - bnn paired differences of the same metrics, as PNGs; ``{name: path}``.
-
-    ``clean = {variant: clean metrics}`` (the evaluation's results) adds the "clean" position.
-    """
-    from qbdl.report.plots import save_figure
-    from qbdl.report.shift_plots import severity_boxplot, shift_difference_plot
-
-    res = cell_results(shift)
-    files: dict[str, str] = {}
-    if not res:
-        return files
-    out_dir = Path(out_dir)
-    titles = {m: t.replace(" %", "") for m, t, _ in DISPLAY}
-    for metric in ("accuracy", "ece", "uce"):
-        cv = None
-        if clean is not None:
-            cv = {v: float(clean[v][metric]) for v in res if v in clean and clean[v].get(metric) is not None}
-        fig = severity_boxplot(
-            res, metric, clean=cv, ylabel=titles[metric], title=f"{titles[metric]} under data shift"
-        )
-        name = f"shift_{metric}"
-        files[name] = str(save_figure(fig, out_dir / f"{name}.png"))
-        if "qbnn" in res and "bnn" in res:
-            fig = shift_difference_plot(res, metric, "qbnn", "bnn", clean=cv)
-            name = f"shift_diff_qbnn_bnn_{metric}"
-            files[name] = str(save_figure(fig, out_dir / f"{name}.png"))
-    return files
-
-
 def evaluate_shift_stage(
     dm: Any,
     variants: list[Variant],
@@ -348,12 +254,12 @@ def evaluate_shift_stage(
     out_dir: Path,
     data_key: str,
     shard: Shard | None = None,
-) -> tuple[dict, dict[str, str]]:
-    """Every variant on `dm`'s corrupted test sets (conf/shift) with the clean evaluation's MC seeds; plots.
+) -> dict:
+    """Every variant on `dm`'s corrupted test sets (conf/shift) with the clean evaluation's MC seeds.
 
     clean: the clean test evaluation (qbdl.experiment.evaluate.Evaluation): its metrics, temperatures and
     test logits (the detection negatives); None on ranks other than 0, which only predict their share.
-    Returns the shift results and {plot name: file} (empty on those ranks).
+    Returns the shift results (empty on those ranks); the temperatures are the clean evaluation's.
     """
     from qbdl.data.shift import shift_datasets
 
@@ -375,13 +281,7 @@ def evaluate_shift_stage(
         data_key=data_key,
         baseline="dnn",
         clean=metrics,
-        temperatures={
-            n.removesuffix("_ts"): r["temperature"] for n, r in metrics.items() if "temperature" in r
-        },
+        temperatures=clean.temperatures if clean is not None else {},
         shard=shard,
     )
-    if not shard.is_main:  # its share predicted; rank 0 has the results
-        return {}, {}
-    plots = save_shift_plots(results, out_dir / "plots", clean=clean.metrics)
-    log.info("data shift (mean over corruptions):\n%s", shift_table(results))
-    return results, plots
+    return results if shard.is_main else {}  # the other ranks predicted their share; rank 0 has the results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,38 +11,14 @@ import torch
 from torch import nn
 
 from qbdl.fidelity.budget import error_budget
-from qbdl.fidelity.render import _json_safe, format_budget, plot_budget
+from qbdl.fidelity.render import format_budget, json_safe, plot_budget
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, dict, dict]:
-    """(bnn, qbnn, datamodule, ood loaders, config) of a finished `python -m qbdl.run` output directory."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    """(bnn, qbnn, datamodule, ood loaders, config) of a finished run: qbdl.pipeline.build.load_run as a tuple."""
+    from qbdl.pipeline.build import load_run as load
 
-    from qbdl.bayes import dnn_to_bnn
-    from qbdl.experiment.stages import build_ood_loaders
-    from qbdl.models.files import load_state
-    from qbdl.quant import load_qbnn
-
-    run_dir = Path(run_dir)
-    res_file = run_dir / "results.json"
-    if not res_file.is_file():
-        raise FileNotFoundError(
-            f"{res_file} does not exist: give the output directory of a finished qbdl.run"
-        )
-    cfg = OmegaConf.create(json.loads(res_file.read_text())["config"])
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    for k in ("weights", "weights_path"):  # the BNN state replaces every weight: never fetch pretrained ones
-        if k in model_cfg:
-            model_cfg[k] = None
-    dnn = instantiate(model_cfg, num_classes=dm.num_classes, in_chans=dm.spec.in_chans)
-    bnn = dnn_to_bnn(dnn, **OmegaConf.to_container(cfg.bayes, resolve=True))
-    load_state(bnn, run_dir / "bnn.safetensors")
-    qbnn = load_qbnn(str(run_dir / "models" / "qbnn.qbdl"))
-    ood = build_ood_loaders(dm, cfg.eval.builtin_ood, cfg.eval.ood or {}, cfg.eval.batch_size)
-    return bnn.eval(), qbnn, dm, ood, OmegaConf.to_container(cfg, resolve=True)
+    return load(run_dir).astuple()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from qbdl.io import atomic_write_json
 
-    atomic_write_json(out / f"{stem}.json", _json_safe(budget))
+    atomic_write_json(out / f"{stem}.json", json_safe(budget))
     plot_budget(budget, out / f"{stem}.png")
     print(format_budget(budget))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')} ({budget['seconds']:.0f} s)")

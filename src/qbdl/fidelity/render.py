@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from qbdl.fidelity.parts import PART_DOC
 
@@ -119,11 +120,12 @@ def plot_budget(budget: dict, path: str | Path) -> Path:
     return path
 
 
-def _json_safe(o):
+def json_safe(o: Any) -> Any:
+    """`o` with non-finite floats as JSON can hold them (NaN: null, inf: "inf"/"-inf") and string keys."""
     if isinstance(o, float) and not math.isfinite(o):
         return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
     if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
+        return {str(k): json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
+        return [json_safe(v) for v in o]
     return o

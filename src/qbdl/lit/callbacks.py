@@ -21,12 +21,12 @@ from torch import nn
 
 from qbdl import quant
 from qbdl.bayes.layers import BayesianLayer
-from qbdl.experiment.evaluate import Variant, evaluate_variants, model_variants, save_plots, save_predictions
-from qbdl.experiment.loggers import log_results
+from qbdl.experiment.evaluate import Variant, evaluate_variants, model_variants, save_predictions
 from qbdl.experiment.quantize import Quantized, calibration_batches, load_quantized, quantize_to_file
 from qbdl.experiment.results import RESULTS_FILE, build_results, data_summary, write_results
 from qbdl.experiment.shard import Shard, cpu_threads_per_rank, current_shard, destroy_group_at_exit
 from qbdl.experiment.stages import build_ood_loaders
+from qbdl.report.loggers import log_results
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ def bayesian_model(pl_module: L.LightningModule) -> nn.Module:
             "qbdl.bayes.dnn_to_bnn(net) and keep it as self.model."
         )
     return model
+
+
+def write_run_outputs(results: dict, out_dir: Path) -> Path:
+    """results.json and, when variants were evaluated, report.html beside it; returns results.json's path."""
+    from qbdl.report.html import write_run_report
+
+    path = write_results(results, out_dir)
+    if results["variants"]:
+        write_run_report(results, out_dir)
+    return path
 
 
 class PTQCallback(L.Callback):
@@ -260,18 +270,26 @@ class EvaluationCallback(L.Callback):
             ood_groups=self.ood_groups,
             shard=shard,
         )
-        shift, shift_plots = {}, {}
+        shift = {}
         if self.shift.get("corruptions"):  # every rank: its share of the corrupted sets too
             from qbdl.experiment.shift import evaluate_shift_stage
 
-            shift, shift_plots = evaluate_shift_stage(
+            shift = evaluate_shift_stage(
                 dm, variants, self.shift, ev, seed=self.seed, n_bins=self.n_bins,
                 out_dir=self.out_dir, data_key=data_key, shard=shard,
             )  # fmt: skip
         if not shard.is_main:
             return
+        from qbdl.report.figures import save_plots
+        from qbdl.report.shift_plots import save_shift_plots
+
         save_predictions(ev.predictions, self.out_dir / "predictions.npz")
-        plots = save_plots(ev.curves, self.out_dir / "plots", self.target_accuracy) | shift_plots
+        plots = save_plots(ev.curves, self.out_dir / "plots", self.target_accuracy)
+        if shift:
+            from qbdl.report.shift import shift_table
+
+            plots |= save_shift_plots(shift, self.out_dir / "plots", clean=ev.metrics)
+            log.info("data shift (mean over corruptions):\n%s", shift_table(shift))
         eval_seconds = time.perf_counter() - t0
         ptq_seconds = {n: q.seconds for n, q in quantized.items() if q.seconds is not None}
         config = self.run_info.get("config") or {
@@ -294,7 +312,8 @@ class EvaluationCallback(L.Callback):
             data=data_summary(dm, list(ood_loaders)),
             config=config,
             estimate=self.run_info.get("estimate"),
+            temperatures=ev.temperatures,
         )
-        path = write_results(self.results, self.out_dir)
+        path = write_run_outputs(self.results, self.out_dir)
         log_results(trainer.loggers, self.results, trainer.global_step, path)
         log.info("results in %s", self.out_dir / RESULTS_FILE)

@@ -14,8 +14,9 @@ Pure Python: no torch, lightning or hydra.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "Better",
@@ -26,6 +27,11 @@ __all__ = [
     "find_metric",
     "metric_spec",
     "summary_keys",
+    "table_keys",
+    "seed_keys",
+    "shift_keys",
+    "computed_metrics",
+    "OOD_SCORES",
 ]
 
 Better = Literal["higher", "lower"]
@@ -43,7 +49,12 @@ class MetricSpec:
     column: str | None = None  # comparison-table heading when shorter than the label
     # what the results hold under the key: a float, {level: float}, {OOD set: block}, {group: {score: block}}
     shape: Literal["value", "by_level", "by_set", "by_group"] = "value"
-    source: Literal["summary", "variant"] = "summary"  # summarize() returns it / the experiment adds it
+    # summarize() returns it / the experiment adds it / `compute(probs, targets)` gives it (no other code)
+    source: Literal["summary", "variant", "function"] = "summary"
+    table: bool = False  # a column of the comparison table (console, report.html, loggers' table)
+    seeds: bool = False  # summarised over seeds and compared qbnn vs bnn in the multi-run report
+    shift_row: int | None = None  # its row (order) in the data-shift table; None: not shown there
+    compute: Callable[[Any, Any], float] | None = None  # source "function": f(p [S, N, C], y [N]) -> float
 
     @property
     def heading(self) -> str:
@@ -70,35 +81,35 @@ def _table(*specs: MetricSpec) -> dict[str, MetricSpec]:
 
 #: Top-level keys of one variant's results, in summarize()'s key order, then the experiment's additions.
 METRICS: dict[str, MetricSpec] = _table(
-    MetricSpec("accuracy", "accuracy %", "higher", 100.0, 2),
-    MetricSpec("nll", "NLL", "lower", 1.0, 4),
-    MetricSpec("brier", "Brier", "lower", 1.0, 4),
-    MetricSpec("ece", "ECE %", "lower", 100.0, 2),
+    MetricSpec("accuracy", "accuracy %", "higher", 100.0, 2, table=True, seeds=True, shift_row=0),
+    MetricSpec("nll", "NLL", "lower", 1.0, 4, table=True, seeds=True, shift_row=3),
+    MetricSpec("brier", "Brier", "lower", 1.0, 4, seeds=True),
+    MetricSpec("ece", "ECE %", "lower", 100.0, 2, table=True, seeds=True, shift_row=1),
     MetricSpec("ece_adaptive", "adaptive ECE %", "lower", 100.0, 2),
     MetricSpec("mce", "MCE %", "lower", 100.0, 2),
-    MetricSpec("uce", "UCE %", "lower", 100.0, 2),
+    MetricSpec("uce", "UCE %", "lower", 100.0, 2, table=True, seeds=True, shift_row=2),
     MetricSpec("muce", "MUCE %", "lower", 100.0, 2),
     MetricSpec("entropy_mean", "mean entropy", None, 1.0, 4),
     MetricSpec("aleatoric_mean", "mean aleatoric entropy", None, 1.0, 4),
-    MetricSpec("mi_mean", "mean MI", None, 1.0, 4),
-    MetricSpec("referral_rate_at_target", "referral %", "lower", 100.0, 1),
+    MetricSpec("mi_mean", "mean MI", None, 1.0, 4, table=True, seeds=True),
+    MetricSpec("referral_rate_at_target", "referral %", "lower", 100.0, 1, table=True, seeds=True),
     MetricSpec("referral_auc", "referral AUC %", "higher", 100.0, 2),
     MetricSpec("aurc", "AURC %", "lower", 100.0, 3),
     MetricSpec("eaurc", "E-AURC %", "lower", 100.0, 3),
-    MetricSpec("augrc", "AUGRC %", "lower", 100.0, 3),
+    MetricSpec("augrc", "AUGRC %", "lower", 100.0, 3, table=True, seeds=True),
     MetricSpec("risk_at_coverage", "selective risk %", "lower", 100.0, 2, shape="by_level"),
     MetricSpec("coverage_at_risk", "coverage %", "higher", 100.0, 2, shape="by_level"),
     MetricSpec("ood", "OOD detection", None, shape="by_set"),
-    MetricSpec("ood_auroc", "OOD AUROC", "higher", 1.0, 3),
+    MetricSpec("ood_auroc", "OOD AUROC", "higher", 1.0, 3, table=True, seeds=True),
     MetricSpec("ood_groups", "OOD detection (group means)", None, shape="by_group"),
-    MetricSpec("ood_near_auroc", "OOD AUROC (near)", "higher", 1.0, 3, column="near", source="variant"),
-    MetricSpec("ood_far_auroc", "OOD AUROC (far)", "higher", 1.0, 3, column="far", source="variant"),
-    MetricSpec("size_bytes", "size MiB", "lower", 1.0 / 2**20, 2, source="variant"),
-    MetricSpec("images_per_s", "img/s", "higher", 1.0, 0, source="variant"),
-    # tensors the model keeps resident (weights, noise pools, caches; qbdl.baselines.memory.resident_bytes)
-    MetricSpec("resident_bytes", "memory MiB", "lower", 1.0 / 2**20, 2, column="mem MiB", source="variant"),
+    MetricSpec("ood_near_auroc", "OOD AUROC (near)", "higher", 1.0, 3, column="near", source="variant", table=True),
+    MetricSpec("ood_far_auroc", "OOD AUROC (far)", "higher", 1.0, 3, column="far", source="variant", table=True),
+    MetricSpec("size_bytes", "size MiB", "lower", 1.0 / 2**20, 2, source="variant", table=True, seeds=True),
+    MetricSpec("images_per_s", "img/s", "higher", 1.0, 0, source="variant", table=True, seeds=True),
+    # tensors the model keeps resident (weights, noise pools, caches; qbdl.experiment.memory.resident_bytes)
+    MetricSpec("resident_bytes", "memory MiB", "lower", 1.0 / 2**20, 2, column="mem MiB", source="variant", table=True, seeds=True),
     # full-network passes per image (MC samples, ensemble members; 1 for last-layer Laplace)
-    MetricSpec("backbone_passes", "backbone passes / image", "lower", 1.0, 0, column="passes", source="variant"),
+    MetricSpec("backbone_passes", "backbone passes / image", "lower", 1.0, 0, column="passes", source="variant", table=True),
 )
 #: The flat metrics of ``results["ood"][set]``: the selected score's, then the MI score's.
 OOD_SET_METRICS: dict[str, MetricSpec] = _table(
@@ -118,9 +129,34 @@ OOD_SCORE_METRICS: dict[str, MetricSpec] = _table(
 )
 
 
+#: The OOD scores of ``results["variants"][NAME]["ood"][SET]["scores"]``, in display order.
+OOD_SCORES = ("entropy", "mi", "maxprob", "maxlogit", "energy")
+
+
 def summary_keys() -> tuple[str, ...]:
     """The keys summarize() returns, in order."""
     return tuple(k for k, s in METRICS.items() if s.source == "summary")
+
+
+def table_keys() -> tuple[str, ...]:
+    """The comparison table's columns, in registry order."""
+    return tuple(k for k, s in METRICS.items() if s.table)
+
+
+def seed_keys() -> tuple[str, ...]:
+    """The metrics summarised over seeds (mean ± std, QBNN vs BNN claims), in registry order."""
+    return tuple(k for k, s in METRICS.items() if s.seeds)
+
+
+def shift_keys() -> tuple[str, ...]:
+    """The rows of the data-shift table, in their order."""
+    rows = sorted((s.shift_row, k) for k, s in METRICS.items() if s.shift_row is not None)
+    return tuple(k for _, k in rows)
+
+
+def computed_metrics(p: Any, y: Any) -> dict[str, float]:
+    """The values of the entries that carry their own function (source "function") on ``p [S, N, C]``, ``y [N]``."""
+    return {k: float(s.compute(p, y)) for k, s in METRICS.items() if s.source == "function" and s.compute}
 
 
 def _nested(parent: MetricSpec, key: str, rest: str) -> MetricSpec | None:

@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 from qbdl.io import atomic_write_bytes
+from qbdl.metrics.registry import OOD_SCORE_METRICS, OOD_SCORES
+from qbdl.report.shift import shift_table
 from qbdl.report.table import table_rows
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}img{max-width:380px;margin:4px;border:1px solid #eee}
@@ -29,17 +31,15 @@ def _ood_table(variants: dict) -> str:
     sets = sorted({s for r in variants.values() for s in (r.get("ood") or {})})
     if not sets:
         return ""
-    cols = ("auroc", "aupr_in", "aupr_out", "fpr95")
-    header = ["variant", "score"] + [
-        f"{s} {m}" for s in sets for m in ("AUROC", "AUPR-in", "AUPR-out", "FPR95")
-    ]
+    cols = OOD_SCORE_METRICS  # the registry's per-score metrics, labels and formats
+    header = ["variant", "score"] + [f"{s} {spec.label}" for s in sets for spec in cols.values()]
     rows = []
     for name, r in variants.items():
-        for score in ("entropy", "mi", "maxprob", "maxlogit", "energy"):
+        for score in OOD_SCORES:
             row = [name, score]
             for s in sets:
                 d = ((r.get("ood") or {}).get(s, {}).get("scores") or {}).get(score, {})
-                row += ["-" if d.get(k) is None else f"{d[k]:.3f}" for k in cols]
+                row += ["-" if d.get(k) is None else spec.format(d[k]) for k, spec in cols.items()]
             rows.append(row)
     groups = {s: (variants[next(iter(variants))].get("ood") or {}).get(s, {}).get("group") for s in sets}
     note = ", ".join(f"{s}: {g or 'untagged'}" for s, g in groups.items())
@@ -53,8 +53,6 @@ def _ood_table(variants: dict) -> str:
 def _shift_section(shift: dict) -> str:
     if not shift:
         return ""
-    from qbdl.experiment.shift import shift_table
-
     return f"<h2>Data shift (mean over corruptions per severity)</h2><pre>{html.escape(shift_table(shift))}</pre>"
 
 
@@ -69,7 +67,7 @@ def write_run_report(results: dict, run_dir: str | Path) -> Path:
     )
     cfg = json.dumps(results.get("config", {}), indent=1)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>qbdl run report</title>
-<style>{_STYLE}</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>qbdl run: {html.escape(str(run_dir.name))}</h1>
 <p>ECE, UCE and referral rate in %; referral = fraction of test images referred to reach the target accuracy
 (100% when never reached); OOD AUROC of the first OOD set, near/far = means over the sets of each group,

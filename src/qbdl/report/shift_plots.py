@@ -8,15 +8,19 @@ with :func:`qbdl.report.plots.save_figure`. Input: ``results[variant][corruption
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qbdl.experiment.results import shift_parts
+from qbdl.metrics.registry import metric_spec
 from qbdl.metrics.shift import Results, metric_values, paired_differences, severities
 from qbdl.report.plots import save_figure
 
-__all__ = ["severity_boxplot", "shift_difference_plot", "save_figure"]
+__all__ = ["severity_boxplot", "shift_difference_plot", "save_figure", "save_shift_plots"]
 
 
 def _figure(n_positions: int) -> Figure:
@@ -124,3 +128,31 @@ def shift_difference_plot(
     )
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def save_shift_plots(
+    shift: Mapping[str, Any], out_dir: Path, clean: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, str]:
+    """Ovadia-style box plots (accuracy, ECE, UCE vs severity; one box per variant; clean values when given)
+    and, when both exist, the qbnn - bnn paired differences of the same metrics, as PNGs; ``{name: path}``.
+
+    ``clean = {variant: clean metrics}`` (the evaluation's results) adds the "clean" position.
+    """
+    res = shift_parts(shift)["cells"]
+    files: dict[str, str] = {}
+    if not res:
+        return files
+    out_dir = Path(out_dir)
+    for metric in ("accuracy", "ece", "uce"):
+        title = metric_spec(metric).label.replace(" %", "")
+        cv = None
+        if clean is not None:
+            cv = {v: float(clean[v][metric]) for v in res if v in clean and clean[v].get(metric) is not None}
+        fig = severity_boxplot(res, metric, clean=cv, ylabel=title, title=f"{title} under data shift")
+        name = f"shift_{metric}"
+        files[name] = str(save_figure(fig, out_dir / f"{name}.png"))
+        if "qbnn" in res and "bnn" in res:
+            fig = shift_difference_plot(res, metric, "qbnn", "bnn", clean=cv)
+            name = f"shift_diff_qbnn_bnn_{metric}"
+            files[name] = str(save_figure(fig, out_dir / f"{name}.png"))
+    return files

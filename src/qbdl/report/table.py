@@ -1,27 +1,11 @@
-"""The comparison table: one row per variant (OOD AUROC: first set; near/far: group means; eval.score)."""
+"""The comparison table: one row per variant, one column per registry entry with `table=True`.
+
+OOD AUROC: the first set; near/far: group means; ranked by eval.score. Titles and formats: the registry.
+"""
 
 from __future__ import annotations
 
-from qbdl.metrics.registry import metric_spec
-
-# Results keys of the columns, in order; titles and formats come from the metric registry
-# (ECE/UCE/referral are fractions in results.json, shown in %).
-COLUMNS = (
-    "accuracy",
-    "nll",
-    "ece",
-    "uce",
-    "mi_mean",
-    "referral_rate_at_target",
-    "augrc",
-    "ood_auroc",
-    "ood_near_auroc",
-    "ood_far_auroc",
-    "size_bytes",
-    "images_per_s",
-    "resident_bytes",
-    "backbone_passes",
-)
+from qbdl.metrics.registry import metric_spec, table_keys
 
 
 def column_title(key: str, target: float | None = None) -> str:
@@ -37,8 +21,9 @@ def format_cell(key: str, value: float | None) -> str:
 
 def table_rows(variants: dict, target: float | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the comparison table."""
-    header = ["variant"] + [column_title(key, target) for key in COLUMNS]
-    rows = [[name] + [format_cell(key, res.get(key)) for key in COLUMNS] for name, res in variants.items()]
+    columns = table_keys()  # the registry's table entries, read now: a metric registered later is a column too
+    header = ["variant"] + [column_title(key, target) for key in columns]
+    rows = [[name] + [format_cell(key, res.get(key)) for key in columns] for name, res in variants.items()]
     return header, rows
 
 

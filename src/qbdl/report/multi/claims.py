@@ -24,24 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qbdl.metrics.registry import metric_spec
+from qbdl.experiment.results import shift_parts
+from qbdl.metrics.registry import metric_spec, seed_keys
 from qbdl.report.multi.runs import Group, Run, get_metric
 
-# Metrics summarised over seeds (in column order); titles, scales and directions: qbdl.metrics.registry.
-SEED_METRICS = (
-    "accuracy",
-    "nll",
-    "brier",
-    "ece",
-    "uce",
-    "mi_mean",
-    "referral_rate_at_target",
-    "augrc",
-    "ood_auroc",
-    "size_bytes",
-    "images_per_s",
-    "resident_bytes",
-)
+
+def seed_metrics() -> tuple[str, ...]:
+    """Metrics summarised over seeds, in column order: the registry's `seeds` entries, read at call time."""
+    return seed_keys()
+
+
 # The near/far OOD group means, summarised and compared when the runs have them.
 GROUP_METRICS = ("ood_near_auroc", "ood_far_auroc")
 # The paper's claims: (variant a, variant b, metrics); a is claimed better than b on each metric.
@@ -51,8 +43,8 @@ PAPER_CLAIMS: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 # The temperature-scaled DNN is the baseline a practitioner would use: BNN claims are made against it too.
 PAPER_CLAIMS.append(("bnn", "dnn_ts", ("ood_auroc", "uce", "referral_rate_at_target")))
-# QBNN vs BNN: every metric, equivalence ("does quantization keep it?").
-QUANT_CLAIM = ("qbnn", "bnn", SEED_METRICS)
+# QBNN vs BNN on every seed metric (seed_metrics()), equivalence ("does quantization keep it?").
+QUANT_PAIR = ("qbnn", "bnn")
 # QBNN vs the INT8 baselines deployed instead (deep ensemble, MC dropout, last-layer Laplace; issue 33): on each
 # metric a superiority claim "qbnn is better" (a t test; "contradicted" where the baseline is better) and, where
 # the metric has an equivalence margin, a TOST equivalence claim with the same margins as QBNN ≡ BNN.
@@ -121,10 +113,10 @@ def mean_std(values: Sequence[float | None]) -> Stat:
 
 
 def metric_names(group: Group) -> list[str]:
-    """SEED_METRICS, the near/far OOD means and the per-set OOD AUROCs ('ood.<set>.auroc') present in the group."""
+    """seed_metrics(), the near/far OOD means and the per-set OOD AUROCs ('ood.<set>.auroc') present in the group."""
     sets = sorted({s for r in group.runs for v in r.variants.values() for s in (v.get("ood") or {})})
     present = {k for r in group.runs for v in r.variants.values() for k in GROUP_METRICS if k in v}
-    return [*SEED_METRICS, *(k for k in GROUP_METRICS if k in present), *(f"ood.{s}.auroc" for s in sets)]
+    return [*seed_metrics(), *(k for k in GROUP_METRICS if k in present), *(f"ood.{s}.auroc" for s in sets)]
 
 
 def seed_stats(group: Group) -> dict[str, dict[str, Stat]]:
@@ -270,7 +262,7 @@ def claims(group: Group, holm_correction: bool = False) -> list[Claim]:
                 else []
             )
             out += [paired_claim(group, a, b, m) for m in [*metrics, *extra]]
-    a, b, metrics = QUANT_CLAIM
+    (a, b), metrics = QUANT_PAIR, seed_metrics()
     if {a, b} <= present:
         m_by = margins(group)
         metrics = [*metrics, *(m for m in metric_names(group) if m in GROUP_METRICS)]
@@ -314,7 +306,7 @@ def shift_claims(group: Group, a: str = "qbnn", b: str = "bnn") -> dict[int, lis
 
     per_run: list[dict[int, dict[str, float]]] = []
     for r in group.runs:
-        res = {k: v for k, v in (r.results.get("shift") or {}).items() if not str(k).startswith("_")}
+        res = shift_parts(r.results.get("shift") or {})["cells"]
         if a not in res or b not in res:
             continue
         means: dict[int, dict[str, float]] = {}

@@ -178,7 +178,7 @@ def render_markdown(runs: Sequence[Run], holm_correction: bool = False) -> str:
 
 def render_html(runs: Sequence[Run], holm_correction: bool = False) -> str:
     """The report as a self-contained HTML page."""
-    from qbdl.report.html import _STYLE
+    from qbdl.report.html import STYLE
 
     parts = []
     for lvl, head, body in _sections(runs, _html_table, holm_correction):
@@ -188,7 +188,7 @@ def render_html(runs: Sequence[Run], holm_correction: bool = False) -> str:
         )
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>qbdl report</title>'
-        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
 
 

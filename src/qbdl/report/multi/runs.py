@@ -24,9 +24,7 @@ SEED_KEYS = (
     "seed",
     "eval.seed",
     "quant.seed",
-    "eval.callback.seed",
     "shift.seed",
-    "eval.callback.shift.seed",
 )
 
 

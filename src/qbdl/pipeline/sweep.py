@@ -1,6 +1,6 @@
 """Hydra callback for multiruns: a sweep summary table when the sweep ends.
 
-Enable with `hydra.callbacks.sweep_summary._target_=qbdl.experiment.sweep.SweepSummary` (conf/experiment/seeds.yaml and
+Enable with `hydra.callbacks.sweep_summary._target_=qbdl.pipeline.sweep.SweepSummary` (conf/experiment/seeds.yaml and
 conf/hparams_search/optuna.yaml do). Writes SWEEP_DIR/sweep_summary.md and the multi-run report
 (report.html, report.md, summary.json: mean ± std over seeds, paired claims) next to it.
 """

@@ -1,4 +1,4 @@
-"""The experiment pipeline: DNN fit (or load) -> dnn_to_bnn (MOPED) -> ELBO fit -> PTQ -> evaluation.
+"""The experiment pipeline (Hydra + Lightning, above qbdl.experiment): DNN fit (or load) -> dnn_to_bnn (MOPED) -> ELBO fit -> PTQ -> evaluation.
 
 `run(cfg)` takes a composed Hydra config (conf/config.yaml); `python -m qbdl.run` is its command line.
 """
@@ -23,6 +23,8 @@ from qbdl.experiment.results import RESULTS_FILE
 from qbdl.io import atomic_write_json
 from qbdl.lit.module import BayesianClassifier
 from qbdl.models.files import load_state, save_state
+from qbdl.pipeline.build import build_run
+from qbdl.report.shift import shift_table
 from qbdl.report.table import format_table
 
 log = logging.getLogger("qbdl")
@@ -84,21 +86,10 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
 
     t0 = time.perf_counter()
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    if cfg.get("shift"):  # bad corruption names, severities or RGB-only corruptions fail before training
-        from qbdl.data.shift import validate_shift
-
-        validate_shift(OmegaConf.to_container(cfg.shift, resolve=True), dm)
+    parts = build_run(cfg)
+    dm, dnn, evaluation, callbacks = parts.dm, parts.dnn, parts.evaluation, parts.callbacks
     atomic_write_json(out / "splits.json", dm.split_indices())
     n_train = len(dm.dataset("train"))
-    dnn = instantiate(cfg.model, num_classes=dm.num_classes, in_chans=dm.spec.in_chans)
-    # The BNN stage's callbacks, built before any training: bad quant/eval options and OOD sets fail now.
-    callbacks = [instantiate(cfg.quant, reference=dnn)] if cfg.get("quant") else []
-    evaluation = instantiate(cfg.eval, reference=dnn)
-    evaluation.ood_loaders_for(dm)
-    callbacks.append(evaluation)
-    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     timings["data"] = time.perf_counter() - t0
     estimate = None
     if cfg.estimate:  # the cost before paying it; the probe leaves the RNG streams of the run untouched
@@ -167,8 +158,6 @@ def run(cfg: DictConfig) -> dict:
     if results["variants"]:
         print(format_table(results["variants"], target=cfg.eval.target_accuracy))
     if results.get("shift"):
-        from qbdl.experiment.shift import shift_table
-
         print(shift_table(results["shift"]))
     log.info("results in %s", out)
     return results

@@ -27,7 +27,8 @@ def resident_bytes(model: nn.Module) -> int:
     """
     seen: dict[tuple[str, int], int] = {}
     for m in model.modules():
-        for t in [*m._parameters.values(), *m._buffers.values(), *_tensors(list(vars(m).values()))]:
+        own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        for t in [*own, *_tensors(list(vars(m).values()))]:
             if t is None or not isinstance(t, Tensor) or t.is_meta:
                 continue
             try:

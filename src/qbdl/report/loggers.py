@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from qbdl.experiment.results import shift_parts
+
 
 def numeric_leaves(d: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """Every int/float leaf of a nested dict as {'<prefix>/<key>/<subkey>...': value} (bools left out)."""
@@ -21,13 +23,16 @@ def numeric_leaves(d: Mapping[str, Any], prefix: str) -> dict[str, float]:
 def log_results(loggers: Iterable[Any], results: Mapping[str, Any], step: int, path: str | Path) -> None:
     """Each variant's numbers as '<variant>/<key>[/...]' and the shift results as 'shift/...' to every logger.
 
+    Shift: cells as 'shift/<variant>/<corruption>/<severity>/<metric>', 'shift/summary/...', 'shift/mce/...'.
+
     A WandbLogger also gets the comparison table, the plots and results.json (`path`) as an artifact.
     """
     flat: dict[str, float] = {}
     for v, res in results["variants"].items():
         flat |= numeric_leaves(res, v)
-    shift = {k: val for k, val in (results.get("shift") or {}).items() if k != "_meta"}
-    flat |= numeric_leaves(shift, "shift")
+    shift = shift_parts(results.get("shift") or {})
+    flat |= numeric_leaves(shift["cells"], "shift")
+    flat |= numeric_leaves(shift["summary"], "shift/summary") | numeric_leaves(shift["mce"], "shift/mce")
     for logger in loggers:
         logger.log_metrics(flat, step=step)
         if type(logger).__name__ == "WandbLogger":
