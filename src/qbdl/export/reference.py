@@ -9,6 +9,7 @@ from torch import fx
 from qbdl.bayes.predict import sample_seed, set_mc_index
 
 from .graph import NoiseLayout
+from .qdq import layer_attr
 
 
 def qbdl_noise(model: fx.GraphModule, layout: NoiseLayout, batch: int, samples: int, seed: int) -> dict:
@@ -32,7 +33,7 @@ def qbdl_noise(model: fx.GraphModule, layout: NoiseLayout, batch: int, samples: 
                         a, b = e[key]
                         draw = torch.randint(0, 2, (batch, b - a), dtype=torch.int8).mul_(2).sub_(1)
                         signs[s * batch : (s + 1) * batch, a:b] = draw.numpy()
-                    _, _, eps_b = q._draw(None)
+                    _, _, eps_b = layer_attr(q, "draw", "_draw")(None)
                     if e["bias"] is not None:
                         bias[s, e["bias"][0] : e["bias"][1]] = eps_b.numpy()
     finally:
