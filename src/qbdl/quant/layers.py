@@ -127,14 +127,6 @@ class QuantLayer(nn.Module):
         """The MC sample index of the following forwards (set_mc_index; None: the global generator)."""
         return self._mc_index
 
-    # the old private names qbdl.export still reads (reference.py, graph.py); go once it uses draw / bias_scale
-    @property
-    def _bias_scale(self) -> Tensor:
-        return self.bias_scale
-
-    def _draw(self, gen: torch.Generator | None, index: int | None = None) -> tuple[int, bool, Tensor | None]:
-        return self.draw(gen, index)
-
     def bank_generator(self) -> torch.Generator:
         """The generator of this layer's banked samples: from the model seed and the layer's index."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (self.index + 1)) % (2**63 - 1))
