@@ -109,8 +109,7 @@ def test_seed_report_draws_each_metric_against_speed(tmp_path):
 FIDELITY_METRICS = ("accuracy", "nll", "ece", "uce", "ood_auroc")
 
 
-@pytest.mark.slow
-@pytest.mark.long  # three extra DNN fits and the full 21-variant evaluation: ~25 min on a 2-core AVX2 CPU
+@pytest.mark.slow  # three extra DNN fits and the full 21-variant evaluation: ~3 min on an idle 2-core AVX2 CPU
 def test_digits_baselines_int8_twins_within_the_fidelity_margins(tmp_path):
     cfg = compose_config(
         tmp_path / "run", ["+experiment=digits_baselines", "logger=csv", "estimate=false"], tiny=False
