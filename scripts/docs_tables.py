@@ -9,7 +9,9 @@ the renderer below and its JSON record:
 - ``default-run`` / ``default-run-short``: ``docs/data/results.json``, the ``results.json`` of
   ``python -m qbdl.run`` (the digits default);
 - ``bench``: ``docs/data/bench.json``, the ``bench.json`` of ``python -m qbdl.bench``;
-- ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``.
+- ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``;
+- ``paper-vs-qbdl``: ``docs/data/paper.json`` (the paper's values, each with its source; kept by hand,
+  as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``.
 
 Each record carries a ``provenance`` object (``command``, ``commit``, ``date``, ``note``) beside the
 ``machine`` and versions its producer wrote; every table says where it came from. A re-run replaces
@@ -55,11 +57,11 @@ def _cpu(machine: dict) -> str:
     return f"{machine.get('cpu', 'unknown CPU')}" + (f" ({isa})" if isa else "")
 
 
-def provenance(rec: dict, torch_version: str, threads: int | str) -> str:
+def provenance(rec: dict, torch_version: str, threads: int | str, verb: str = "Measured") -> str:
     """One line: command, machine, threads, torch, commit, date and the record's own note."""
     p = rec["provenance"]
     line = (
-        f"Measured with `{p['command']}` on {_cpu(rec['machine'])}, {threads} threads, torch {torch_version}, "
+        f"{verb} with `{p['command']}` on {_cpu(rec['machine'])}, {threads} threads, torch {torch_version}, "
         f"commit `{p['commit'][:7]}`, {p['date']}"
     )
     return line + (f"; {p['note']}" if p.get("note") else "") + "."
@@ -193,7 +195,7 @@ def estimates() -> str:
         f"{IMAGENET_FULL['test']:,} images, {IMAGENET_FULL['epochs']} BNN epochs, {IMAGENET_FULL['mc']} MC samples, "
         f"{IMAGENET_FULL['shift_sets']} shifted sets of the 50,000 test images; data loading, corruption rendering "
         "and checkpoints are not included. "
-        + provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"]),
+        + provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"], verb="Estimated from a probe run"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -219,26 +221,37 @@ def paper_vs_qbdl() -> str:
     pt = lambda k: f"{100 * (v['qbnn'][k] - v['bnn'][k]):+.2f} pt"  # noqa: E731
     both = lambda k, s, f: f"{f.format(s * v['bnn'][k])} / {f.format(s * v['qbnn'][k])}"  # noqa: E731
     digits = f"digits 16x16, ResNet-20 · {_cpu(run['machine'])} · `{run['provenance']['command']}`"
+    paper = load("paper.json")
+    cell = lambda k: paper["values"][k]["cell"]  # noqa: E731
     rows = [
-        ("INT8 QBNN / FP32 BNN throughput", "6.9x on ImageNet, 4th-gen Intel Xeon (AMX)", speed, bench_where),
-        ("accuracy, QBNN − BNN", "kept (Table 2, ImageNet)", pt("accuracy"), digits),
-        ("UCE, QBNN − BNN", "kept (Table 2)", pt("uce"), digits),
+        ("INT8 QBNN / FP32 BNN throughput", cell("throughput_speedup"), speed, bench_where),
+        ("accuracy, QBNN − BNN", cell("accuracy"), pt("accuracy"), digits),
+        ("UCE, QBNN − BNN", cell("uncertainty"), pt("uce"), digits),
         (
             "referral rate to 99.5% accuracy, BNN / QBNN",
-            "Figure 3 (colorectal)",
+            cell("referral"),
             both("referral_rate_at_target", 100, "{:.1f}%"),
             digits,
         ),
         (
             "OOD AUROC by entropy, BNN / QBNN",
-            "Figure 4 (Camelyon17)",
+            cell("ood_auroc"),
             both("ood_auroc", 1, "{:.3f}"),
             digits + ", OOD = photo patches",
         ),
-        ("model size, QBNN / BNN", "-", f"{v['qbnn']['size_bytes'] / v['bnn']['size_bytes']:.2f}x", digits),
+        ("model size, QBNN / BNN", cell("model_size"), f"{v['qbnn']['size_bytes'] / v['bnn']['size_bytes']:.2f}x", digits),
     ]
     lines = ["| quantity | paper (Lin et al. 2023) | qbdl | data · machine · command |", "|---|---|---|---|"]
     lines += [f"| {a} | {p} | {q} | {w} |" for a, p, q, w in rows]
+    src = paper["sources"]["abstract"]["urls"][0]
+    reach = "" if paper["full_text"]["reachable"] else (
+        "; the full text (its tables and figures) was not reachable, so no other value of the paper is given"
+    )
+    lines += [
+        "",
+        f"Paper column: from the paper's [abstract]({src}){reach} "
+        "([Reproduce the paper](docs/reproduce.md#the-papers-figures) lists the sources; `docs/data/paper.json` keeps them).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +265,7 @@ RENDERERS = {
 
 
 MISSING = {
+    "paper.json": "docs/data/paper.json` (the paper's values with their sources, kept by hand) in place: see `docs/reproduce.md",
     "bench.json": "python -m qbdl.bench` then `python scripts/docs_tables.py --import-bench bench/.../bench.json",
     "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",

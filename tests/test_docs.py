@@ -121,6 +121,27 @@ def test_records_name_machine_torch_and_commit(path):
     assert rec["provenance"]["command"].startswith("python ")
 
 
+def test_paper_column_is_paper_json_with_sources():
+    """The README's paper column is docs/data/paper.json, cell by cell (read back independently); a cell
+    with a number has a source whose quote holds that number, and one without a source gives no number."""
+    paper = json.loads((DOCS / "data" / "paper.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("<!-- table:paper-vs-qbdl -->") : text.index("<!-- /table:paper-vs-qbdl -->")]
+    cells = [[c.strip() for c in line.strip("|").split("|")][1] for line in block.splitlines()[3:] if line.startswith("| ")]
+    order = ["throughput_speedup", "accuracy", "uncertainty", "referral", "ood_auroc", "model_size"]
+    assert cells == [paper["values"][k]["cell"] for k in order]
+    for key, v in paper["values"].items():
+        numbers = re.findall(r"\b\d+(?:\.\d+)?(?![\d.]|st\b|nd\b|rd\b|th\b)", v["cell"])  # not "4th"
+        if v["source"] is None:
+            assert not numbers and v["value"] is None, key
+        else:
+            assert paper["sources"][v["source"]]["urls"], key
+            assert all(n in v["quote"] for n in numbers), (key, numbers)
+            assert v["value"] is None or f"{v['value']:g}" in v["quote"], key
+    if not paper["full_text"]["reachable"]:
+        assert "not reachable" in (DOCS / "reproduce.md").read_text()
+
+
 def test_every_experiment_is_documented():
     names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
     page = (DOCS / "experiments.md").read_text()
