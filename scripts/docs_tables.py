@@ -11,7 +11,9 @@ the renderer below and its JSON record:
 - ``bench``: ``docs/data/bench.json``, the ``bench.json`` of ``python -m qbdl.bench``;
 - ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``;
 - ``paper-vs-qbdl``: ``docs/data/paper.json`` (the paper's values, each with its source; kept by hand,
-  as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``.
+  as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``;
+- ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
+  ``python -m qbdl.report`` over the five-seed ``digits_baselines`` sweep (stats and claims kept).
 
 Each record carries a ``provenance`` object (``command``, ``commit``, ``date``, ``note``) beside the
 ``machine`` and versions its producer wrote; every table says where it came from. A re-run replaces
@@ -195,7 +197,9 @@ def estimates() -> str:
         f"{IMAGENET_FULL['test']:,} images, {IMAGENET_FULL['epochs']} BNN epochs, {IMAGENET_FULL['mc']} MC samples, "
         f"{IMAGENET_FULL['shift_sets']} shifted sets of the 50,000 test images; data loading, corruption rendering "
         "and checkpoints are not included. "
-        + provenance(rec, rec["machine"]["torch"], rec["machine"]["threads"], verb="Estimated from a probe run"),
+        + provenance(
+            rec, rec["machine"]["torch"], rec["machine"]["threads"], verb="Estimated from a probe run"
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -239,13 +243,22 @@ def paper_vs_qbdl() -> str:
             both("ood_auroc", 1, "{:.3f}"),
             digits + ", OOD = photo patches",
         ),
-        ("model size, QBNN / BNN", cell("model_size"), f"{v['qbnn']['size_bytes'] / v['bnn']['size_bytes']:.2f}x", digits),
+        (
+            "model size, QBNN / BNN",
+            cell("model_size"),
+            f"{v['qbnn']['size_bytes'] / v['bnn']['size_bytes']:.2f}x",
+            digits,
+        ),
     ]
     lines = ["| quantity | paper (Lin et al. 2023) | qbdl | data · machine · command |", "|---|---|---|---|"]
     lines += [f"| {a} | {p} | {q} | {w} |" for a, p, q, w in rows]
     src = paper["sources"]["abstract"]["urls"][0]
-    reach = "" if paper["full_text"]["reachable"] else (
-        "; the full text (its tables and figures) was not reachable, so no other value of the paper is given"
+    reach = (
+        ""
+        if paper["full_text"]["reachable"]
+        else (
+            "; the full text (its tables and figures) was not reachable, so no other value of the paper is given"
+        )
     )
     lines += [
         "",
@@ -255,12 +268,85 @@ def paper_vs_qbdl() -> str:
     return "\n".join(lines) + "\n"
 
 
+SEED_COLUMNS = [
+    ("accuracy", "accuracy %", 100, "{:.2f}"),
+    ("nll", "NLL", 1, "{:.4f}"),
+    ("ece", "ECE %", 100, "{:.2f}"),
+    ("uce", "UCE %", 100, "{:.2f}"),
+    ("referral_rate_at_target", "referral %", 100, "{:.1f}"),
+    ("augrc", "AUGRC %", 100, "{:.3f}"),
+    ("ood_far_auroc", "far OOD AUROC", 1, "{:.3f}"),
+    ("ood_near_auroc", "near OOD AUROC", 1, "{:.3f}"),
+    ("resident_bytes", "mem MiB", 2**-20, "{:.2f}"),
+    ("size_bytes", "file MiB", 2**-20, "{:.2f}"),
+]
+PASSES = {"dnn": 1, "qdnn": 1, "bnn": 8, "bnn_mean": 1, "qbnn": 8, "ens": 4, "qens": 4, "mcd": 8, "qmcd": 8,
+          "lla": 1, "qlla": 1}  # fmt: skip
+
+
+def baselines_seeds() -> str:
+    """Mean ± sd over the seeds of the digits baselines study."""
+    rec = load("baselines_seeds.json")
+    cols = SEED_COLUMNS
+    lines = [
+        "| variant | passes | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for name, stats in rec["stats"].items():
+        cells = []
+        for key, _, scale, fmt in cols:
+            s = stats.get(key)
+            cells.append(
+                "-" if s is None else f"{fmt.format(s['mean'] * scale)} ± {fmt.format(s['std'] * scale)}"
+            )
+        passes = PASSES.get(name.removesuffix("_ts"), "-")
+        lines.append(f"| {name} | {passes} | " + " | ".join(cells) + " |")
+    n = len(rec["seeds"])
+    lines += [
+        "",
+        provenance(rec, rec["versions"]["torch"], rec["machine"].get("threads", "?")) + f" {n} seeds.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+CLAIM_METRICS = {
+    "accuracy": ("accuracy", 100, "pt"),
+    "nll": ("NLL", 1, ""),
+    "ece": ("ECE", 100, "pt"),
+    "uce": ("UCE", 100, "pt"),
+    "augrc": ("AUGRC", 100, "pt"),
+    "referral_rate_at_target": ("referral", 100, "pt"),
+    "ood_far_auroc": ("far OOD AUROC", 1, ""),
+    "ood_near_auroc": ("near OOD AUROC", 1, ""),
+}
+
+
+def baselines_claims() -> str:
+    """The seed report's paired claims of qbnn against each INT8 baseline."""
+    rec = load("baselines_seeds.json")
+    lines = ["| claim | metric | qbnn - other [95% CI] | margin | p | verdict |", "|---|---|---|---|---|---|"]
+    for c in rec["claims"]:
+        if c["a"] != "qbnn" or c["b"] not in ("qens", "qmcd", "qlla") or c["metric"] not in CLAIM_METRICS:
+            continue
+        label, scale, unit = CLAIM_METRICS[c["metric"]]
+        sym = {"equivalence": "≡", "difference": "≠"}.get(c["kind"], ">" if c["better"] == "higher" else "<")
+        f = "{:+.2f}" if scale == 100 else "{:+.4f}"
+        diff = f"{f.format(c['mean'] * scale)} [{f.format(c['lo'] * scale)}, {f.format(c['hi'] * scale)}]"
+        margin = f"±{c['margin'] * scale:g}" if c.get("margin") else "-"
+        lines.append(
+            f"| qbnn {sym} {c['b']} | {label} | {diff}{(' ' + unit) if unit else ''} | {margin} | {c['p']:.3g} | {c['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {
     "paper-vs-qbdl": paper_vs_qbdl,
     "default-run": default_run,
     "default-run-short": lambda: default_run(short=True),
     "bench": bench,
     "estimates": estimates,
+    "baselines-seeds": baselines_seeds,
+    "baselines-claims": baselines_claims,
 }
 
 
@@ -268,6 +354,7 @@ MISSING = {
     "paper.json": "docs/data/paper.json` (the paper's values with their sources, kept by hand) in place: see `docs/reproduce.md",
     "bench.json": "python -m qbdl.bench` then `python scripts/docs_tables.py --import-bench bench/.../bench.json",
     "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
+    "baselines_seeds.json": "python -m qbdl.run -m +experiment=digits_baselines seed=0,1,2,3,4` and `python -m qbdl.report DIR",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
 }
 
