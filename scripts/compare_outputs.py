@@ -6,8 +6,8 @@
 `produce` runs, into OUT: the default run (`python -m qbdl.run`, embedded digits) as OUT/run,
 `python -m qbdl.fidelity OUT/run`, a 2-seed sweep (`python -m qbdl.run -m seed=0,1`) as OUT/sweep and
 `python -m qbdl.report OUT/sweep`, all with logger=none, threads=1 (deterministic kernels' order).
-`compare` prints every difference between the two trees' results.json (run and sweep jobs), fidelity.json,
-the sweep's summary.json and its Markdown reports, ignoring what changes run to run: timings and throughput,
+`compare` prints every difference between the two trees' results.json (run and sweep jobs), the run's
+report.html tables, fidelity.json, the sweep's summary.json and its Markdown reports, ignoring what changes run to run: timings and throughput,
 paths, timestamps, machine and version records. Exit code 1 when anything differs.
 
 Older results.json kept each `<name>_ts` variant's temperature beside its metrics and the shift bookkeeping
@@ -115,6 +115,18 @@ def _text_lines(path: Path, root: Path) -> list[str]:
     ]
 
 
+def html_tables(path: Path) -> list[list[list[str]]]:
+    """The tables of a report.html as rows of cell texts, throughput columns (img/s) left out."""
+    out = []
+    for table in re.findall(r"<table>(.*?)</table>", path.read_text(), re.S):
+        rows = [
+            re.findall(r"<t[hd]>(.*?)</t[hd]>", r, re.S) for r in re.findall(r"<tr>(.*?)</tr>", table, re.S)
+        ]
+        keep = [i for i, h in enumerate(rows[0] if rows else []) if not TIMING_LINE.search(h)]
+        out.append([[r[i] for i in keep if i < len(r)] for r in rows])
+    return out
+
+
 def compare(before: str, after: str) -> int:
     """Print the differences between two produced trees; the number of differences."""
     b, a = Path(before).resolve(), Path(after).resolve()
@@ -131,6 +143,9 @@ def compare(before: str, after: str) -> int:
         if is_results:
             x, y = canonical_results(x), canonical_results(y)
         found += [f"{rel}{d}" for d in diff(x, y, "", roots)]
+    if (b / "run/report.html").exists() and (a / "run/report.html").exists():
+        found += [f"run/report.html tables{d}" for d in diff(html_tables(b / "run/report.html"),
+                                                             html_tables(a / "run/report.html"), "", roots)]  # fmt: skip
     for rel in ("sweep/report.md", "sweep/sweep_summary.md"):
         fb, fa = b / rel, a / rel
         if not (fb.exists() and fa.exists()):
