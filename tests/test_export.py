@@ -451,3 +451,84 @@ def test_export_cli_on_one_qbdl_file(run, tmp_path, capsys):
     assert main([str(run["dir"] / "models" / "qdnn.qbdl"), "--out", str(out)]) == 0
     assert read_onnx_metadata(out)["referral"]["fitted_on"] == "val" and "qdnn:" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.qbdl")]) == 2
+
+
+def test_predict_from_a_split_of_the_runs_datamodule(run, tmp_path, capsys):
+    """--split test: the run's configured test split (labels in the rows, accuracy in the summary); the rows are
+    the exported model's own outputs on those images with predict's seeds."""
+    from qbdl.predict import main
+
+    model, out = run["dir"] / "export" / "qbnn.onnx", tmp_path / "split.json"
+    assert main([str(model), "--split", "test", "--out", str(out), "--quiet", "--seed", "1"]) == 0
+    doc = json.loads(out.read_text())
+    rows, y = doc["predictions"], run["y"].numpy()
+    assert [r["file"] for r in rows] == [f"test[{i}]" for i in range(len(y))]
+    assert [r["label"] for r in rows] == y.tolist()
+    want = _session(model).run(["probs"], {"input": run["x"][:32].numpy(), "seed": np.array([1_000_003])})[0]
+    assert [r["class_index"] for r in rows[:32]] == want.argmax(1).tolist()
+    np.testing.assert_allclose([r["prob"] for r in rows[:32]], want.max(1), rtol=1e-6)
+    hits = [r["class_index"] == r["label"] for r in rows]
+    assert doc["summary"]["accuracy"] == pytest.approx(np.mean(hits))
+    kept = [h for h, r in zip(hits, rows) if not r["refer"]]
+    assert doc["summary"]["accuracy_kept"] == pytest.approx(np.mean(kept))
+    assert "accuracy:" in capsys.readouterr().out
+    # a data override that changes the images' size no longer fits the model: refused, not mispredicted
+    assert main([str(model), "--split", "test", "--data", "image_size=8", "--out", str(out), "--quiet"]) == 2
+    assert "model takes (1, 16, 16)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(model), str(tmp_path), "--split", "test"])
+
+
+def test_predict_qbdl_applies_the_referral_threshold_fitted_on_val(run, tmp_path):
+    """A .qbdl through qbdl's engine refers like an exported model: threshold fitted on the validation split."""
+    from qbdl.predict import _QbdlEngine, main
+
+    engine = _QbdlEngine(run["dir"] / "models" / "qbnn.qbdl", None)
+    ref = engine.meta["referral"]
+    assert ref["fitted_on"] == "val" and ref["target_accuracy"] == 0.995 and ref["threshold"] is not None
+    if ref["threshold"] >= 0:  # the kept validation images reach the target
+        assert ref["val_accuracy_kept"] >= 0.995
+    out = tmp_path / "val.json"
+    assert (
+        main([str(run["dir"] / "models" / "qbnn.qbdl"), "--split", "val", "--out", str(out), "--quiet"]) == 0
+    )
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["threshold"] == ref["threshold"]
+    assert all(r["refer"] == (r["entropy"] > ref["threshold"]) for r in doc["predictions"])
+    # other MC seeds than the fit's: the share referred on val is close to the fitted one
+    assert abs(doc["summary"]["referred_share"] - ref["val_referred"]) <= 0.1
+
+
+@pytest.mark.slow
+def test_seeded_export_is_equivalent_to_qbdl_within_the_runs_margins(run):
+    """The runtime's own randomness vs qbdl's QBNN, 5 seeds each: accuracy, NLL, UCE and OOD AUROC (entropy; the
+    digits' photos and rotated sets) equivalent within the run's declared margins (eval.equivalence), by the
+    project's TOST on the per-seed differences (qbdl.report.multi.claims.tost_p, alpha 0.05)."""
+    from qbdl.metrics import accuracy, nll, ood_auroc, uncertainty_calibration_error
+    from qbdl.report.multi.claims import ALPHA, tost_p
+
+    margins = json.loads((run["dir"] / "results.json").read_text())["config"]["eval"]["equivalence"]
+    dm, x, y = run["dm"], run["x"], run["y"]
+    ood = {k: torch.stack([d[i][0] for i in range(len(d))]) for k, d in dm.ood_datasets().items()}
+    sess, q = _session(run["dir"] / "export" / "qbnn.onnx"), run["qbnn"]
+    samples = read_onnx_metadata(run["dir"] / "export" / "qbnn.onnx")["mc_samples"]
+
+    def metrics(probs: dict) -> dict:  # probs: [S, N, C] per set
+        p = probs.pop("in")
+        out = {"accuracy": accuracy(p, y), "nll": nll(p, y), "uce": uncertainty_calibration_error(p, y)}
+        out.update({f"ood_auroc_{k}": ood_auroc(p, po, "entropy") for k, po in probs.items()})
+        return out
+
+    sets = [("in", x), *ood.items()]
+    got, ref = [], []
+    for seed in range(5):
+        got.append(metrics({k: torch.softmax(torch.from_numpy(sess.run(["logits"], {
+            "input": v.numpy(), "seed": np.array([100 + 10 * seed + i])})[0]).double(), -1)
+            for i, (k, v) in enumerate(sets)}))  # fmt: skip
+        ref.append(
+            metrics({k: torch.softmax(mc_logits(q, v, samples, seed=seed).double(), -1) for k, v in sets})
+        )
+    for name in got[0]:
+        d = [a[name] - b[name] for a, b in zip(got, ref)]
+        margin = margins["ood_auroc" if name.startswith("ood_auroc") else name]
+        assert tost_p(d, margin) < ALPHA, (name, np.mean(d), np.std(d, ddof=1), margin)

@@ -17,11 +17,18 @@ def test_export_bench_writes_results(tmp_path):
     out = tmp_path / "b"
     argv = ["--arch", "resnet20", "--image-size", "8", "--in-chans", "1", "--batch-sizes", "1", "2",
             "--samples", "1", "2", "--rounds", "2", "--variants", "qbdl_qdnn", "ort_qdnn", "ort_qbnn",
-            "--out", str(out)]  # fmt: skip
+            "ort_qbnn_fast", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "bench_export.json").read_text())
     res = doc["results"]
-    assert set(res) == {"qbdl_qdnn", "ort_qdnn", "ort_qbnn_S1", "ort_qbnn_S2"}
+    assert set(res) == {
+        "qbdl_qdnn",
+        "ort_qdnn",
+        "ort_qbnn_S1",
+        "ort_qbnn_S2",
+        "ort_qbnn_fast_S1",
+        "ort_qbnn_fast_S2",
+    }
     assert res["ort_qbnn_S2"]["samples"] == 2 and res["ort_qbnn_S2"]["runtime"].startswith("onnxruntime")
     for r in res.values():
         assert all(v > 0 for v in r["img_per_s"].values()) and set(r["img_per_s"]) == {"1", "2"}

@@ -3,7 +3,10 @@
 MODEL is an `.onnx` file from `python -m qbdl.export` (run by ONNX Runtime or OpenVINO; no torch is imported:
 the runtime, numpy and Pillow suffice) or a `.qbdl` file inside a run directory (run by qbdl's own engine, which
 needs torch). INPUT is a folder of images (searched recursively) or a text file listing image paths, one a line
-(relative paths are relative to the list's folder). Each image's row: file, class, class_index, prob (its
+(relative paths are relative to the list's folder); or, with `--split train|val|test` instead of INPUT, a split of
+the source run's configured datamodule (the run directory's results.json: the run the model sits in, or `--run`;
+`--data KEY=VALUE` overrides its data config as `data.KEY=VALUE` would the run; needs torch and the data),
+whose rows also give the label and whose summary the accuracy. Each image's row: file, class, class_index, prob (its
 predictive probability), entropy, mi and refer (its uncertainty score above the model's referral threshold,
 fitted at the run's target accuracy on the validation split). Unreadable or wrongly sized images are skipped and
 named, in the summary and in the output (`skipped` of the JSON, `<out>.skipped.csv` beside a CSV).
@@ -45,6 +48,65 @@ def list_images(src: Path) -> list[Path]:
     )
 
 
+SPLITS = ("val", "test")
+
+
+class Split:
+    """A split of a run's configured datamodule as predict's input: normalised images, labels, row names."""
+
+    def __init__(self, run_dir: Path, split: str, overrides: list[str] = ()) -> None:
+        from omegaconf import OmegaConf
+
+        from qbdl.export.core import datamodule, run_config
+
+        if split not in SPLITS:
+            raise ValueError(
+                f"--split must be one of {SPLITS} (train is shuffled and augmented), got {split!r}"
+            )
+        cfg = run_config(run_dir)
+        try:
+            extra = OmegaConf.from_dotlist([o.removeprefix("data.") for o in overrides])
+        except Exception as exc:  # omegaconf's grammar errors have no common public base
+            raise ValueError(f"--data: {exc}") from exc
+        if "_target_" in extra:
+            raise ValueError("--data may not replace the datamodule's _target_")
+        data = OmegaConf.merge(OmegaConf.create(cfg["data"]), extra)
+        cfg["data"] = OmegaConf.to_container(data, resolve=True)
+        dm = datamodule(cfg)
+        if split == "test":
+            dm.setup("test")
+        xs, ys = [], []
+        for x, y in getattr(dm, f"{split}_dataloader")():
+            xs.append(x.numpy().astype(np.float32))
+            ys.append(y.numpy())
+        self.x, self.y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+        self.names = [f"{split}[{i}]" for i in range(len(self.x))]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def _items(source: list[Path] | Split, pre: dict):
+    """(name, input [C, H, W] or None, label or None, reason skipped or None) per image of `source`."""
+    if isinstance(source, Split):
+        want = (1 if pre["mode"] == "L" else 3, pre["image_size"], pre["image_size"])
+        if tuple(source.x.shape[1:]) != want:
+            raise ValueError(
+                f"the split's images are {tuple(source.x.shape[1:])} but the model takes {want}: "
+                "the datamodule config differs from the model's (see --data)"
+            )
+        for name, x, y in zip(source.names, source.x, source.y):
+            yield name, x, int(y), None
+        return
+    for p in source:
+        try:
+            yield str(p), preprocess(p, pre), None, None
+        except ImageError as exc:
+            yield str(p), None, None, str(exc)
+        except FileNotFoundError:
+            yield str(p), None, None, "no such file"
+
+
 def _cell(v: object) -> object:
     """A CSV cell that a spreadsheet will not run as a formula."""
     if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
@@ -55,16 +117,16 @@ def _cell(v: object) -> object:
 class _QbdlEngine:
     """A .qbdl model through qbdl's engine (torch), with the run's preprocessing and classes; Model's interface."""
 
-    def __init__(self, path: Path, samples: int | None) -> None:
+    def __init__(self, path: Path, samples: int | None, fit_threshold: bool = True) -> None:
         import torch
 
         from qbdl.bayes import mc_predict
-        from qbdl.export.core import _datamodule, _run_config, preprocessing_of, qbdl_version
+        from qbdl.export.core import datamodule, preprocessing_of, qbdl_version, run_config
         from qbdl.quant import load_qbnn
 
         run_dir = path.resolve().parent.parent
-        cfg = _run_config(run_dir)
-        dm = _datamodule(cfg)
+        cfg = run_config(run_dir)
+        dm = datamodule(cfg)
         self._torch, self._mc_predict = torch, mc_predict
         self.model = load_qbnn(str(path))
         bayes = any(getattr(m, "mode", None) == "sample" for m in self.model.modules())
@@ -74,9 +136,28 @@ class _QbdlEngine:
         self.meta = {
             "classes": list(getattr(dm, "class_names", None) or [str(i) for i in range(dm.num_classes)]),
             "preprocessing": preprocessing_of(dm),
-            "referral": {"score": ev.get("score", "entropy"), "threshold": None},
+            "referral": {"score": ev.get("score", "entropy"), "threshold": None,
+                         "target_accuracy": float(ev.get("target_accuracy", 0.995)), "fitted_on": None},
             "mc_samples": self.samples,
-        }
+        }  # fmt: skip
+        if fit_threshold:
+            self.meta["referral"].update(self.fit_threshold(dm, int(ev.get("seed", 0))), fitted_on="val")
+
+    def fit_threshold(self, dm, seed: int) -> dict:
+        """The referral threshold at the run's target accuracy, fitted on the validation split with this engine
+        (as the export fits an .onnx model's with the exported model)."""
+        from qbdl.export.core import val_tensors
+        from qbdl.export.metadata import fit_threshold
+
+        ref = self.meta["referral"]
+        x, y = val_tensors(dm)
+        scores, correct = [], []
+        for i in range(0, len(x), 64):
+            out = self.run(x[i : i + 64].numpy(), seed=seed + i)
+            scores += [float(v) for v in _score(out, ref["score"])]
+            correct += list(out["probs"].argmax(1) == y[i : i + 64].numpy())
+        t, kept, referred = fit_threshold(scores, correct, ref["target_accuracy"])
+        return {"threshold": t, "val_accuracy_kept": kept, "val_referred": referred}
 
     @property
     def classes(self) -> list[str]:
@@ -99,14 +180,14 @@ def _score(out: dict[str, np.ndarray], score: str) -> np.ndarray:
     return {"entropy": out["entropy"], "mi": out["mi"], "maxprob": 1.0 - out["probs"].max(1)}[score]
 
 
-def predict(model, images: list[Path], batch_size: int = 32, seed: int = 0, threshold: float | None = None,
+def predict(model, images: list[Path] | Split, batch_size: int = 32, seed: int = 0, threshold: float | None = None,
             progress: bool = True) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
-    """(rows, skipped, summary) for `images`: skipped = [{"file", "reason"}] of unusable images."""
+    """(rows, skipped, summary) for `images` (files or a datamodule split): skipped = [{"file", "reason"}]."""
     pre = model.meta["preprocessing"]
     ref = model.meta["referral"]
     thr = ref.get("threshold") if threshold is None else float(threshold)
     rows, skipped = [], []
-    batch_x, batch_p = [], []
+    batch_x, batch_p, batch_y = [], [], []
     t0, run_s, n_batch = time.perf_counter(), 0.0, 0
 
     def flush() -> None:
@@ -118,15 +199,17 @@ def predict(model, images: list[Path], batch_size: int = 32, seed: int = 0, thre
         run_s += time.perf_counter() - t
         n_batch += 1
         score = _score(out, ref["score"])
-        for i, p in enumerate(batch_p):
+        for i, (p, label) in enumerate(zip(batch_p, batch_y)):
             k = int(out["probs"][i].argmax())
             rows.append({
-                "file": str(p), "class": model.classes[k], "class_index": k,
+                "file": p, "class": model.classes[k], "class_index": k,
                 "prob": float(out["probs"][i, k]), "entropy": float(out["entropy"][i]), "mi": float(out["mi"][i]),
                 "refer": None if thr is None else bool(score[i] > thr),
+                **({} if label is None else {"label": label}),
             })  # fmt: skip
         batch_x.clear()
         batch_p.clear()
+        batch_y.clear()
         if progress:
             done = len(rows) + len(skipped)
             rate = len(rows) / max(time.perf_counter() - t0, 1e-9)
@@ -137,14 +220,13 @@ def predict(model, images: list[Path], batch_size: int = 32, seed: int = 0, thre
                 flush=True,
             )
 
-    for p in images:
-        try:
-            batch_x.append(preprocess(p, pre))
-            batch_p.append(p)
-        except ImageError as exc:
-            skipped.append({"file": str(p), "reason": str(exc)})
-        except FileNotFoundError:
-            skipped.append({"file": str(p), "reason": "no such file"})
+    for name, x, label, reason in _items(images, pre):
+        if reason is not None:
+            skipped.append({"file": name, "reason": reason})
+            continue
+        batch_x.append(x)
+        batch_p.append(name)
+        batch_y.append(label)
         if len(batch_x) >= batch_size:
             flush()
     flush()
@@ -160,6 +242,11 @@ def predict(model, images: list[Path], batch_size: int = 32, seed: int = 0, thre
         "model_images_per_s": len(rows) / run_s if run_s > 0 else None,
         "runtime": f"{model.runtime} {model.version}",
     }  # fmt: skip
+    if isinstance(images, Split) and rows:  # labelled: accuracy overall and on the images kept (not referred)
+        hit = [r["class_index"] == r["label"] for r in rows]
+        kept = [h for h, r in zip(hit, rows) if r["refer"] is False]
+        summary["accuracy"] = sum(hit) / len(hit)
+        summary["accuracy_kept"] = sum(kept) / len(kept) if kept else None
     return rows, skipped, summary
 
 
@@ -177,7 +264,8 @@ def write_outputs(out: Path, rows: list[dict], skipped: list[dict], summary: dic
     if out.suffix.lower() == ".json":
         doc = {"predictions": rows, "skipped": skipped, "summary": summary}
         return [atomic_write_text(out, json.dumps(doc, indent=1, allow_nan=False) + "\n")]
-    written = [atomic_write_text(out, _csv(rows, COLUMNS))]
+    columns = COLUMNS + (("label",) if rows and "label" in rows[0] else ())
+    written = [atomic_write_text(out, _csv(rows, columns))]
     side = out.with_name(out.stem + ".skipped.csv")
     if skipped:
         written.append(atomic_write_text(side, _csv(skipped, ("file", "reason"))))
@@ -194,7 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     """Command line; returns the exit status (0: every image predicted or named as skipped)."""
     ap = argparse.ArgumentParser(prog="python -m qbdl.predict", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="an exported .onnx (no torch needed) or a .qbdl inside a run directory")
-    ap.add_argument("input", help="a folder of images, or a text file with one image path a line")
+    ap.add_argument("input", nargs="?", help="a folder of images, or a text file with one image path a line")
+    ap.add_argument(
+        "--split", choices=SPLITS, help="instead of INPUT: this split of the run's configured datamodule"
+    )
+    ap.add_argument("--run", default=None, help="run directory of --split (default: the one MODEL sits in)")
+    ap.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the run's data config for --split (repeatable; e.g. --data batch_size=64)",
+    )
     ap.add_argument(
         "--out", default="predictions.csv", help="output file: .csv (default predictions.csv) or .json"
     )
@@ -210,22 +309,35 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    if (args.input is None) == (args.split is None):
+        ap.error("give INPUT (a folder or a list of images) or --split, not both")
+    if args.data and args.split is None:
+        ap.error("--data overrides the datamodule of --split")
     path = Path(args.model)
     try:
         if path.suffix == ".qbdl":
             model = _QbdlEngine(path, args.samples)
         else:
             model = Model(path, args.runtime, args.threads)
-        images = list_images(Path(args.input))
+        if args.split is not None:
+            images = Split(
+                Path(args.run) if args.run else path.resolve().parent.parent, args.split, args.data
+            )
+        else:
+            images = list_images(Path(args.input))
     except (MetadataError, RuntimeMissing, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not images:
         print(f"error: no images in {args.input} (suffixes {', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
         return 2
-    rows, skipped, summary = predict(
-        model, images, args.batch_size, args.seed, args.threshold, not args.quiet
-    )
+    try:
+        rows, skipped, summary = predict(
+            model, images, args.batch_size, args.seed, args.threshold, not args.quiet
+        )
+    except ValueError as exc:  # a split whose images are not the model's shape
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     written = write_outputs(Path(args.out), rows, skipped, summary)
     s = summary
     print(f"{s['predicted']} of {s['images']} images predicted ({s['runtime']}, S={s['mc_samples']}, "
@@ -235,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"referred: {_fmt(s['referred_share'] and 100 * s['referred_share'], '.1f')}% "
               f"({s['score']} > {s['threshold']:.4g})")  # fmt: skip
+    if "accuracy" in s:
+        print(f"accuracy: {_fmt(100 * s['accuracy'], '.2f')}% of all, "
+              f"{_fmt(s['accuracy_kept'] and 100 * s['accuracy_kept'], '.2f')}% of those kept")  # fmt: skip
     if skipped:
         print(f"skipped {len(skipped)} image(s):")
         for k in skipped:

@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["seed", "input"],
         help="seed: an int64 `seed` input drives an in-graph hash; input: signs/bias_noise are inputs",
     )
+    ap.add_argument(
+        "--approximate",
+        action="store_true",
+        help="faster QBNN graph: both Flipout terms as QLinearConv, the mean bias rounded onto its grid "
+        "(each layer within an LSB of qbdl's engine, not equal; the default reproduces qbdl's arithmetic)",
+    )
     ap.add_argument("--only", default=None, choices=["qbnn", "qdnn"], help="export one of the run's models")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -48,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if src.is_dir():
             which = (args.only,) if args.only else ("qbnn", "qdnn")
             done = export_run(src, args.out, samples=args.samples, perturbations=args.perturbations,
-                              noise=args.noise, which=which)  # fmt: skip
+                              noise=args.noise, which=which, exact=not args.approximate)  # fmt: skip
         elif src.suffix == ".qbdl":
             e = export_file(
-                src, args.out, samples=args.samples, perturbations=args.perturbations, noise=args.noise
+                src,
+                args.out,
+                samples=args.samples,
+                perturbations=args.perturbations,
+                noise=args.noise,
+                exact=not args.approximate,
             )
             done = {e.meta["kind"]: e}
         else:

@@ -27,7 +27,8 @@ import numpy as np
 from qbdl.atomic import atomic_write_text
 
 QBDL_VARIANTS = ("qbdl_qdnn", "qbdl_qbnn_fresh", "qbdl_qbnn_flipout", "torch_bnn")
-RUNTIME_VARIANTS = ("ort_qdnn", "ort_qbnn", "ov_qdnn", "ov_qbnn")
+# *_qbnn: the default (exact) QBNN graph; *_qbnn_fast: build_onnx(exact=False), both Flipout terms QLinearConv
+RUNTIME_VARIANTS = ("ort_qdnn", "ort_qbnn", "ort_qbnn_fast", "ov_qdnn", "ov_qbnn", "ov_qbnn_fast")
 VARIANTS = QBDL_VARIANTS + RUNTIME_VARIANTS
 
 
@@ -190,11 +191,14 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
                     "torch_bnn": "bnn.safetensors"}[v]  # fmt: skip
             if v in variants:
                 files[f"{v}_S{s}"] = (str(out / name), s)
-        if "ort_qbnn" in variants or "ov_qbnn" in variants:
-            proto, _ = build_onnx(qflip, samples=s, perturbations=1, in_shape=shape)
-            path = out / f"qbnn_S{s}.onnx"
+        for tag, exact in (("", True), ("_fast", False)):
+            names = [f"ort_qbnn{tag}", f"ov_qbnn{tag}"]
+            if not any(v in variants for v in names):
+                continue
+            proto, _ = build_onnx(qflip, samples=s, perturbations=1, in_shape=shape, exact=exact)
+            path = out / f"qbnn{tag}_S{s}.onnx"
             atomic_write_text_bytes(path, _with_meta(proto, "qbnn", s, in_chans, image_size, num_classes))
-            for v in ("ort_qbnn", "ov_qbnn"):
+            for v in names:
                 if v in variants:
                     files[f"{v}_S{s}"] = (str(path), s)
     return {k: v for k, v in files.items() if k.rsplit("_S", 1)[0] in variants}

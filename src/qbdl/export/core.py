@@ -44,8 +44,9 @@ class Exported:
 
 
 def _onnx_bytes(model: fx.GraphModule, meta: dict, samples: int, perturbations: int, noise: str,
-                in_shape: Sequence[int] | None) -> bytes:  # fmt: skip
-    proto, _ = build_onnx(model, samples=samples, perturbations=perturbations, noise=noise, in_shape=in_shape)
+                in_shape: Sequence[int] | None, exact: bool = True) -> bytes:  # fmt: skip
+    proto, _ = build_onnx(model, samples=samples, perturbations=perturbations, noise=noise, in_shape=in_shape,
+                          exact=exact)  # fmt: skip
     entry = proto.metadata_props.add()
     entry.key, entry.value = md.KEY, md.dumps(meta)
     proto.doc_string = f"qbdl {meta['kind']} exported by qbdl {meta['qbdl_version']}"
@@ -95,11 +96,12 @@ def _threshold(data: bytes, x: torch.Tensor, y: torch.Tensor, score: str, target
 def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[str], preprocessing: Mapping,
                  samples: int = 8, perturbations: int = 1, noise: str = "seed", source_file: str = "model.qbdl",
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, score: str = "entropy",
-                 target_accuracy: float = 0.995, seed: int = 0) -> Exported:  # fmt: skip
+                 target_accuracy: float = 0.995, seed: int = 0, exact: bool = True) -> Exported:  # fmt: skip
     """Write `model` (a loaded qbdl INT8 model) as ONNX to `out` (atomically), with validated metadata.
 
     With `val` (normalised images, labels) the referral threshold at `target_accuracy` is fitted on the exported
-    model's own predictions of them; without, it is null (predict then refers nothing and says so).
+    model's own predictions of them; without, it is null (predict then refers nothing and says so). exact=False:
+    the faster QBNN graph that rounds where qbdl does not (graph.build_onnx).
     """
     import time
 
@@ -131,12 +133,12 @@ def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[st
     pre = meta["preprocessing"]
     in_shape = (1 if pre["mode"] == "L" else 3, pre["image_size"], pre["image_size"])
     graph_noise = "seed" if noise == "none" else noise
-    data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape)
+    data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape, exact)
     if val is not None and noise != "input":
         meta["referral"].update(
             _threshold(data, val[0], val[1], score, target_accuracy, seed), fitted_on="val"
         )
-        data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape)
+        data = _onnx_bytes(model, meta, samples, max(perturbations, 1), graph_noise, in_shape, exact)
     path = atomic_write_bytes(out, data)
     return Exported(path, meta, time.perf_counter() - t0)
 
@@ -156,7 +158,8 @@ def _safe_instantiate(cfg: Mapping, **kwargs: Any) -> Any:
     return instantiate(dict(cfg), **kwargs)
 
 
-def _run_config(run_dir: Path) -> dict:
+def run_config(run_dir: Path) -> dict:
+    """The config of a finished qbdl run (its results.json); refuses anything else."""
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -171,13 +174,15 @@ def _run_config(run_dir: Path) -> dict:
     return cfg
 
 
-def _datamodule(cfg: dict) -> Any:
+def datamodule(cfg: dict) -> Any:
+    """The run's datamodule (qbdl's own only), set up for fit."""
     dm = _safe_instantiate(cfg["data"])
     dm.setup("fit")
     return dm
 
 
-def _val_tensors(dm: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def val_tensors(dm: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's (normalised images, labels), the first `limit` of them."""
     xs, ys = [], []
     for x, y in dm.val_dataloader():
         xs.append(x)
@@ -207,7 +212,7 @@ def flipout_qbnn(run_dir: Path, cfg: dict, dm: Any) -> fx.GraphModule:
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, samples: int | None = None,
                perturbations: int = 1, noise: str = "seed", which: Sequence[str] = ("qbnn", "qdnn"),
-               val_limit: int | None = None) -> dict[str, Exported]:  # fmt: skip
+               val_limit: int | None = None, exact: bool = True) -> dict[str, Exported]:  # fmt: skip
     """Export a finished run's qbnn (as INT8 Flipout) and qdnn to `out_dir` (default RUN_DIR/export).
 
     A qbnn quantized with another sampler is quantized again from RUN_DIR/bnn.safetensors with sampler
@@ -216,15 +221,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, sample
     from qbdl.quant import load_qbnn, save_qbnn
 
     run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
-    dm = _datamodule(cfg)
+    dm = datamodule(cfg)
     ev = cfg.get("eval") or {}
     samples = int(samples if samples is not None else ev.get("mc_samples", 8))
     common = {
         "classes": list(getattr(dm, "class_names", None) or [str(i) for i in range(dm.num_classes)]),
         "preprocessing": preprocessing_of(dm),
-        "val": _val_tensors(dm, val_limit),
+        "val": val_tensors(dm, val_limit),
         "score": ev.get("score", "entropy"),
         "target_accuracy": float(ev.get("target_accuracy", 0.995)),
         "seed": int(ev.get("seed", 0)),
@@ -250,7 +255,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, sample
                 save_qbnn(model, str(tmp))
                 tmp.replace(src)
         done[name] = export_model(model, out_dir / f"{name}.onnx", samples=samples, perturbations=perturbations,
-                                  noise=noise, source_file=src.name, **common)  # fmt: skip
+                                  noise=noise, source_file=src.name, exact=exact, **common)  # fmt: skip
     return done
 
 
@@ -260,15 +265,15 @@ def export_file(qbdl_path: str | Path, out: str | Path | None = None, **kwargs: 
 
     qbdl_path = Path(qbdl_path)
     run_dir = qbdl_path.resolve().parent.parent
-    cfg = _run_config(run_dir)
-    dm = _datamodule(cfg)
+    cfg = run_config(run_dir)
+    dm = datamodule(cfg)
     ev = cfg.get("eval") or {}
     model = load_qbnn(str(qbdl_path))
     samples = kwargs.pop("samples", None) or int(ev.get("mc_samples", 8))
     out = Path(out) if out is not None else qbdl_path.with_suffix(".onnx")
     return export_model(
         model, out, classes=list(getattr(dm, "class_names", None) or [str(i) for i in range(dm.num_classes)]),
-        preprocessing=preprocessing_of(dm), val=_val_tensors(dm, kwargs.pop("val_limit", None)), samples=samples,
+        preprocessing=preprocessing_of(dm), val=val_tensors(dm, kwargs.pop("val_limit", None)), samples=samples,
         score=ev.get("score", "entropy"), target_accuracy=float(ev.get("target_accuracy", 0.995)),
         seed=int(ev.get("seed", 0)), source_file=qbdl_path.name, **kwargs,
     )  # fmt: skip
