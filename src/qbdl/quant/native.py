@@ -10,7 +10,17 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
-OPS = ("packed_bytes", "sample_packed", "sample_plain", "flip_requant", "signed_add", "qadd", "max_pool2d_u8")
+OPS = (
+    "packed_bytes",
+    "sample_packed",
+    "sample_plain",
+    "sample_plain_scalar",
+    "sample_isa",
+    "flip_requant",
+    "signed_add",
+    "qadd",
+    "max_pool2d_u8",
+)
 _LOADED: dict[str, bool] = {}
 
 
