@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers_run import compose_config
 
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 from qbdl.metrics import registry
 from qbdl.pipeline.run import run
 from qbdl.report import multi

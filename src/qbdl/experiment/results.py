@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from qbdl.experiment.shape import shift_parts
 from qbdl.io import atomic_write_json
 from qbdl.machine import machine_info
 
 RESULTS_FILE = "results.json"
+__all__ = ["RESULTS_FILE", "build_results", "data_summary", "qbdl_version", "shift_parts", "write_results"]
 
 
 def qbdl_version() -> str:
@@ -27,24 +29,6 @@ def _installed(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def shift_parts(shift: Mapping[str, Any]) -> dict[str, Any]:
-    """``{cells, summary, mce, meta}`` of results["shift"], of this shape or of older runs' (reserved ``_`` keys).
-
-    Older results.json kept the variants beside ``_summary`` / ``_mce`` / ``_meta`` (and the temperatures in
-    ``_meta``); both read the same here.
-    """
-    if not shift:
-        return {"cells": {}, "summary": {}, "mce": {}, "meta": {}}
-    if "cells" in shift:
-        return {k: dict(shift.get(k) or {}) for k in ("cells", "summary", "mce", "meta")}
-    return {
-        "cells": {k: v for k, v in shift.items() if not str(k).startswith("_")},
-        "summary": dict(shift.get("_summary") or {}),
-        "mce": dict(shift.get("_mce") or {}),
-        "meta": dict(shift.get("_meta") or {}),
-    }
 
 
 def data_summary(dm: Any, ood_sets: list[str]) -> dict[str, Any]:
@@ -86,7 +70,9 @@ def build_results(
         # model-selection metrics: validation data only (sweepers optimise these, never test metrics)
         "validation": {k: float(v) for k, v in validation.items()},
         # post-hoc temperatures of the <name>_ts variants (fitted on the validation split): stored here only
-        "temperatures": {f"{k}_ts": float(t) for k, t in (temperatures or {}).items() if f"{k}_ts" in variants},
+        "temperatures": {
+            f"{k}_ts": float(t) for k, t in (temperatures or {}).items() if f"{k}_ts" in variants
+        },
         "timings": dict(timings),
         # the start-up probe's expected seconds (qbdl.experiment.estimate), beside the actual ones
         "estimate": dict(estimate) if estimate is not None else None,

@@ -13,7 +13,7 @@ Result schema (what goes to ``results.json["shift"]``), JSON-serialisable (strin
 
 The temperatures of the ``<name>_ts`` variants are the run's (``results["temperatures"]``), stored once.
 Results written before this shape (variants beside ``_summary`` / ``_mce`` / ``_meta``) are read through
-:func:`qbdl.experiment.results.shift_parts`; :func:`cell_results` returns the per-cell part alone, the input
+:func:`qbdl.experiment.shape.shift_parts`; :func:`cell_results` returns the per-cell part alone, the input
 of :mod:`qbdl.metrics.shift` and the data-shift figures. ``mce`` is ``{}`` when the baseline variant
 (default ``dnn``) is not among the variants. Fractions everywhere (accuracy, error, ECE, UCE in [0, 1]), as in
 :func:`qbdl.metrics.summarize`; non-finite values become ``null`` through
@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qbdl import metrics
 from qbdl.experiment.evaluate import Variant, predict_loader, variant_fingerprint
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 from qbdl.experiment.shard import Shard
 from qbdl.io import atomic_write_bytes
 from qbdl.metrics.shift import corruption_errors, severity_summary

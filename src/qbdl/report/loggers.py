@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 
 
 def numeric_leaves(d: Mapping[str, Any], prefix: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 from qbdl.metrics.registry import metric_spec, shift_keys
 
 

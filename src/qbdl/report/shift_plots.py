@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 from qbdl.metrics.registry import metric_spec
 from qbdl.metrics.shift import Results, metric_values, paired_differences, severities
 from qbdl.report.plots import save_figure

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qbdl.experiment.results import shift_parts
+from qbdl.experiment.shape import shift_parts
 from qbdl.metrics.registry import metric_spec, seed_keys
 from qbdl.report.multi.runs import Group, Run, get_metric
 

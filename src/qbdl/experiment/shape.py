@@ -1,0 +1,41 @@
+"""Readers of results.json's parts that are pure Python (no torch): cheap to import for reports and tools."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def shift_parts(shift: Mapping[str, Any]) -> dict[str, Any]:
+    """``{cells, summary, mce, meta}`` of results["shift"], of this shape or of older runs' (reserved ``_`` keys).
+
+    Older results.json kept the variants beside ``_summary`` / ``_mce`` / ``_meta`` (and the temperatures in
+    ``_meta``); both read the same here.
+    """
+    if not shift:
+        return {"cells": {}, "summary": {}, "mce": {}, "meta": {}}
+    if "cells" in shift:
+        return {k: dict(shift.get(k) or {}) for k in ("cells", "summary", "mce", "meta")}
+    return {
+        "cells": {k: v for k, v in shift.items() if not str(k).startswith("_")},
+        "summary": dict(shift.get("_summary") or {}),
+        "mce": dict(shift.get("_mce") or {}),
+        "meta": dict(shift.get("_meta") or {}),
+    }
+
+
+def data_summary(dm: Any, ood_sets: list[str]) -> dict[str, Any]:
+    """What the run evaluated on: the datamodule, its training-set size and classes, OOD sets, unreadable files."""
+    bad = [list(b) for b in getattr(dm, "bad_files", [])]
+    if hasattr(dm, "dataset"):
+        n_train = len(dm.dataset("train"))
+    else:
+        n_train = len(dm.train_dataloader().dataset)
+    return {
+        "name": type(dm).__name__,
+        "n_train": n_train,
+        "num_classes": getattr(dm, "num_classes", None),
+        "ood_sets": list(ood_sets),
+        "bad_files": bad,
+        "n_bad_files": len(bad),
+    }
