@@ -18,6 +18,7 @@ from torch import nn
 from qbdl.bayes import dnn_to_bnn
 from qbdl.data.shift import validate_shift
 from qbdl.experiment.results import RESULTS_FILE
+from qbdl.experiment.stages import build_ood_loaders
 from qbdl.models.files import load_state
 from qbdl.quant import load_qbnn
 
@@ -29,13 +30,9 @@ class Run:
     cfg: DictConfig
     dm: Any
     dnn: nn.Module
-    evaluation: Any  # qbdl.lit.callbacks.EvaluationCallback (or a subclass), its OOD loaders built
+    ood: dict  # {name: DataLoader} on the datamodule's transforms, checked for leaks into the test split
+    evaluation: Any = None  # qbdl.lit.callbacks.EvaluationCallback (or a subclass); None when callbacks=False
     callbacks: list = field(default_factory=list)
-
-    @property
-    def ood(self) -> dict:
-        """The OOD loaders, {name: DataLoader}, on the datamodule's transforms."""
-        return self.evaluation.ood_loaders_cached()
 
 
 @dataclass
@@ -56,8 +53,9 @@ class LoadedRun:
 def build_run(cfg: DictConfig, *, callbacks: bool = True, pretrained: bool = True) -> Run:
     """Datamodule (set up), DNN and callbacks of `cfg`; bad quant/eval options and OOD sets fail here.
 
-    callbacks=False builds the evaluation callback only (for its OOD loaders); pretrained=False never fetches
-    pretrained model weights (a saved state replaces them).
+    callbacks=False builds no callback (the OOD loaders from the `eval` settings alone, as the evaluation
+    callback builds them: a results.json written outside qbdl.run records settings, not `_target_`s);
+    pretrained=False never fetches pretrained model weights (a saved state replaces them).
     """
     dm = instantiate(cfg.data)
     dm.setup("fit")
@@ -67,21 +65,28 @@ def build_run(cfg: DictConfig, *, callbacks: bool = True, pretrained: bool = Tru
     if not pretrained:
         model_cfg |= {k: None for k in ("weights", "weights_path") if k in model_cfg}
     dnn = instantiate(model_cfg, num_classes=dm.num_classes, in_chans=dm.spec.in_chans)
+    if not callbacks:
+        ev = _plain(cfg.eval)
+        ood = build_ood_loaders(
+            dm, ev.get("builtin_ood") or (), ev.get("ood") or {}, ev.get("batch_size", 256)
+        )
+        return Run(cfg, dm, dnn, ood)
     # The BNN stage's callbacks, built before any training: bad quant/eval options and OOD sets fail now.
-    parts = [instantiate(cfg.quant, reference=dnn)] if callbacks and cfg.get("quant") else []
+    parts = [instantiate(cfg.quant, reference=dnn)] if cfg.get("quant") else []
     evaluation = instantiate(cfg.eval, reference=dnn)
-    evaluation.ood_loaders_for(dm)
+    ood = evaluation.ood_loaders_for(dm)
     parts.append(evaluation)
-    if callbacks:
-        parts += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return Run(cfg, dm, dnn, evaluation, parts)
+    parts += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return Run(cfg, dm, dnn, ood, evaluation, parts)
 
 
 def run_config(run_dir: str | Path) -> DictConfig:
     """The resolved config a finished run recorded in its results.json."""
     res_file = Path(run_dir) / RESULTS_FILE
     if not res_file.is_file():
-        raise FileNotFoundError(f"{res_file} does not exist: give the output directory of a finished qbdl.run")
+        raise FileNotFoundError(
+            f"{res_file} does not exist: give the output directory of a finished qbdl.run"
+        )
     return OmegaConf.create(json.loads(res_file.read_text())["config"])
 
 
