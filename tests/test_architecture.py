@@ -129,7 +129,9 @@ def _package(module: str) -> str:
 
 def _describe(cycle: list[str], edges: dict[str, dict[str, int]]) -> str:
     members = set(cycle)
-    links = [f"{a}:{line} -> {b}" for a in cycle for b, line in sorted(edges.get(a, {}).items()) if b in members]
+    links = [
+        f"{a}:{line} -> {b}" for a in cycle for b, line in sorted(edges.get(a, {}).items()) if b in members
+    ]
     return "{" + ", ".join(cycle) + "}: " + "; ".join(links)
 
 
@@ -153,7 +155,10 @@ def test_no_import_cycle_between_packages() -> None:
                 where.setdefault((pa, pb), f"{a}:{line}")
     cycles = _cycles(sorted({_package(m) for m in MODULES}), pedges)
     text = [
-        "{" + ", ".join(c) + "}: " + "; ".join(f"{where[a, b]} -> {b}" for a in c for b in pedges[a] if b in c)
+        "{"
+        + ", ".join(c)
+        + "}: "
+        + "; ".join(f"{where[a, b]} -> {b}" for a in c for b in pedges[a] if b in c)
         for c in cycles
     ]
     assert not cycles, "import cycles between packages:\n" + "\n".join(text)
@@ -185,7 +190,11 @@ def _private_uses(name: str, path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
     for mod, names, line in _imports(name, path):
         if mod == "qbdl" or mod.startswith("qbdl."):
-            out += [f"{name}:{line} from {mod} import {n}" for n in names if n.startswith("_") and not n.startswith("__")]
+            out += [
+                f"{name}:{line} from {mod} import {n}"
+                for n in names
+                if n.startswith("_") and not n.startswith("__")
+            ]
     for node in ast.walk(tree):
         if not isinstance(node, ast.Attribute):
             continue
