@@ -181,7 +181,7 @@ def test_flipout_export_equals_qbdl_with_the_same_noise_on_the_digits_resnet(run
     got, ref = _same_noise(q, x, samples=4, perturbations=2)
     lsb = np.abs(got - ref) / _out_scale(q)
     assert (lsb <= 1.001).mean() >= 0.99, np.quantile(lsb, [0.5, 0.99, 1])
-    assert (lsb < 1e-3).mean() >= 0.97, (lsb < 1e-3).mean()
+    assert (lsb < 1e-3).mean() >= 0.95, (lsb < 1e-3).mean()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
     got_grid, _ = _same_noise(q, x, samples=4, perturbations=2, exact=False)
     assert (np.abs(got_grid - ref) / _out_scale(q) < 1e-3).mean() < (lsb < 1e-3).mean()
