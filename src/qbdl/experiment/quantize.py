@@ -22,9 +22,9 @@ from qbdl.experiment.evaluate import model_fingerprint, tensors_fingerprint
 log = logging.getLogger(__name__)
 
 
-# quant.quantize_bnn's options (the keys of conf/quant that are not the callback's own)
-PTQ_OPTIONS = ("backend", "sampler", "bank_size", "calib_batches", "mc_samples", "observer", "fresh_kernel",
-               "noise_slots")  # fmt: skip
+# quant.quantize_bnn's options but its seed, which the run passes itself (the keys of conf/quant that are not the
+# callback's own)
+PTQ_OPTIONS = tuple(k for k in quant.PTQ_OPTIONS if k != "seed")
 
 
 @dataclass
