@@ -128,3 +128,21 @@ def test_int8_sample_is_what_the_forward_computes_with(bnn):
         torch.manual_seed(6)
         want = [m.int8_sample()[0] for m in quant_layers(q)][1]  # every layer draws, in module order
         assert torch.equal(layer.trace[0]["w"], want), sampler
+
+
+def test_a_registered_samplers_qbnn_saves_and_loads_and_an_unregistered_name_is_refused(bnn, repack, tmp_path):
+    from qbdl.quant import load_qbnn, save_qbnn
+    from qbdl.quant.schema import ModelFileError
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    mine = quantize_bnn(bnn, _calib(), sampler="test_repack", mc_samples=1, seed=3)
+    path = tmp_path / "mine.qbdl"
+    save_qbnn(mine, path)  # the schema checks sampler names against the registry when the file is read
+    back = load_qbnn(path)
+    assert torch.equal(mc_logits(back, x, 2, seed=6), mc_logits(mine, x, 2, seed=6))
+    unregister(RepackSampler.name)
+    try:
+        with pytest.raises(ModelFileError, match="test_repack"):
+            load_qbnn(path)
+    finally:
+        register(RepackSampler)

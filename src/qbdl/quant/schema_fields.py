@@ -12,6 +12,7 @@ import torch
 
 from ..bayes.layers import MODES
 from .backend import BACKENDS, FULL_QMAX, REDUCED_QMAX
+from .contract import sampler_names
 from .layers import FRESH_KERNELS, KINDS
 from .samplers import SAMPLERS
 
@@ -89,6 +90,16 @@ def _enum(*names: str) -> Callable:
     return check
 
 
+def _sampler(*legacy: str) -> Callable:
+    """A sampler registered when the file is read (built-ins and any registered since), or a legacy name."""
+
+    def check(path: str, where: str, v: Any) -> str:
+        return _enum(*sampler_names(), *legacy)(path, where, v)
+
+    check.doc = "a registered sampler (built in: " + ", ".join((*SAMPLERS, *legacy)) + ")"
+    return check
+
+
 def _ints(lo: int, hi: int, n: int | None = None, scalar: bool = False) -> Callable:
     """A list of integers in [lo, hi] (length n when given; a single integer too when `scalar`)."""
 
@@ -149,7 +160,7 @@ _QUANT_LAYER = {
     "out_scale": (_scale, True),
     "out_zp": (_grid, True),
     "qmax": (_enum_int := _int(REDUCED_QMAX, FULL_QMAX), False),
-    "sampler": (_enum(*SAMPLERS), False),
+    "sampler": (_sampler(), False),
     "mode": (_enum(*MODES), False),
     "bank_size": (_count, False),
     "noise_slots": (_count, False),
@@ -239,8 +250,8 @@ _hex.doc = "hexadecimal digest"
 
 META = {
     "kind": _enum("qbnn", "qdnn"),
-    "sampler": _enum(*SAMPLERS),
-    "mode": _enum(*SAMPLERS, "sample", "mean"),  # format 1-2 name of the sampler
+    "sampler": _sampler(),
+    "mode": _sampler("sample", "mean"),  # format 1-2 name of the sampler
     "bank_size": _count,
     "noise_slots": _count,
     "seed": _seed,
