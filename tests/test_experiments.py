@@ -84,7 +84,7 @@ def test_imagenet_ptq(tmp_path, weights_download):
         3,
     )
     assert res["variants"]["qbnn"]["size_bytes"] < 0.27 * res["variants"]["bnn"]["size_bytes"]
-    assert 0 <= res["shift"]["qbnn"]["gaussian_noise"]["2"]["accuracy"] <= 1
+    assert 0 <= res["shift"]["cells"]["qbnn"]["gaussian_noise"]["2"]["accuracy"] <= 1
 
 
 def test_imagenet_ptq_smoke(tmp_path, weights_download):
@@ -116,7 +116,7 @@ def test_imagenet_ptq_smoke(tmp_path, weights_download):
     assert weights_download == [RESNET50_URL]
     res = _check(tmp_path / "run", VARIANTS, [], 3)
     assert res["variants"]["qbnn"]["n_test"] == 6 and res["variants"]["qbnn"]["samples"] == 4
-    assert set(res["shift"]["qbnn"]) == {"gaussian_noise", "contrast"}
+    assert set(res["shift"]["cells"]["qbnn"]) == {"gaussian_noise", "contrast"}
     assert res["estimate"]["seconds"]["total"] > 0  # the run's own estimate, as the docs quote it
 
 
@@ -192,7 +192,7 @@ def test_colorectal_ptq_with_camelyon17_ood(tmp_path, weights_download):
     assert res["config"]["eval"]["target_accuracy"] == 0.995
     assert res["variants"]["bnn"]["ood_auroc"] == res["variants"]["bnn"]["ood"]["camelyon17"]["auroc"]
     assert res["variants"]["bnn"]["ood"]["camelyon17"]["group"] == "near"
-    assert set(res["shift"]["qbnn"]["stain"]) == {"3"}
+    assert set(res["shift"]["cells"]["qbnn"]["stain"]) == {"3"}
 
 
 def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
@@ -217,7 +217,7 @@ def test_mnist_ptq_with_fashion_mnist_ood(tmp_path):
         ["fashion_mnist"],
         10,
     )
-    assert set(res["shift"]["qbnn"]) == set(cfg.shift.corruptions)
+    assert set(res["shift"]["cells"]["qbnn"]) == set(cfg.shift.corruptions)
 
 
 def test_digits_ptq_is_the_default(tmp_path):
