@@ -6,8 +6,8 @@ from helpers_run import compose_config
 from torch import nn
 
 from qbdl.bayes import dnn_to_bnn, mc_predict, set_mc_index
-from qbdl.pipeline.run import run
 from qbdl.models import resnet20
+from qbdl.pipeline.run import run
 from qbdl.quant import calibrate, convert, load_qbnn, native, prepare, quant_layers, save_qbnn
 
 SIZE = 16

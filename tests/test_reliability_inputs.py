@@ -326,8 +326,8 @@ class Poison(L.Callback):
 
 @pytest.mark.parametrize(("value", "target"), [("nan", "weights"), ("inf", "weights"), ("nan", "input")])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, value, target):
-    from qbdl.pipeline.run import run
     from qbdl.lit.module import NonFiniteLossError
+    from qbdl.pipeline.run import run
 
     step = 2
     overrides = [

@@ -18,10 +18,10 @@ from qbdl.bayes import dnn_to_bnn
 from qbdl.data import DigitsDataModule
 from qbdl.data.shift import shift_datasets
 from qbdl.experiment.evaluate import Variant, predict_loader
-from qbdl.report.shift import shift_table
-from qbdl.report.shift_plots import save_shift_plots
 from qbdl.io import atomic_write_json
 from qbdl.report import multi
+from qbdl.report.shift import shift_table
+from qbdl.report.shift_plots import save_shift_plots
 
 SEED = 7
 CORRUPTIONS = ["gaussian_noise", "rotate"]
