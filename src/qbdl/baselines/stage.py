@@ -75,9 +75,12 @@ def train_dnn_recipe(config: Mapping[str, Any], dm: Any, seed: int, out: Path, t
                 model, len(dm.dataset("train")), instantiate(dnn["optimizer"]),
                 instantiate(dnn["scheduler"]) if dnn.get("scheduler") else None, stage=out.stem, seed=seed,
             )  # fmt: skip
+            # no progress bar: this fit runs inside the outer fit's on_fit_end, and two Rich live displays on one
+            # console end in rich's IndexError when the outer one stops
             trainer = instantiate(
                 config["trainer"], max_epochs=dnn["max_epochs"], logger=False, enable_checkpointing=False,
                 callbacks=[], limit_val_batches=0, default_root_dir=str(out.parent / out.stem),
+                enable_progress_bar=False,
             )  # fmt: skip
             trainer.fit(module, train_dataloaders=_member_loader(dm, seed))
     save_state(model, out)
