@@ -22,20 +22,3 @@ def shift_parts(shift: Mapping[str, Any]) -> dict[str, Any]:
         "mce": dict(shift.get("_mce") or {}),
         "meta": dict(shift.get("_meta") or {}),
     }
-
-
-def data_summary(dm: Any, ood_sets: list[str]) -> dict[str, Any]:
-    """What the run evaluated on: the datamodule, its training-set size and classes, OOD sets, unreadable files."""
-    bad = [list(b) for b in getattr(dm, "bad_files", [])]
-    if hasattr(dm, "dataset"):
-        n_train = len(dm.dataset("train"))
-    else:
-        n_train = len(dm.train_dataloader().dataset)
-    return {
-        "name": type(dm).__name__,
-        "n_train": n_train,
-        "num_classes": getattr(dm, "num_classes", None),
-        "ood_sets": list(ood_sets),
-        "bad_files": bad,
-        "n_bad_files": len(bad),
-    }

@@ -251,9 +251,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, sample
                 model.qbdl_meta = {**model.qbdl_meta, **({"fingerprint": fp} if fp else {})}
                 src = out_dir / "qbnn_flipout.qbdl"
                 out_dir.mkdir(parents=True, exist_ok=True)
-                tmp = src.with_name(f".{src.name}.tmp")
-                save_qbnn(model, str(tmp))
-                tmp.replace(src)
+                save_qbnn(model, str(src))  # atomic itself
         done[name] = export_model(model, out_dir / f"{name}.onnx", samples=samples, perturbations=perturbations,
                                   noise=noise, source_file=src.name, exact=exact, **common)  # fmt: skip
     return done
