@@ -301,7 +301,7 @@ def test_fit_threshold():
 
 def test_export_refuses_other_samplers(run):
     calib = [b for _, b in zip(range(1), run["dm"].calib_dataloader())]
-    fresh = quantize_bnn(run["bnn"], calib, sampler="bank", bank_size=2, mc_samples=1)
+    fresh = quantize_bnn(run["bnn"], calib, sampler="fresh", mc_samples=1)
     with pytest.raises(ExportError, match="flipout"):
         build_onnx(fresh)
     with pytest.raises(ExportError, match="perturbations=5"):
@@ -499,19 +499,16 @@ def test_predict_qbdl_applies_the_referral_threshold_fitted_on_val(run, tmp_path
     assert abs(doc["summary"]["referred_share"] - ref["val_referred"]) <= 0.1
 
 
-@pytest.mark.slow
-def test_seeded_export_is_equivalent_to_qbdl_within_the_runs_margins(run):
-    """The runtime's own randomness vs qbdl's QBNN, 5 seeds each: accuracy, NLL, UCE and OOD AUROC (entropy; the
-    digits' photos and rotated sets) equivalent within the run's declared margins (eval.equivalence), by the
-    project's TOST on the per-seed differences (qbdl.report.multi.claims.tost_p, alpha 0.05)."""
+def _equivalence(run, exported, reference, seeds: int = 5) -> None:
+    """exported(seed, sets) / reference(seed, sets) -> {set: probs [S, N, C]}, `seeds` seeds each: accuracy, NLL, UCE and
+    OOD AUROC (entropy; the digits' photos and rotated sets) equivalent within the run's declared margins
+    (eval.equivalence), by the project's TOST on the per-seed differences (qbdl.report.multi.claims.tost_p)."""
     from qbdl.metrics import accuracy, nll, ood_auroc, uncertainty_calibration_error
     from qbdl.report.multi.claims import ALPHA, tost_p
 
     margins = json.loads((run["dir"] / "results.json").read_text())["config"]["eval"]["equivalence"]
     dm, x, y = run["dm"], run["x"], run["y"]
     ood = {k: torch.stack([d[i][0] for i in range(len(d))]) for k, d in dm.ood_datasets().items()}
-    sess, q = _session(run["dir"] / "export" / "qbnn.onnx"), run["qbnn"]
-    samples = read_onnx_metadata(run["dir"] / "export" / "qbnn.onnx")["mc_samples"]
 
     def metrics(probs: dict) -> dict:  # probs: [S, N, C] per set
         p = probs.pop("in")
@@ -520,15 +517,143 @@ def test_seeded_export_is_equivalent_to_qbdl_within_the_runs_margins(run):
         return out
 
     sets = [("in", x), *ood.items()]
-    got, ref = [], []
-    for seed in range(5):
-        got.append(metrics({k: torch.softmax(torch.from_numpy(sess.run(["logits"], {
-            "input": v.numpy(), "seed": np.array([100 + 10 * seed + i])})[0]).double(), -1)
-            for i, (k, v) in enumerate(sets)}))  # fmt: skip
-        ref.append(
-            metrics({k: torch.softmax(mc_logits(q, v, samples, seed=seed).double(), -1) for k, v in sets})
-        )
+    got = [metrics(exported(seed, sets)) for seed in range(seeds)]
+    ref = [metrics(reference(seed, sets)) for seed in range(seeds)]
+    found = {}
     for name in got[0]:
         d = [a[name] - b[name] for a, b in zip(got, ref)]
         margin = margins["ood_auroc" if name.startswith("ood_auroc") else name]
-        assert tost_p(d, margin) < ALPHA, (name, np.mean(d), np.std(d, ddof=1), margin)
+        found[name] = (float(np.mean(d)), float(np.std(d, ddof=1)), margin, float(tost_p(d, margin)))
+    assert all(f[3] < ALPHA for f in found.values()), found  # (mean difference, sd, margin, p) per metric
+
+
+def _softmax(logits) -> torch.Tensor:
+    return torch.softmax(torch.as_tensor(logits).double(), -1)
+
+
+@pytest.mark.slow  # ~6 min on a loaded 2-core box
+def test_seeded_export_is_equivalent_to_qbdl_within_the_runs_margins(run):
+    """The runtime's own randomness (in-graph Flipout signs) vs qbdl's Flipout QBNN, 5 seeds each."""
+    sess, q = _session(run["dir"] / "export" / "qbnn.onnx"), run["qbnn"]
+    samples = read_onnx_metadata(run["dir"] / "export" / "qbnn.onnx")["mc_samples"]
+
+    def exported(seed, sets):
+        return {k: _softmax(sess.run(["logits"], {"input": v.numpy(), "seed": np.array([100 + 10 * seed + i])})[0])
+                for i, (k, v) in enumerate(sets)}  # fmt: skip
+
+    _equivalence(run, exported, lambda seed, sets: {k: _softmax(mc_logits(q, v, samples, seed=seed)) for k, v in sets})
+
+
+# -- the bank of K constant INT8 networks (--sampler bank)
+
+
+@pytest.fixture(scope="module")
+def bank(run):
+    """The digits run's BNN quantized with sampler 'bank' (K = 3), and qbdl's logits of each of its 3 networks."""
+    calib = [b for _, b in zip(range(2), run["dm"].calib_dataloader())]
+    q = quantize_bnn(run["bnn"], calib, sampler="bank", bank_size=3, mc_samples=1, observer="histogram", seed=SEED)
+    x = run["x"][:96]
+    ref = []
+    for k in range(3):  # qbdl's engine: MC index k -> entry k of every sampled layer
+        set_mc_index(q, k)
+        with torch.no_grad():
+            ref.append(q(x).float().numpy())
+    set_mc_index(q, None)
+    return {"q": q, "x": x, "ref": np.stack(ref)}
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_bank_export_equals_qbdl_on_the_same_entries(bank, exact):
+    """Row s*N+n through network entries[row]: each row's logits within 1 LSB of qbdl's engine on that entry, on
+    >= 99% (the QLinearConv form rounds the sampled bias onto its grid, as the det INT8 export does; exact: qbdl's
+    arithmetic, almost all bit-equal), whatever entries the rows take (some networks get no row at all)."""
+    q, x, ref = bank["q"], bank["x"], bank["ref"]
+    proto, layout = build_onnx(q, samples=2, noise="input", exact=exact)
+    assert layout.bank_size == 3 and not layout.layers
+    sess = _session(proto.SerializeToString())
+    n = len(x)
+    rng = np.random.default_rng(1)
+    for entries in (np.repeat([0, 2], n), rng.integers(0, 3, 2 * n), np.full(2 * n, 1)):
+        got = sess.run(["logits"], {"input": x.numpy(), "entries": entries.astype(np.int64)})[0].reshape(2 * n, -1)
+        want = ref[entries, np.tile(np.arange(n), 2)]
+        lsb = np.abs(got - want) / _out_scale(q)
+        assert (lsb <= 1.001).mean() >= 0.99, np.quantile(lsb, [0.5, 0.99, 1])
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+        if exact:
+            assert (lsb < 1e-3).mean() >= 0.95
+    assert np.abs(ref[0] - ref[1]).max() > 0  # the networks are different samples
+
+
+def test_seeded_bank_export_draws_each_images_networks(bank):
+    """Seeded: image n's S samples are S distinct networks ((o_n + s) mod K), o_n uniform over the K networks
+    (chi-square, fixed seeds) and independent between images; a seed reproduces its call; S = K gives every image
+    all K networks, so the predictive mean is qbdl's mc over the bank whatever the seed."""
+    from scipy import stats
+
+    q, x, ref = bank["q"], bank["x"], bank["ref"]
+    sess = _session(build_onnx(q, samples=2, noise="seed", exact=True)[0].SerializeToString())
+
+    def which(logits: np.ndarray) -> np.ndarray:  # [S, N, C] -> the network each row ran (nearest reference)
+        d = np.abs(logits[:, None] - ref[None]).max(-1)  # [S, K, N]
+        return d.argmin(1)
+
+    offsets = []
+    for seed in range(40):
+        lg = sess.run(["logits"], {"input": x.numpy(), "seed": np.array([seed])})[0]
+        e = which(lg)
+        assert np.array_equal((e[0] + 1) % 3, e[1])  # sample 1 is the next network after sample 0
+        offsets.append(e[0])
+    again = sess.run(["logits"], {"input": x.numpy(), "seed": np.array([39])})[0]
+    assert np.array_equal(which(again)[0], offsets[-1])
+    counts = np.bincount(np.concatenate(offsets), minlength=3)
+    assert stats.chisquare(counts).pvalue > 1e-3, counts  # uniform over the 3 networks
+    o = np.stack(offsets)  # [seeds, N]: neighbouring images and successive seeds draw independently
+    assert stats.chi2_contingency(np.histogram2d(o[:, :-1].ravel(), o[:, 1:].ravel(), bins=3)[0])[1] > 1e-3
+    assert stats.chi2_contingency(np.histogram2d(o[:-1].ravel(), o[1:].ravel(), bins=3)[0])[1] > 1e-3
+    full = _session(build_onnx(q, samples=3, noise="seed", exact=True)[0].SerializeToString())
+    want = torch.softmax(torch.from_numpy(ref).double(), -1).mean(0).numpy()
+    for seed in (0, 5):
+        probs = full.run(["probs"], {"input": x.numpy(), "seed": np.array([seed])})[0]
+        assert np.abs(probs - want).max() < 0.02 and (probs.argmax(1) == want.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_bank_graph(bank, tmp_path):
+    """OpenVINO on the bank graph, batches of 1 (two networks get no row: their If branch is skipped) and 7."""
+    ov = pytest.importorskip("openvino")
+    q, x = bank["q"], bank["x"]
+    path = tmp_path / "bank.onnx"
+    path.write_bytes(build_onnx(q, samples=2, noise="seed", exact=False, in_shape=tuple(x.shape[1:]))[0]
+                     .SerializeToString())  # fmt: skip
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    req = compiled.create_infer_request()
+    for b in (1, 7):
+        feeds = {"input": x[:b].numpy(), "seed": np.array([3])}
+        a = _session(path).run(["logits"], feeds)[0]
+        res = req.infer(feeds)
+        got = np.array(res[next(o for o in compiled.outputs if "logits" in o.get_names())])
+        assert got.shape == a.shape == (2, b, 10)
+        lsb = np.abs(a - got) / _out_scale(q)
+        assert np.median(lsb) <= 1.001 and (a.argmax(-1) == got.argmax(-1)).mean() >= 0.85
+
+
+def test_export_run_with_a_bank(run, tmp_path):
+    """export_run(sampler='bank'): re-quantized with K networks, S capped at K, metadata says so, predict runs it."""
+    import shutil
+
+    d = tmp_path / "run"
+    (d / "models").mkdir(parents=True)
+    for f in ("results.json", "bnn.safetensors"):
+        shutil.copy(run["dir"] / f, d / f)
+    shutil.copy(run["dir"] / "models" / "qbnn.qbdl", d / "models" / "qbnn.qbdl")  # a flipout qbnn
+    done = export_run(d, which=("qbnn",), samples=8, sampler="bank", bank_size=2, val_limit=64)
+    meta = read_onnx_metadata(d / "export" / "qbnn.onnx")
+    assert meta["sampling"] == "bank" and meta["perturbations"] == 2 and meta["mc_samples"] == 2
+    assert meta["source"]["file"] == "qbnn_bank.qbdl" and (d / "export" / "qbnn_bank.qbdl").is_file()
+    assert done["qbnn"].meta["referral"]["threshold"] is not None
+    out = Model(d / "export" / "qbnn.onnx").run(run["x"][:5].numpy(), seed=1)
+    assert out["probs"].shape == (5, 10) and out["logits"].shape == (2, 5, 10)
+    with pytest.raises(ExportError, match="sampler must be"):
+        export_run(d, which=("qbnn",), sampler="fresh")
+    with pytest.raises(MetadataError, match="sampling"):
+        validate({**meta, "sampling": "fresh"})

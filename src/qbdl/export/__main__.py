@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of the export; returns the exit status."""
     ap = argparse.ArgumentParser(
         prog="python -m qbdl.export",
-        description="Export a qbdl run's qbnn (per-example INT8 Flipout, MC samples in the graph) and qdnn to ONNX.",
+        description="Export a qbdl run's qbnn (INT8 Flipout or a bank of INT8 networks, MC samples in the graph) "
+        "and qdnn to ONNX.",
     )
     ap.add_argument(
         "source", help="a finished run directory, or a .qbdl file inside one (RUN_DIR/models/X.qbdl)"
@@ -26,6 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         help="MC samples per image in the graph (default: eval.mc_samples)",
     )
     ap.add_argument(
+        "--sampler",
+        default="flipout",
+        choices=["flipout", "bank"],
+        help="how the graph samples weights (run directory): flipout: per-example INT8 Flipout, new noise every "
+        "call (two kernels per layer); bank: K constant INT8 networks, each row through one (the det INT8 "
+        "network's speed; K copies of the weights; S <= K samples per image)",
+    )
+    ap.add_argument("--bank-size", type=int, default=4, help="K networks of --sampler bank")
+    ap.add_argument(
         "--perturbations",
         type=int,
         default=1,
@@ -37,11 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=["seed", "input"],
         help="seed: an int64 `seed` input drives an in-graph hash; input: signs/bias_noise are inputs",
     )
-    ap.add_argument(
+    arith = ap.add_mutually_exclusive_group()
+    arith.add_argument(
         "--approximate",
+        dest="exact",
+        action="store_false",
+        default=None,
+        help="the QBNN's sampled layers as QLinearConv groups, biases rounded onto their grids (each layer within "
+        "an LSB of qbdl's engine, not equal): the default of --sampler bank",
+    )
+    arith.add_argument(
+        "--exact",
+        dest="exact",
         action="store_true",
-        help="faster QBNN graph: both Flipout terms as QLinearConv, the mean bias rounded onto its grid "
-        "(each layer within an LSB of qbdl's engine, not equal; the default reproduces qbdl's arithmetic)",
+        help="qbdl's arithmetic in the sampled layers (float biases on exact accumulators, oneDNN's "
+        "requantization; slower): the default of --sampler flipout",
     )
     ap.add_argument("--only", default=None, choices=["qbnn", "qdnn"], help="export one of the run's models")
     args = ap.parse_args(argv)
@@ -54,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if src.is_dir():
             which = (args.only,) if args.only else ("qbnn", "qdnn")
             done = export_run(src, args.out, samples=args.samples, perturbations=args.perturbations,
-                              noise=args.noise, which=which, exact=not args.approximate)  # fmt: skip
+                              noise=args.noise, which=which, exact=args.exact, sampler=args.sampler,
+                              bank_size=args.bank_size)  # fmt: skip
         elif src.suffix == ".qbdl":
             e = export_file(
                 src,
@@ -62,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples=args.samples,
                 perturbations=args.perturbations,
                 noise=args.noise,
-                exact=not args.approximate,
+                exact=args.exact,
             )
             done = {e.meta["kind"]: e}
         else:

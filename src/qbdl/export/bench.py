@@ -26,9 +26,11 @@ import numpy as np
 
 from qbdl.atomic import atomic_write_text
 
-QBDL_VARIANTS = ("qbdl_qdnn", "qbdl_qbnn_fresh", "qbdl_qbnn_flipout", "torch_bnn")
-# *_qbnn: the default (exact) QBNN graph; *_qbnn_fast: build_onnx(exact=False), both Flipout terms QLinearConv
-RUNTIME_VARIANTS = ("ort_qdnn", "ort_qbnn", "ort_qbnn_fast", "ov_qdnn", "ov_qbnn", "ov_qbnn_fast")
+QBDL_VARIANTS = ("qbdl_qdnn", "qbdl_qbnn_fresh", "qbdl_qbnn_bank", "qbdl_qbnn_flipout", "torch_bnn")
+# *_qbnn: the exact Flipout graph; *_qbnn_fast: build_onnx(exact=False), both Flipout terms QLinearConv;
+# *_qbnn_bank: the bank of K constant samples (exact=False: one QLinearConv per entry), an entry per row and layer
+RUNTIME_VARIANTS = ("ort_qdnn", "ort_qbnn", "ort_qbnn_fast", "ort_qbnn_bank", "ov_qdnn", "ov_qbnn", "ov_qbnn_fast",
+                    "ov_qbnn_bank")  # fmt: skip
 VARIANTS = QBDL_VARIANTS + RUNTIME_VARIANTS
 
 
@@ -181,21 +183,24 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
         save_qbnn(convert(prep, sampler="fresh", seed=seed), str(out / "qbnn_fresh.qbdl"))
     if "qbdl_qbnn_flipout" in variants:
         save_qbnn(qflip, str(out / "qbnn_flipout.qbdl"))
+    qbank = convert(prep, sampler="bank", bank_size=bank_size, seed=seed)
+    if "qbdl_qbnn_bank" in variants:
+        save_qbnn(qbank, str(out / "qbnn_bank.qbdl"))
     if "torch_bnn" in variants:
         save_state(bnn, out / "bnn.safetensors")
         spec = {"arch": arch, "num_classes": num_classes, "in_chans": in_chans, "moped_delta": 0.05}
         atomic_write_text(out / "bnn.json", json.dumps(spec))
     for s in samples:
-        for v in ("qbdl_qbnn_fresh", "qbdl_qbnn_flipout", "torch_bnn"):
-            name = {"qbdl_qbnn_fresh": "qbnn_fresh.qbdl", "qbdl_qbnn_flipout": "qbnn_flipout.qbdl",
-                    "torch_bnn": "bnn.safetensors"}[v]  # fmt: skip
+        for v in ("qbdl_qbnn_fresh", "qbdl_qbnn_bank", "qbdl_qbnn_flipout", "torch_bnn"):
+            name = {"qbdl_qbnn_fresh": "qbnn_fresh.qbdl", "qbdl_qbnn_bank": "qbnn_bank.qbdl",
+                    "qbdl_qbnn_flipout": "qbnn_flipout.qbdl", "torch_bnn": "bnn.safetensors"}[v]  # fmt: skip
             if v in variants:
                 files[f"{v}_S{s}"] = (str(out / name), s)
-        for tag, exact in (("", True), ("_fast", False)):
+        for tag, exact, qm in (("", True, qflip), ("_fast", False, qflip), ("_bank", False, qbank)):
             names = [f"ort_qbnn{tag}", f"ov_qbnn{tag}"]
             if not any(v in variants for v in names):
                 continue
-            proto, _ = build_onnx(qflip, samples=s, perturbations=1, in_shape=shape, exact=exact)
+            proto, _ = build_onnx(qm, samples=s, perturbations=1, in_shape=shape, exact=exact)
             path = out / f"qbnn{tag}_S{s}.onnx"
             atomic_write_text_bytes(path, _with_meta(proto, "qbnn", s, in_chans, image_size, num_classes))
             for v in names:
@@ -318,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=int, nargs="+", default=[1, 8], help="MC samples per image of the QBNNs"
     )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--bank-size", type=int, default=4, help="K of the bank QBNNs and of Flipout's bank")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench_export", help="output folder (models, bench_export.json/.md)")
@@ -333,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"building {args.arch} variants in {out} ...")
     files = build_models(out / "models", args.arch, args.image_size, args.in_chans, args.num_classes, args.samples,
-                         args.variants)  # fmt: skip
+                         args.variants, bank_size=args.bank_size)  # fmt: skip
     shape = [args.in_chans, args.image_size, args.image_size]
     print(f"timing {len(files)} variants, {args.rounds} interleaved rounds, {args.threads} threads ...")
     results = run_bench(files, args.batch_sizes, args.rounds, args.threads, shape)
     doc = {
         "arch": args.arch, "image_size": args.image_size, "threads": args.threads, "rounds": args.rounds,
-        "batch_sizes": args.batch_sizes, "results": results, "machine": mach,
+        "batch_sizes": args.batch_sizes, "bank_size": args.bank_size, "results": results, "machine": mach,
         "load_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip

@@ -54,7 +54,8 @@ def _onnx_bytes(model: fx.GraphModule, meta: dict, samples: int, perturbations: 
 
 
 def _kind(model: fx.GraphModule) -> str:
-    return "qbnn" if noise_layout(model).layers else "qdnn"
+    layout = noise_layout(model)
+    return "qbnn" if layout.layers or layout.bank else "qdnn"
 
 
 def preprocessing_of(dm: Any) -> dict:
@@ -96,19 +97,25 @@ def _threshold(data: bytes, x: torch.Tensor, y: torch.Tensor, score: str, target
 def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[str], preprocessing: Mapping,
                  samples: int = 8, perturbations: int = 1, noise: str = "seed", source_file: str = "model.qbdl",
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, score: str = "entropy",
-                 target_accuracy: float = 0.995, seed: int = 0, exact: bool = True) -> Exported:  # fmt: skip
+                 target_accuracy: float = 0.995, seed: int = 0, exact: bool | None = None) -> Exported:  # fmt: skip
     """Write `model` (a loaded qbdl INT8 model) as ONNX to `out` (atomically), with validated metadata.
 
     With `val` (normalised images, labels) the referral threshold at `target_accuracy` is fitted on the exported
     model's own predictions of them; without, it is null (predict then refers nothing and says so). exact=False:
-    the faster QBNN graph that rounds where qbdl does not (graph.build_onnx).
+    the faster QBNN graph that rounds where qbdl does not (graph.build_onnx); None: exact for Flipout, not for a
+    bank (whose QLinearConv form is the deterministic network's).
     """
     import time
 
     t0 = time.perf_counter()
-    kind = _kind(model)
+    kind, bank = _kind(model), noise_layout(model).bank_size
+    exact = not bank if exact is None else exact
     if kind == "qdnn":
         samples, perturbations, noise = 1, 0, "none"
+    elif bank:  # S <= K: more samples would repeat networks (image n's samples are entries (o_n + s) mod K)
+        if samples > bank:
+            log.info("a bank of %d networks: %d MC samples per image instead of %d", bank, bank, samples)
+        samples, perturbations = min(samples, bank), bank
     qm = getattr(model, "qbdl_meta", {}) or {}
     fp = qm.get("fingerprint")
     meta = {
@@ -120,6 +127,7 @@ def export_model(model: fx.GraphModule, out: str | Path, *, classes: Sequence[st
         "mc_samples": int(samples),
         "perturbations": int(perturbations),
         "noise": noise,
+        **({"sampling": "bank" if bank else "flipout"} if kind == "qbnn" else {}),
         "referral": {
             "score": score,
             "threshold": None,
@@ -192,8 +200,12 @@ def val_tensors(dm: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.
     return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
 
 
-def flipout_qbnn(run_dir: Path, cfg: dict, dm: Any) -> fx.GraphModule:
-    """The run's BNN quantized with sampler 'flipout' (its other PTQ options kept; calibration on training data)."""
+SAMPLERS = ("bank", "flipout")  # the QBNN samplers the ONNX graph expresses
+
+
+def requantized_qbnn(run_dir: Path, cfg: dict, dm: Any, sampler: str, bank_size: int) -> fx.GraphModule:
+    """The run's BNN quantized with `sampler` and `bank_size` (its other PTQ options kept; calibration on training
+    data): a bank of K samples, or Flipout over K perturbations."""
     from qbdl.bayes import dnn_to_bnn
     from qbdl.experiment.quantize import PTQ_OPTIONS, calibration_batches
     from qbdl.models.files import load_state
@@ -206,18 +218,25 @@ def flipout_qbnn(run_dir: Path, cfg: dict, dm: Any) -> fx.GraphModule:
     bnn.eval()
     calib = calibration_batches(dm, qcfg.get("calib_batch_size"), qcfg.get("calib_batches", 8))
     options = {k: qcfg[k] for k in PTQ_OPTIONS if k in qcfg}
-    options.update(sampler="flipout", seed=int(qcfg.get("seed", cfg.get("seed", 0))))
+    options.update(sampler=sampler, bank_size=int(bank_size), seed=int(qcfg.get("seed", cfg.get("seed", 0))))
     return quantize_bnn(bnn, calib, **options)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, samples: int | None = None,
                perturbations: int = 1, noise: str = "seed", which: Sequence[str] = ("qbnn", "qdnn"),
-               val_limit: int | None = None, exact: bool = True) -> dict[str, Exported]:  # fmt: skip
-    """Export a finished run's qbnn (as INT8 Flipout) and qdnn to `out_dir` (default RUN_DIR/export).
+               val_limit: int | None = None, exact: bool | None = None, sampler: str = "flipout",
+               bank_size: int = 4) -> dict[str, Exported]:  # fmt: skip
+    """Export a finished run's qbnn (as INT8 Flipout, or a bank of `bank_size` networks) and qdnn to `out_dir`
+    (default RUN_DIR/export).
 
-    A qbnn quantized with another sampler is quantized again from RUN_DIR/bnn.safetensors with sampler
-    'flipout' (same PTQ options and calibration batches) and saved beside the export as qbnn_flipout.qbdl.
+    A qbnn quantized otherwise (another sampler; for 'bank' another bank size) is quantized again from
+    RUN_DIR/bnn.safetensors (same PTQ options and calibration batches) and saved beside the export as
+    qbnn_<sampler>.qbdl. Flipout keeps a bank of max(bank_size, perturbations) perturbations. exact: qbdl's
+    arithmetic in the sampled layers (build_onnx); None: exact for Flipout, the QLinearConv form for a bank.
     """
+    if sampler not in SAMPLERS:
+        raise ExportError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    k = int(bank_size) if sampler == "bank" else max(int(bank_size), int(perturbations))
     from qbdl.quant import load_qbnn, save_qbnn
 
     run_dir = Path(run_dir)
@@ -244,12 +263,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, sample
             model = load_qbnn(str(src))
         else:
             model = load_qbnn(str(src)) if src.is_file() else None
-            if model is None or (model.qbdl_meta or {}).get("sampler") != "flipout":
-                log.info("%s: quantizing the BNN again with sampler 'flipout' for the export", run_dir)
-                fp = None if model is None else (model.qbdl_meta or {}).get("fingerprint")
-                model = flipout_qbnn(run_dir, cfg, dm)
+            meta = {} if model is None else (model.qbdl_meta or {})
+            if meta.get("sampler") != sampler or (sampler == "bank" and noise_layout(model).bank_size != k):
+                log.info("%s: quantizing the BNN again with sampler %r (K = %d) for the export", run_dir, sampler, k)
+                fp = meta.get("fingerprint")
+                model = requantized_qbnn(run_dir, cfg, dm, sampler, k)
                 model.qbdl_meta = {**model.qbdl_meta, **({"fingerprint": fp} if fp else {})}
-                src = out_dir / "qbnn_flipout.qbdl"
+                src = out_dir / f"qbnn_{sampler}.qbdl"
                 out_dir.mkdir(parents=True, exist_ok=True)
                 save_qbnn(model, str(src))  # atomic itself
         done[name] = export_model(model, out_dir / f"{name}.onnx", samples=samples, perturbations=perturbations,

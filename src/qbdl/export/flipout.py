@@ -32,6 +32,7 @@ from .qdq import (
     F32,
     F64,
     I32,
+    I64,
     ExportError,
     Graph,
     bias_scale,
@@ -57,19 +58,28 @@ class NoiseLayout:
     layers: list[dict] = field(
         default_factory=list
     )  # {"name", "s_in": (a, b), "s_out": (a, b), "bias": (a, b)|None}
+    bank: list[dict] = field(default_factory=list)  # 'bank' layers: {"name", "size"}
+
+    @property
+    def bank_size(self) -> int:
+        """K of the 'bank' layers (one for all: entry k is a whole network)."""
+        return self.bank[0]["size"] if self.bank else 0
     values: dict[str, str] = field(
         default_factory=dict
     )  # qbdl graph node -> its ONNX value (uint8 activations)
 
 
 def noise_layout(model: fx.GraphModule) -> NoiseLayout:
-    """The columns of each Flipout layer in `signs` (s_in then s_out) and `bias_noise`, in graph order."""
+    """The columns of each Flipout layer in `signs` (s_in then s_out) and `bias_noise`, and the 'bank' layers, in
+    graph order."""
     layout = NoiseLayout()
     for node in model.graph.nodes:
         if node.op != "call_module":
             continue
         q = model.get_submodule(node.target)
-        if isinstance(q, QuantLayer) and q.bayesian and q.mode == "sample":
+        if isinstance(q, QuantLayer) and q.bayesian and q.mode == "sample" and q.sampler == "bank":
+            layout.bank.append({"name": node.target, "size": int(q.bank_size)})
+        elif isinstance(q, QuantLayer) and q.bayesian and q.mode == "sample":
             cin, cout = int(q.mu_q.shape[1]) * int(q.config.get("groups", 1)), int(q.mu_q.shape[0])
             entry = {"name": node.target, "s_in": (layout.sign_cols, layout.sign_cols + cin)}
             layout.sign_cols += cin
@@ -90,6 +100,7 @@ class Noise:
         self.g, self.layout, self.samples = g, layout, samples
         self.signs: str | None = None  # float32 [S*N, T] of +-1
         self.bias_noise: str | None = None  # float32 [S, B]
+        self.entries: str | None = None  # int64 [S*N]: each row's bank entry (network)
         self.n: str | None = None  # int64 [1]: the batch size N
 
     def cols(self, src: str, a: int, b: int, base: str) -> str:
@@ -146,7 +157,7 @@ def _hash(
 
 
 def hashed_noise(g: Graph, noise: Noise, seed: str, rows: str, layout: NoiseLayout) -> None:
-    """signs [S*N, T] and bias noise [S, B] from the seed: a hash of (row, column, seed) per element."""
+    """signs [S*N, T], bias noise [S, B] and bank entries [S*N] from the seed: a hash of (row, column, seed)."""
     s64 = g.op("Reshape", [seed, g.const("one", np.array([], np.int64))], "seed")  # scalar
     p64 = g.const("p64", np.array(HASH_P, np.int64))
     s0 = g.op("Cast", [g.op("Mod", [s64, p64], "seed", fmod=0)], "seed", to=I32)
@@ -175,6 +186,14 @@ def hashed_noise(g: Graph, noise: Noise, seed: str, rows: str, layout: NoiseLayo
         noise.signs = g.op("Sub", [g.op("Mul", [g.op("Cast", [bit], "signs", to=F32),
                                                 g.const("two", np.float32(2))], "signs"),
                                    g.const("onef", np.float32(1))], "signs")  # fmt: skip
+    if layout.bank:  # image n's samples: entries (o_n + s) mod K, o_n = hash mod K (K < HASH_P)
+        h = _hash(g, row_digits(noise.n, "entries"), col_digits(1, "entries"), (s0, s1), 6, "entries")  # [N, 1]
+        h = g.op("Reshape", [h, g.const("row1", np.array([1, -1], np.int64))], "entries")
+        s_col = g.const("entries_s", np.arange(noise.samples, dtype=np.int32)[:, None], share=False)
+        h = g.op("Mod", [g.op("Add", [h, s_col], "entries"), g.const("entries_k", np.array(layout.bank_size,
+                                                                                         np.int32))], "entries", fmod=0)  # fmt: skip
+        h = g.op("Reshape", [h, g.const("flat", np.array([-1], np.int64))], "entries")
+        noise.entries = g.op("Cast", [h], "entries", to=I64)
     if layout.bias_cols:  # Box-Muller; each uniform from two hashes (24 bits), other salts than the signs'
         r = row_digits(g.const("Srows", np.array([noise.samples], np.int64)), "eps")
         j = col_digits(layout.bias_cols, "eps")

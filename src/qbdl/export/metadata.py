@@ -80,7 +80,7 @@ _TOP = {"format", "kind", "qbdl_version", "classes", "preprocessing", "mc_sample
 
 def validate(meta: Any, path: str = "model") -> dict:
     """Check every field of the metadata (types, ranges, no unknown keys); returns it unchanged or raises."""
-    m = _keys(path, "(top level)", meta, _TOP)
+    m = _keys(path, "(top level)", meta, _TOP, {"sampling"})
     if m["format"] != FORMAT:
         _fail(path, "format", m["format"], f"{FORMAT!r} (this qbdl reads that format only)")
     if m["kind"] not in ("qbnn", "qdnn"):
@@ -135,6 +135,9 @@ def validate(meta: Any, path: str = "model") -> dict:
         _fail(path, "noise", m["noise"], "'seed', 'input' or 'none'")
     if (m["kind"] == "qdnn") != (m["noise"] == "none") or (m["kind"] == "qdnn" and m["mc_samples"] != 1):
         _fail(path, "noise", m["noise"], "'none' with mc_samples 1 exactly for a qdnn")
+    # a QBNN's weight sampling: 'flipout' (the default of files without the key) or 'bank' (perturbations = K)
+    if m.get("sampling", "flipout") not in ("flipout", "bank") or ("sampling" in m and m["kind"] != "qbnn"):
+        _fail(path, "sampling", m.get("sampling"), "'flipout' or 'bank', for a qbnn only")
     r = _keys(path, "referral", m["referral"], {"score", "threshold", "target_accuracy", "fitted_on"},
               {"val_accuracy_kept", "val_referred"})  # fmt: skip
     if r["score"] not in SCORES:

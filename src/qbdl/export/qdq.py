@@ -65,10 +65,10 @@ def bias_scale(q: QuantLayer) -> torch.Tensor:
 class Graph:
     """Accumulates ONNX nodes and initializers with unique names."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: set[str] | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self.names: set[str] = set()
+        self.names: set[str] = set() if names is None else names  # shared with a subgraph's: SSA across scopes
         self._consts: dict[tuple, str] = {}
 
     def name(self, base: str) -> str:

@@ -149,7 +149,7 @@ class Model:
                     raise ValueError(
                         f"{self.path}: the model takes its noise as input {k!r}: pass noise={{{k!r}: ...}}"
                     )
-                feeds[k] = np.ascontiguousarray(noise[k], dtype=np.float32)
+                feeds[k] = np.ascontiguousarray(noise[k], dtype=np.int64 if k == "entries" else np.float32)
         if self.runtime == "onnxruntime":
             vals = self._sess.run(self.outputs, feeds)
         else:
