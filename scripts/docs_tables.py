@@ -12,6 +12,8 @@ the renderer below and its JSON record:
 - ``estimates``: ``docs/data/estimates.json``, from ``python scripts/paper_estimates.py``;
 - ``paper-vs-qbdl``: ``docs/data/paper.json`` (the paper's values, each with its source; kept by hand,
   as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``;
+- ``deploy`` / ``deploy-short``: ``docs/data/bench_export.json``, the ``bench_export.json`` of
+  ``python -m qbdl.export.bench`` (exported models in ONNX Runtime / OpenVINO beside qbdl's engine);
 - ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
   ``python -m qbdl.report`` over the five-seed ``digits_baselines`` sweep (stats and claims kept).
 
@@ -140,6 +142,102 @@ def bench(short: bool = False) -> str:
     )
     lines.append(what + ". " + provenance(rec, rec["machine"]["torch"], cfg["threads"]))
     return "\n".join(lines) + "\n"
+
+
+DEPLOY_LABELS = {
+    "qbdl_qdnn": "qbdl det INT8 (`qdnn`, oneDNN)",
+    "qbdl_qbnn_fresh": "qbdl QBNN (`fresh`)",
+    "qbdl_qbnn_bank": "qbdl QBNN (`bank`)",
+    "torch_bnn": "torch FP32 BNN",
+    "ort_qdnn": "ONNX Runtime det INT8",
+    "ort_qbnn": "ONNX Runtime QBNN, Flipout (exact)",
+    "ort_qbnn_fast": "ONNX Runtime QBNN, Flipout (`--approximate`)",
+    "ort_qbnn_bank": "ONNX Runtime QBNN, bank",
+    "ov_qdnn": "OpenVINO det INT8",
+    "ov_qbnn": "OpenVINO QBNN, Flipout (exact)",
+    "ov_qbnn_fast": "OpenVINO QBNN, Flipout (`--approximate`)",
+    "ov_qbnn_bank": "OpenVINO QBNN, bank",
+}
+
+
+def _deploy_det(variant: str) -> str | None:
+    """The deterministic INT8 network of the same runtime (the ratio's denominator)."""
+    head = variant.split("_", 1)[0]
+    return {"qbdl": "qbdl_qdnn", "ort": "ort_qdnn", "ov": "ov_qdnn"}.get(head) if "qbnn" in variant else None
+
+
+def _deploy_machine(rec: dict) -> str:
+    m, p = rec["machine"], rec["provenance"]
+    isa = ", ".join(f for f in m["isa"] if f.startswith(("avx2", "avx512f", "avx512_vnni", "amx")))
+    v = m.get("versions", {})
+    return (
+        f"Measured with `{p['command']}` on {m['cpu']} ({m['cores']} cores; {isa}; VNNI: {'yes' if m['vnni'] else 'no'}), "
+        f"{rec['threads']} threads, every variant in its own process, timed round-robin, medians of {rec['rounds']} "
+        f"rounds; ONNX Runtime {v.get('onnxruntime')}, OpenVINO {v.get('openvino')}, torch {v.get('torch')}, "
+        f"commit `{p['commit'][:7]}`, {p['date']}" + (f"; {p['note']}" if p.get("note") else "") + "."
+    )
+
+
+def deploy(short: bool = False) -> str:
+    """The exported models beside qbdl's engine (docs/data/bench_export.json of python -m qbdl.export.bench)."""
+    rec = load("bench_export.json")
+    res, batches = rec["results"], [str(b) for b in rec["batch_sizes"]]
+
+    def rate(name: str, b: str) -> float | None:
+        return res[name]["img_per_s"].get(b) if name in res else None
+
+    lines = [
+        "| variant | S | " + " | ".join(f"img/s, batch {b}" for b in batches)
+        + " | / same runtime's det INT8 | RSS over imports (MiB) | file (MiB) |",
+        "|---|---|" + "---|" * len(batches) + "---|---|---|",
+    ]
+    for name, r in res.items():
+        variant = name.rsplit("_S", 1)[0] if "_S" in name else name
+        if short and (r["samples"] != 1 or variant.endswith(("_fast", "_qbnn")) or variant == "qbdl_qbnn_bank"):
+            continue
+        det = _deploy_det(variant)
+        ratio = "-"
+        if det in res:
+            ratio = " / ".join(
+                f"{rate(name, b) / rate(det, b):.2f}x" if rate(name, b) and rate(det, b) else "-" for b in batches
+            )
+        label = DEPLOY_LABELS.get(variant, variant) + (f" K={rec['bank_size']}" if variant.endswith("bank") else "")
+        cells = " | ".join(f"{rate(name, b):.1f}" if rate(name, b) else "-" for b in batches)
+        lines.append(f"| {label} | {r['samples']} | {cells} | {ratio} | {r['rss_over_imports_mib']:.0f} | "
+                     f"{r['file_mib']:.1f} |")  # fmt: skip
+    lines += ["", _deploy_machine(rec)]
+    if not short:
+        lines += ["", *_deploy_targets(res, batches)]
+    return "\n".join(lines) + "\n"
+
+
+def _deploy_targets(res: dict, batches: list[str]) -> list[str]:
+    """Issue 30's targets against this record: ratios within one run, memory against torch's FP32 BNN."""
+    out = ["| target | measured | met |", "|---|---|---|"]
+
+    def r(n: str, b: str) -> float:
+        return res[n]["img_per_s"][b]
+
+    for q in ("ort_qbnn_bank_S1", "ov_qbnn_bank_S1", "ort_qbnn_fast_S1", "ov_qbnn_fast_S1"):
+        det = _deploy_det(q.rsplit("_S", 1)[0])
+        if q in res and det in res and {"1", "32"} <= set(batches):
+            a, b = r(q, "1") / r(det, "1"), r(q, "32") / r(det, "32")
+            out.append(f"| {DEPLOY_LABELS[q[:-3]]} S = 1, >= 0.5x / >= 0.8x its det INT8 at batch 1 / 32 | "
+                       f"{a:.2f}x / {b:.2f}x | {'yes' if a >= 0.5 and b >= 0.8 else 'no'} |")  # fmt: skip
+    qb = [n for n in res if "qbnn" in n and n.endswith("_S1")]
+    if "qbdl_qdnn" in res and qb:
+        for b in batches:
+            best = max(qb, key=lambda n: r(n, b))
+            met = r(best, b) >= r("qbdl_qdnn", b)
+            out.append(f"| fastest QBNN (S = 1) >= qbdl's det INT8, batch {b} | {DEPLOY_LABELS[best[:-3]]} "
+                       f"{r(best, b):.1f} vs {r('qbdl_qdnn', b):.1f} img/s | {'yes' if met else 'no'} |")  # fmt: skip
+    for q in ("ort_qbnn_bank_S1", "ort_qbnn_S1"):
+        if q in res and "torch_bnn_S1" in res:
+            m = res[q]["rss_over_imports_mib"] / res["torch_bnn_S1"]["rss_over_imports_mib"]
+            out.append(f"| {DEPLOY_LABELS[q[:-3]]} resident memory <= 0.35x the torch FP32 BNN's | "
+                       f"{res[q]['rss_over_imports_mib']:.0f} / {res['torch_bnn_S1']['rss_over_imports_mib']:.0f} MiB = "
+                       f"{m:.2f}x | {'yes' if m <= 0.35 else 'no'} |")  # fmt: skip
+    return out
 
 
 def _dur(s: float) -> str:
@@ -347,6 +445,8 @@ RENDERERS = {
     "estimates": estimates,
     "baselines-seeds": baselines_seeds,
     "baselines-claims": baselines_claims,
+    "deploy": deploy,
+    "deploy-short": lambda: deploy(short=True),
 }
 
 
@@ -355,6 +455,7 @@ MISSING = {
     "bench.json": "python -m qbdl.bench` then `python scripts/docs_tables.py --import-bench bench/.../bench.json",
     "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
     "baselines_seeds.json": "python -m qbdl.run -m +experiment=digits_baselines seed=0,1,2,3,4` and `python -m qbdl.report DIR",
+    "bench_export.json": "python -m qbdl.export.bench ...` then `python scripts/docs_tables.py --import-export-bench .../bench_export.json",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
 }
 
@@ -421,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a table is stale")
     ap.add_argument("--import-results", metavar="RESULTS_JSON", help="a default run's results.json to keep")
     ap.add_argument("--import-bench", metavar="BENCH_JSON", help="a python -m qbdl.bench bench.json to keep")
+    ap.add_argument("--import-export-bench", metavar="JSON", help="a python -m qbdl.export.bench bench_export.json")
     ap.add_argument("--command", help="the command that produced it (default: the plain one)")
     ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")
     ap.add_argument("--note", default="", help="a remark printed with the table (e.g. the machine's load)")
@@ -432,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.import_bench:
         cmd = args.command or "python -m qbdl.bench"
         import_record(Path(args.import_bench), "bench.json", cmd, args.commit, args.note, args.wall_s)
+    if args.import_export_bench:
+        rec = json.loads(Path(args.import_export_bench).read_text())
+        cmd = args.command or rec.get("command", "python -m qbdl.export.bench")
+        import_record(Path(args.import_export_bench), "bench_export.json", cmd, args.commit, args.note, args.wall_s)
     stale = []
     for path in FILES:
         text = path.read_text()

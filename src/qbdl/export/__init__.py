@@ -1,4 +1,5 @@
-"""Deploy qbdl's INT8 models: ONNX export (QDQ INT8, Monte Carlo sampling in the graph), ONNX Runtime / OpenVINO.
+"""Deploy qbdl's INT8 models: ONNX export (QDQ INT8, Monte Carlo sampling in the graph: per-example INT8 Flipout or
+a bank of INT8 networks), ONNX Runtime / OpenVINO.
 
 `python -m qbdl.export RUN_DIR_or_QBDL --format onnx` writes qbnn.onnx / qdnn.onnx; `python -m qbdl.predict`
 runs them without torch. Importing this package imports no torch: the exporter (which needs it) loads on first

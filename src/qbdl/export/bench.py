@@ -69,7 +69,21 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict[str, str | None]:
+    """Installed versions of torch, qbdl and the runtimes (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "qbdl", "onnx", "onnxruntime", "openvino"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 # -- worker side (a process per variant; the runtime workers never import torch)
@@ -191,21 +205,24 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
         spec = {"arch": arch, "num_classes": num_classes, "in_chans": in_chans, "moped_delta": 0.05}
         atomic_write_text(out / "bnn.json", json.dumps(spec))
     for s in samples:
+        sb = min(s, bank_size)  # a bank's image runs S <= K distinct networks (more would repeat them)
         for v in ("qbdl_qbnn_fresh", "qbdl_qbnn_bank", "qbdl_qbnn_flipout", "torch_bnn"):
             name = {"qbdl_qbnn_fresh": "qbnn_fresh.qbdl", "qbdl_qbnn_bank": "qbnn_bank.qbdl",
                     "qbdl_qbnn_flipout": "qbnn_flipout.qbdl", "torch_bnn": "bnn.safetensors"}[v]  # fmt: skip
             if v in variants:
-                files[f"{v}_S{s}"] = (str(out / name), s)
+                n = sb if v == "qbdl_qbnn_bank" else s
+                files[f"{v}_S{n}"] = (str(out / name), n)
         for tag, exact, qm in (("", True, qflip), ("_fast", False, qflip), ("_bank", False, qbank)):
             names = [f"ort_qbnn{tag}", f"ov_qbnn{tag}"]
             if not any(v in variants for v in names):
                 continue
-            proto, _ = build_onnx(qm, samples=s, perturbations=1, in_shape=shape, exact=exact)
-            path = out / f"qbnn{tag}_S{s}.onnx"
-            atomic_write_text_bytes(path, _with_meta(proto, "qbnn", s, in_chans, image_size, num_classes))
+            n = sb if tag == "_bank" else s
+            proto, _ = build_onnx(qm, samples=n, perturbations=1, in_shape=shape, exact=exact)
+            path = out / f"qbnn{tag}_S{n}.onnx"
+            atomic_write_text_bytes(path, _with_meta(proto, "qbnn", n, in_chans, image_size, num_classes))
             for v in names:
                 if v in variants:
-                    files[f"{v}_S{s}"] = (str(path), s)
+                    files[f"{v}_S{n}"] = (str(path), n)
     return {k: v for k, v in files.items() if k.rsplit("_S", 1)[0] in variants}
 
 
@@ -238,8 +255,12 @@ def _with_meta(proto, kind: str, samples: int, in_chans: int, size: int, num_cla
 
 
 def run_bench(files: dict[str, tuple[str, int]], batch_sizes: list[int], rounds: int, threads: int,
-              shape: list[int], log=print) -> dict:  # fmt: skip
-    """Time every variant round-robin (each in its worker), medians; resident memory per worker."""
+              shape: list[int], log=print, max_rows: int | None = None) -> dict:  # fmt: skip
+    """Time every variant round-robin (each in its worker), medians; resident memory per worker.
+
+    max_rows: skip a variant's batch size where S x batch exceeds it (all workers live at once: a ResNet-50 BNN at
+    S = 8, batch 32 is 256 FP32 forwards' activations); the record has no figure there.
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     workers, info = {}, {}
     for name, (path, s) in files.items():
@@ -256,15 +277,27 @@ def run_bench(files: dict[str, tuple[str, int]], batch_sizes: list[int], rounds:
         log(
             f"  {name}: loaded, {info[name]['rss_loaded'] / 2**20:.0f} MiB resident ({info[name]['version']})"
         )
-    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in files}
+    times: dict[str, dict[int, list[float]]] = {
+        n: {b: [] for b in batch_sizes if max_rows is None or files[n][1] * b <= max_rows} for n in files
+    }
     peak: dict[str, int] = {}
     try:
         for r in range(rounds):
             for b in batch_sizes:
                 for name, p in workers.items():
+                    if b not in times[name]:
+                        continue
                     p.stdin.write(f"run {b}\n")
                     p.stdin.flush()
-                    res = json.loads(p.stdout.readline())
+                    line = p.stdout.readline()
+                    if not line:
+                        code = p.wait(timeout=60)
+                        raise RuntimeError(
+                            f"bench worker {name} died at batch {b} (exit {code}"
+                            + ("; killed: out of memory?" if code == -9 else "")
+                            + "): measure fewer variants at once or pass --max-rows"
+                        )
+                    res = json.loads(line)
                     times[name][b].append(res["seconds"])
                     peak[name] = max(peak.get(name, 0), res.get("VmHWM", 0))
             log(f"  round {r + 1}/{rounds} done")
@@ -300,7 +333,7 @@ def table(results: dict, batch_sizes: list[int], mach: dict) -> str:
     head += "|---|---|---|" + "---|" * len(batch_sizes) + "---|---|---|\n"
     rows = []
     for name, r in results.items():
-        rate = " | ".join(f"{r['img_per_s'][str(b)]:.2f}" for b in batch_sizes)
+        rate = " | ".join(f"{r['img_per_s'][str(b)]:.2f}" if str(b) in r["img_per_s"] else "-" for b in batch_sizes)
         rows.append(f"| {name} | {r['samples']} | {r['runtime']} | {rate} | {r['rss_over_imports_mib']:.0f} | "
                     f"{r['peak_rss_mib']:.0f} | {r['file_mib']:.1f} |")  # fmt: skip
     isa = ", ".join(f for f in mach["isa"] if f.startswith(("avx2", "avx512", "avx_vnni", "fma", "amx")))
@@ -325,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--bank-size", type=int, default=4, help="K of the bank QBNNs and of Flipout's bank")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-rows", type=int, default=None, help="skip batch sizes where S x batch exceeds this")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench_export", help="output folder (models, bench_export.json/.md)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -342,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                          args.variants, bank_size=args.bank_size)  # fmt: skip
     shape = [args.in_chans, args.image_size, args.image_size]
     print(f"timing {len(files)} variants, {args.rounds} interleaved rounds, {args.threads} threads ...")
-    results = run_bench(files, args.batch_sizes, args.rounds, args.threads, shape)
+    results = run_bench(files, args.batch_sizes, args.rounds, args.threads, shape, max_rows=args.max_rows)
     doc = {
         "arch": args.arch, "image_size": args.image_size, "threads": args.threads, "rounds": args.rounds,
-        "batch_sizes": args.batch_sizes, "bank_size": args.bank_size, "results": results, "machine": mach,
+        "batch_sizes": args.batch_sizes, "bank_size": args.bank_size, "max_rows": args.max_rows, "results": results,
+        "machine": mach,
         "load_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "command": "python -m qbdl.export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     atomic_write_text(out / "bench_export.json", json.dumps(doc, indent=1) + "\n")

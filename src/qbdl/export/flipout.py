@@ -59,14 +59,14 @@ class NoiseLayout:
         default_factory=list
     )  # {"name", "s_in": (a, b), "s_out": (a, b), "bias": (a, b)|None}
     bank: list[dict] = field(default_factory=list)  # 'bank' layers: {"name", "size"}
+    values: dict[str, str] = field(
+        default_factory=dict
+    )  # qbdl graph node -> its ONNX value (uint8 activations)
 
     @property
     def bank_size(self) -> int:
         """K of the 'bank' layers (one for all: entry k is a whole network)."""
         return self.bank[0]["size"] if self.bank else 0
-    values: dict[str, str] = field(
-        default_factory=dict
-    )  # qbdl graph node -> its ONNX value (uint8 activations)
 
 
 def noise_layout(model: fx.GraphModule) -> NoiseLayout:

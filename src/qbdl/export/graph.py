@@ -127,11 +127,12 @@ def build_onnx(model: fx.GraphModule, samples: int = 8, perturbations: int = 1, 
                exact: bool = True) -> tuple[onnx.ModelProto, NoiseLayout]:  # fmt: skip
     """The ONNX model of a loaded qbdl INT8 model (qdnn: S = 1; QBNN: S samples per image).
 
-    A QBNN's layers with sampler 'flipout' run per-example INT8 Flipout (flipout.py), those with 'bank' their K
-    constant samples, an entry per row and layer (bank.py). perturbations: Flipout's banked int8 perturbations
-    kept per layer (sample s uses entry s mod K; at most the QBNN's bank size). noise: "seed" (an int64 `seed`
-    input drives an in-graph counter hash) or "input" (`signs` [S*N, T] of +-1, `bias_noise` [S, B] and
-    `entries` [S*N, L] are inputs; see noise_layout). in_shape: [C, H, W] of the input.
+    A QBNN with sampler 'flipout' runs per-example INT8 Flipout (flipout.py); one with 'bank' runs as K constant
+    INT8 networks, each row (sample s of image n: row s * N + n) through one (bank.py). perturbations: Flipout's
+    banked int8 perturbations kept per layer (sample s uses entry s mod K; at most the QBNN's bank size). noise:
+    "seed" (an int64 `seed` input drives an in-graph counter hash) or "input" (`signs` [S*N, T] of +-1 and
+    `bias_noise` [S, B] for Flipout, `entries` [S*N] of 0..K-1 for a bank, are inputs; see noise_layout).
+    in_shape: [C, H, W] of the input.
     exact: the sampled layers add qbdl's float biases to the exact int32 accumulators (ConvInteger; equal to
     qbdl's engine up to float rounding) rather than run as QLinearConv groups (bias rounded onto the
     accumulator grid: each layer within an LSB, drifting over a deep network); see flipout.py.
