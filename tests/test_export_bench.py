@@ -17,7 +17,7 @@ def test_export_bench_writes_results(tmp_path):
     out = tmp_path / "b"
     argv = ["--arch", "resnet20", "--image-size", "8", "--in-chans", "1", "--batch-sizes", "1", "2",
             "--samples", "1", "2", "--rounds", "2", "--variants", "qbdl_qdnn", "ort_qdnn", "ort_qbnn",
-            "ort_qbnn_fast", "--out", str(out)]  # fmt: skip
+            "ort_qbnn_fast", "ort_qbnn_bank", "--bank-size", "2", "--max-rows", "2", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "bench_export.json").read_text())
     res = doc["results"]
@@ -28,10 +28,13 @@ def test_export_bench_writes_results(tmp_path):
         "ort_qbnn_S2",
         "ort_qbnn_fast_S1",
         "ort_qbnn_fast_S2",
+        "ort_qbnn_bank_S1",
+        "ort_qbnn_bank_S2",
     }
     assert res["ort_qbnn_S2"]["samples"] == 2 and res["ort_qbnn_S2"]["runtime"].startswith("onnxruntime")
-    for r in res.values():
-        assert all(v > 0 for v in r["img_per_s"].values()) and set(r["img_per_s"]) == {"1", "2"}
+    for r in res.values():  # --max-rows 2: S = 2 at batch 2 (4 rows) is not timed
+        assert all(v > 0 for v in r["img_per_s"].values())
+        assert set(r["img_per_s"]) == ({"1", "2"} if r["samples"] == 1 else {"1"})
         assert all(len(t) == 2 for t in r["seconds"].values())  # one timing per round and batch size
         assert (
             r["rss_loaded_mib"] >= r["rss_imports_mib"] > 0 and r["peak_rss_mib"] >= r["rss_loaded_mib"] - 1
@@ -42,3 +45,5 @@ def test_export_bench_writes_results(tmp_path):
     assert m["cpu"] and isinstance(m["lscpu_flags"], list) and "vnni" in m
     table = (out / "bench_export.md").read_text()
     assert "| ort_qbnn_S2 | 2 |" in table and "CPU:" in table
+    assert doc["bank_size"] == 2 and doc["machine"]["versions"]["onnxruntime"] and doc["command"].startswith(
+        "python -m qbdl.export.bench --arch resnet20")

@@ -172,15 +172,24 @@ std::string sample_isa() {
 #endif
 }
 
-// All n weights, on one thread: on the shared 2-core machines measured, two OpenMP threads ran it slower
-// (the other core is busy with oneDNN's threads or other processes); positions are independent, so a
-// split would not change a bit.
+// All n weights. Positions are hashed absolutely, so any split gives the same bytes: big layers are split over
+// torch's intra-op threads (at batch 1 the sampler runs between oneDNN's kernels, with the cores otherwise idle),
+// layers under kGrain weights stay on one thread.
+constexpr int64_t kGrain = 1 << 16;
+
+void sample_range(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t begin, int64_t end, uint64_t key,
+                  const uint8_t* tbl, int mu_shift, int shift, bool reference) {
+#ifdef __AVX2__
+  if (!reference) return sample_range_avx2(out, mu, sg, begin, end, key, tbl, mu_shift, shift);
+#endif
+  sample_range_scalar(out, mu, sg, begin, end, key, tbl, mu_shift, shift);
+}
+
 void sample_block(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t n, uint64_t key, const uint8_t* tbl,
                   int mu_shift, int shift, bool reference = false) {
-#ifdef __AVX2__
-  if (!reference) return sample_range_avx2(out, mu, sg, 0, n, key, tbl, mu_shift, shift);
-#endif
-  sample_range_scalar(out, mu, sg, 0, n, key, tbl, mu_shift, shift);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    sample_range(out, mu, sg, b, e, key, tbl, mu_shift, shift, reference);
+  });
 }
 
 // One fresh weight sample written into a oneDNN-packed weight (data bytes, then int32 per padded output
@@ -198,34 +207,50 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
   TORCH_CHECK(n_comp == 0 || (oc.scalar_type() == at::kShort && oc.is_contiguous() && oc.numel() == n), op,
               ": oc must be contiguous int16 of mu's size when there are channel sums");
   const int16_t* c = n_comp ? oc.data_ptr<int16_t>() : nullptr;
-  if (n_comp) {  // every slot index is checked before it indexes anything (2 bytes a weight, vectorized)
-    int16_t cmin = 0, cmax = 0;
-    for (int64_t p = 0; p < n; ++p) {
-      cmin = std::min(cmin, c[p]);
-      cmax = std::max(cmax, c[p]);
-    }
-    TORCH_CHECK(cmin >= 0 && cmax < n_comp, op, ": channel slot out of range");
-  }
   if (n == 0) return;
   int8_t* out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
   int32_t* comp = reinterpret_cast<int32_t*>(out + n);  // oneDNN aligns the data size: int32-aligned
   sample_block(out, mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), n, static_cast<uint64_t>(key),
                table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift));
   if (!n_comp) return;
-  std::fill(comp, comp + n_comp, 0);
-  // packed layouts keep runs of one channel (e.g. 4 bytes for VNNI): sum a run in a register, so the
-  // read-modify-write of comp[] is not a dependency chain through memory for every byte
-  int32_t acc = 0;
-  int16_t cur = c[0];
-  for (int64_t p = 0; p < n; ++p) {
-    if (c[p] != cur) {
-      comp[cur] -= acc;
-      acc = 0;
-      cur = c[p];
+  // Channel sums, per thread then added: packed layouts keep runs of one channel (e.g. 4 bytes for VNNI), summed
+  // in a register so comp[] is not a dependency chain through memory for every byte. Each slot index is checked
+  // where a run starts, before it indexes anything.
+  const int threads = at::get_num_threads();
+  std::vector<int32_t> part(static_cast<size_t>(threads) * n_comp, 0);
+  std::vector<char> bad(threads, 0);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    const int t = at::get_thread_num();
+    int32_t* sums = part.data() + static_cast<size_t>(t) * n_comp;
+    int16_t cur = c[b];
+    int32_t acc = 0;
+    if (cur < 0 || cur >= n_comp) {
+      bad[t] = 1;
+      return;
     }
-    acc += out[p];
+    for (int64_t p = b; p < e; ++p) {
+      if (c[p] != cur) {
+        sums[cur] += acc;
+        acc = 0;
+        cur = c[p];
+        if (cur < 0 || cur >= n_comp) {
+          bad[t] = 1;
+          return;
+        }
+      }
+      acc += out[p];
+    }
+    sums[cur] += acc;
+  });
+  if (std::any_of(bad.begin(), bad.end(), [](char v) { return v != 0; })) {
+    std::memset(out, 0, static_cast<size_t>(n) + 4 * static_cast<size_t>(n_comp));  // a consistent (zero) weight
+    TORCH_CHECK(false, op, ": channel slot out of range");
   }
-  comp[cur] -= acc;
+  for (int64_t k = 0; k < n_comp; ++k) {
+    int32_t total = 0;
+    for (int t = 0; t < threads; ++t) total += part[static_cast<size_t>(t) * n_comp + k];
+    comp[k] = -total;
+  }
 }
 
 // One int8 weight sample in the weights' own order (positions = flat indices): the re-packing path and the
