@@ -14,6 +14,8 @@ the renderer below and its JSON record:
   as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``;
 - ``deploy`` / ``deploy-short``: ``docs/data/bench_export.json``, the ``bench_export.json`` of
   ``python -m qbdl.export.bench`` (exported models in ONNX Runtime / OpenVINO beside qbdl's engine);
+- ``fidelity-seeds``: ``docs/data/fidelity_seeds.json``, the gaps and MC floors of ``python -m qbdl.fidelity``
+  on three seeds of the digits default run and of ``digits_hard``;
 - ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
   ``python -m qbdl.report`` over the five-seed ``digits_baselines`` sweep (stats and claims kept).
 
@@ -240,6 +242,30 @@ def _deploy_targets(res: dict, batches: list[str]) -> list[str]:
     return out
 
 
+FIDELITY_METRICS = [("accuracy", "accuracy pt", 100), ("nll", "NLL", 1), ("uce", "UCE pt", 100),
+                    ("brier", "Brier", 1), ("ood_auroc/photos", "AUROC photos pt", 100),
+                    ("ood_auroc/rotated", "AUROC rotated pt", 100)]  # fmt: skip
+
+
+def fidelity_seeds() -> str:
+    """Gap QBNN - BNN / MC floor per run and metric (docs/data/fidelity_seeds.json), bold beyond the floor."""
+    rec = load("fidelity_seeds.json")
+    lines = ["| task, seed | " + " | ".join(c[1] for c in FIDELITY_METRICS) + " |",
+             "|---|" + "---|" * len(FIDELITY_METRICS)]  # fmt: skip
+    for r in rec["runs"]:
+        cells = []
+        for key, _, k in FIDELITY_METRICS:
+            g = r["gap"][key]
+            text = f"{g['gap'] * k:+.2f} / {g['mc_floor'] * k:.2f}" if k != 1 else f"{g['gap']:+.3f} / {g['mc_floor']:.3f}"
+            cells.append(f"**{text}**" if abs(g["gap"]) > g["mc_floor"] else text)
+        lines.append(f"| {r['task']}, {r['seed']} | " + " | ".join(cells) + " |")
+    m, p = rec["machine"], rec["provenance"]
+    lines += ["", f"Measured with `{p['command']}` on {m['cpu']} (family/model {m['family_model']}; "
+              f"{', '.join(m['isa'])}), torch {rec['versions']['torch']}, commit `{p['commit'][:7]}`, {p['date']}; "
+              f"{p['note']}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _dur(s: float) -> str:
     if s >= 86400 * 365:
         return f"{s / (86400 * 365):.1f} years"
@@ -446,6 +472,7 @@ RENDERERS = {
     "baselines-seeds": baselines_seeds,
     "baselines-claims": baselines_claims,
     "deploy": deploy,
+    "fidelity-seeds": fidelity_seeds,
     "deploy-short": lambda: deploy(short=True),
 }
 
@@ -455,6 +482,7 @@ MISSING = {
     "bench.json": "python -m qbdl.bench` then `python scripts/docs_tables.py --import-bench bench/.../bench.json",
     "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
     "baselines_seeds.json": "python -m qbdl.run -m +experiment=digits_baselines seed=0,1,2,3,4` and `python -m qbdl.report DIR",
+    "fidelity_seeds.json": "python -m qbdl.fidelity RUN_DIR --floor-seeds 3` on three seeds of each task (docs/memory.md",
     "bench_export.json": "python -m qbdl.export.bench ...` then `python scripts/docs_tables.py --import-export-bench .../bench_export.json",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
 }
