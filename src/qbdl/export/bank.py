@@ -28,10 +28,7 @@ def bank_samples(q: QuantLayer) -> list[tuple]:
     impl = q.impl
     if not isinstance(impl, BankSampler):
         raise ExportError(f"INT8 layer {q.index} samples with {q.sampler!r}; this part exports 'bank' layers")
-    cache = getattr(impl, "_export_samples", None)  # K networks read each layer's samples K times
-    if cache is None:
-        cache = impl._export_samples = [impl.weight(q, k) for k in range(q.bank_size)]
-    return cache
+    return [impl.weight(q, k) for k in range(q.bank_size)]
 
 
 def entry_kernel(g: Graph, q: QuantLayer, x: str, w, b, exact: bool, base: str) -> str:

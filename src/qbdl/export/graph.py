@@ -39,6 +39,7 @@ class _Walk:
     def __init__(self, model: fx.GraphModule, noise: Noise, perturbations: int, exact: bool, bayes: bool) -> None:
         self.model, self.noise, self.perturbations, self.exact, self.bayes = model, noise, perturbations, exact, bayes
         self.env: dict[str, str] = {}
+        self.bank: dict[str, list] = {}  # a bank layer's K samples, drawn once for the K networks
 
     def __call__(self, g: Graph, x: str, samples: int, entry: int | None = None) -> str:
         """The float logits of `x`; samples > 1 tiles the quantized input (row s * N + n); entry: the bank's."""
@@ -67,7 +68,9 @@ class _Walk:
                     env[node.name] = y
                 elif isinstance(m, QuantLayer):
                     if m.bayesian and m.mode == "sample" and m.sampler == "bank":
-                        env[node.name] = entry_kernel(g, m, args[0], *bank_samples(m)[entry], exact, base)
+                        if node.target not in self.bank:
+                            self.bank[node.target] = bank_samples(m)
+                        env[node.name] = entry_kernel(g, m, args[0], *self.bank[node.target][entry], exact, base)
                     elif m.bayesian and m.mode == "sample":
                         e = next(e for e in layout.layers if e["name"] == node.target)
                         env[node.name] = flipout_layer(g, m, args[0], base, noise_obj, e, samples, self.perturbations,
