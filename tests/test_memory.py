@@ -1,6 +1,9 @@
 """What each INT8 layer keeps resident after its first forward (issue 29 item 2): bytes of every tensor it holds,
 counted from its objects, against the budget per weight each sampler needs."""
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -60,18 +63,38 @@ def _run(q, mc: int = 3) -> None:
         q(torch.randn(2, 3, 12, 12))
 
 
-def test_fresh_layers_keep_at_most_seven_bytes_a_weight(prepared):
+def test_fresh_layers_keep_at_most_five_bytes_a_weight(prepared):
     q = convert(prepared, sampler="fresh")
     _run(q)
     for m in quant_layers(q):
-        n, c = m.mu_q.numel(), m.mu_q.shape[0]
+        n, c = math.prod(m.weight_shape), m.weight_shape[0]  # not m.mu_q: reading it restores the int8 tensors
         assert m.inplace_sampler is not None
-        # int8 mu and sigma (2), the packed sample (1, padded), int16 mu/S and sigma/S in packed order (4), the
-        # int16 channel slots only where oneDNN stores channel sums (the first conv: input zero point != 0)
-        budget = 7 * n + (2 * m.inplace_sampler.mu.numel() if m.inplace_sampler.n_comp else 0)
+        assert m._released is not None  # int8 mu and sigma freed: the operands give them back exactly
+        # the packed sample (1, padded), int16 mu/S and sigma/S in packed order (4), the int16 channel slots
+        # only where oneDNN stores channel sums (the first conv: input zero point != 0)
+        budget = 5 * n + (2 * m.inplace_sampler.mu.numel() if m.inplace_sampler.n_comp else 0)
         padded = m.inplace_sampler.mu.numel() - n  # oneDNN pads channels to its block: 1 + 4 bytes a padded weight
         assert held_bytes(m) <= budget + 5 * padded + 64 * c + 4096, (m, held_bytes(m), budget)
         assert m._ops is None  # the original-order operands were dropped once permuted
+
+
+def test_released_int8_tensors_come_back_exactly_and_in_order(prepared):
+    fresh, kept = convert(prepared, sampler="fresh"), convert(prepared, sampler="fresh")
+    before = {k: v.clone() for k, v in kept.state_dict().items()}
+    torch.manual_seed(3)
+    _run(fresh)
+    layers = quant_layers(fresh)
+    assert all(m._released is not None for m in layers)
+    out = [m.weight_shape for m in layers]
+    torch.manual_seed(3)
+    _run(fresh)  # forwards and weight_shape leave them released
+    assert all(m._released is not None for m in layers) and out == [m.weight_shape for m in layers]
+    copied = copy.deepcopy(fresh)  # a copy takes the int8 tensors (it has no packed sampler)
+    after = fresh.state_dict()
+    assert list(after) == list(before)  # same keys, same order: model_fingerprint is unchanged
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), after.values()))
+    assert all(m._released is None for m in layers)
 
 
 def test_the_old_pools_are_gone_and_a_bank_keeps_its_packed_samples_only(prepared):

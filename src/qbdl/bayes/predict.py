@@ -51,8 +51,8 @@ def _input_channels(model: nn.Module) -> tuple[str, int] | None:
     else:
         mods = list(model.named_modules())
     for name, m in mods:
-        if hasattr(m, "mu_q") and getattr(m, "kind", "linear").startswith("conv"):  # an INT8 layer
-            return name, int(m.mu_q.shape[1]) * int(m.config.get("groups", 1))
+        if hasattr(m, "weight_shape") and getattr(m, "kind", "linear").startswith("conv"):  # an INT8 layer
+            return name, int(m.weight_shape[1]) * int(m.config.get("groups", 1))
         if isinstance(getattr(m, "in_channels", None), int):
             return name, m.in_channels
     return None

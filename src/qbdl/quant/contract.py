@@ -36,7 +36,7 @@ class SampledLayer(Protocol):
     in_zp: int | None
     out_scale: float
     out_zp: int
-    mu_q: Tensor
+    mu_q: Tensor  # reading mu_q / sigma_q restores them where released (release_int8): hot paths read weight_shape
     mu_scale: Tensor
     sigma_q: Tensor | None
     sigma_scale: Tensor | None
@@ -45,6 +45,14 @@ class SampledLayer(Protocol):
     trace: list[dict] | None  # not None: every kernel call is recorded (record())
     w_scale: Tensor  # per-channel scale of sampled weights; the int32 bias is in units of in_scale * w_scale
     bias_scale: Tensor  # in_scale * w_scale
+
+    @property
+    def bayesian(self) -> bool:
+        """True when the layer samples its weights (it has a sigma)."""
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The int8 weight's shape, output channel first."""
 
     @property
     def mc_index(self) -> int | None:
@@ -64,6 +72,9 @@ class SampledLayer(Protocol):
 
     def drop_operands(self) -> None:
         """Forget the cached operands (a sampler that packed all it needs)."""
+
+    def release_int8(self, mu16: Tensor, sg16: Tensor) -> bool:
+        """Free int8 mu and sigma while a sampler holds their operands (restored exactly when read)."""
 
     def bank_generator(self) -> torch.Generator:
         """The generator of banked draws, seeded from the model seed and the layer index."""

@@ -12,13 +12,14 @@ from . import inplace, noise
 from .activations import clamp_qmax
 from .backend import FULL_QMAX, check_backend
 from .contract import Sampler, sampler_class
+from .release import ReleasableInt8
 from .samplers import BankSampler, MeanSampler
 
 FRESH_KERNELS = ("auto", "prepack")  # auto: write samples into oneDNN-packed weights where possible
 KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(ReleasableInt8):
     """INT8 conv/linear on uint8 activations: int8 mu (and sigma for a Bayesian layer) per output channel.
 
     Deterministic (sigma None): one packed int8 weight. Bayesian: `mode` 'mean' uses int8 mu; 'sample'
@@ -102,7 +103,7 @@ class QuantLayer(nn.Module):
     @property
     def bayesian(self) -> bool:
         """True when the layer holds a sigma (samples weights)."""
-        return self.sigma_q is not None
+        return self._released is not None or self._buffers.get("sigma_q") is not None
 
     def weight_scale(self) -> Tensor:
         """Per-channel scale of the weights the int32 bias refers to (S of samples, or mu's scale)."""
@@ -115,7 +116,7 @@ class QuantLayer(nn.Module):
     def _build(self) -> None:
         self.w_scale: Tensor = self.weight_scale()  # what the samplers and the int32 bias use
         self.bias_scale: Tensor = self.in_scale * self.w_scale
-        self._w_zp = torch.zeros(self.mu_q.shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
+        self._w_zp = torch.zeros(self.weight_shape[0], dtype=torch.int32)  # oneDNN ops: symmetric weights
         self._x_shape: list[int] | None = None  # the first input's shape, which packing is tuned for
         self._ops: tuple[Tensor, Tensor] | None = None  # int16 operands of the re-packing path, cached
         self._mean = MeanSampler()
@@ -291,7 +292,7 @@ class QuantLayer(nn.Module):
         if packed is None:
             return self.make_sample(*self.draw(None))[0]
         draw, negate, _ = self.draw(None)
-        return packed.unpacked(packed.sample(draw, negate), tuple(self.mu_q.shape))
+        return packed.unpacked(packed.sample(draw, negate), self.weight_shape)
 
     @property
     def inplace_capable(self) -> bool:
@@ -310,7 +311,7 @@ class QuantLayer(nn.Module):
                 raise
             # oneDNN refuses shapes it cannot run (a graph reshaped by a hand-edited file, a too-small image)
             raise ValueError(
-                f"INT8 layer {self.index} ({self.kind}, weight {list(self.mu_q.shape)}) cannot run on an input of "
+                f"INT8 layer {self.index} ({self.kind}, weight {list(self.weight_shape)}) cannot run on an input of "
                 f"shape {list(x.shape)}: oneDNN found no kernel for it. The input does not fit the model (image "
                 "size or channels) or the model file's graph was edited; check the input, or re-create the file "
                 "with qbdl.quant.save_qbnn"
@@ -318,10 +319,10 @@ class QuantLayer(nn.Module):
 
     def _empty_output(self, x: Tensor) -> Tensor:
         """The uint8 output of an empty input: its shape by the conv/linear arithmetic, no kernel run."""
-        c, oc = self.config, self.mu_q.shape[0]
+        c, oc = self.config, self.weight_shape[0]
         if self.kind == "linear":
             return torch.empty(*x.shape[:-1], oc, dtype=torch.uint8)
-        k = self.mu_q.shape[2:]
+        k = self.weight_shape[2:]
         dims = [x.shape[0], oc]
         for i, n in enumerate(x.shape[2:]):
             d, p, s = c["dilation"][i], c["padding"][i], c["stride"][i]
@@ -350,7 +351,7 @@ class QuantLayer(nn.Module):
         return c
 
     def extra_repr(self) -> str:
-        s = f"{self.kind}, out={tuple(self.mu_q.shape)}, relu={self.relu}"
+        s = f"{self.kind}, out={self.weight_shape}, relu={self.relu}"
         if self.bayesian:
             s += f", mode={self.mode}, sampler={self.sampler}" + self.impl.describe(self)
         return s
@@ -389,3 +390,4 @@ def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
         model.register_forward_pre_hook(_prefetch_hook)
     model.qbdl_pack_workers = int(workers)
     return model
+

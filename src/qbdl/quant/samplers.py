@@ -70,18 +70,18 @@ class FreshSampler(Sampler):
     def can_write_in_place(self, q: SampledLayer) -> bool:
         """True when fresh samples can be written into oneDNN-packed weights (checked again on first use)."""
         return (
-            q.sigma_q is not None
+            q.bayesian
             and q.noise == "counter"
             and q.fresh_kernel == "auto"
             and q.kind in ("conv2d", "linear")
-            and q.mu_q.shape[0] <= torch.iinfo(torch.int16).max
+            and q.weight_shape[0] <= torch.iinfo(torch.int16).max
             and native.available()
         )
 
     def int8_sample(self, q: SampledLayer) -> tuple[Tensor, Tensor | None]:
         draw, negate, eps_b = q.draw(None)
         if self.inplace is not None:  # the in-place kernel: read back the bytes it will compute with
-            w = self.inplace.unpacked(self.inplace.sample(draw, negate), tuple(q.mu_q.shape))
+            w = self.inplace.unpacked(self.inplace.sample(draw, negate), q.weight_shape)
         else:
             w = q.make_sample(draw, negate, eps_b)[0]
         return w, q.float_bias(eps_b)
@@ -94,7 +94,7 @@ class FreshSampler(Sampler):
     def packed_sampler(self, q: SampledLayer) -> inplace.PackedSampler | None:
         """The in-place sampler, built on the first sampled forward (it packs for the input's shape)."""
         if self.inplace is None and self.can_write_in_place(q):
-            shape, ws = tuple(q.mu_q.shape), q.w_scale
+            shape, ws = q.weight_shape, q.w_scale
 
             def pack(w: Tensor) -> Tensor:
                 return q.prepack(w, ws, q.in_scale, q.in_zp)
@@ -112,6 +112,7 @@ class FreshSampler(Sampler):
                 return None
             mu16, sg16 = q.operands(keep=False)  # permuted into packed order, then dropped
             self.inplace = inplace.PackedSampler(pack, layout, mu16, sg16)
+            q.release_int8(mu16, sg16)  # the operands hold mu and sigma: the int8 copies go where exact
             del layout, mu16, sg16
             native.trim()  # the layout's int64 temporaries: return the freed heap to the OS
         return self.inplace
@@ -123,7 +124,7 @@ class FreshSampler(Sampler):
             sampler = self.packed_sampler(q)
             if sampler is not None:
                 packed, bias = sampler.sample(draws[0], draws[1]), q.float_bias(draws[2])
-                w = sampler.unpacked(packed, tuple(q.mu_q.shape)) if q.trace is not None else None
+                w = sampler.unpacked(packed, q.weight_shape) if q.trace is not None else None
                 return packed, q.w_scale, bias, w
             packed, bias, w = self._repack(q, draws)  # layout check failed: the same draws, re-packed
         elif self.pending is not None:  # prefetched by the model's pre-hook (same draws, same order)
@@ -251,7 +252,7 @@ class FlipoutSampler(Sampler):
             x = x.contiguous(memory_format=torch.channels_last)
         mu, pert = self._packed(q)
         k = _entry(q)
-        batch, c_out = x.shape[0], q.mu_q.shape[0]
+        batch, c_out = x.shape[0], q.weight_shape[0]
         s_in = torch.randint(0, 2, (batch, x.shape[1]), dtype=torch.int8).mul_(2).sub_(1)
         s_out = torch.randint(0, 2, (batch, c_out), dtype=torch.int8).mul_(2).sub_(1)
         _, _, eps_b = q.draw(None)

@@ -1,0 +1,93 @@
+"""Int8 mu and sigma freed while a fresh layer's in-place sampler holds them as its int16 operands.
+
+Why: after its first sampled forward a fresh layer computes only with the packed sample and the operands in
+packed order (inplace.py); its int8 mu and sigma in their own order (2 bytes a weight, ~49 MiB of ResNet-50)
+serve saving, export, the mean and other samplers. The operands are mu_q and sigma_q times a per-channel factor
+(noise.operands), so where rounding back by that factor gives them exactly (checked before anything is freed)
+they are dropped and rebuilt on the first read: reading `mu_q` or `sigma_q`, a state_dict, a copy or a pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import inplace, noise
+
+
+@dataclass(frozen=True)
+class Released:
+    """What rebuilds a layer's int8 mu and sigma from its in-place sampler's operands."""
+
+    shape: tuple[int, ...]
+    m_mu: Tensor  # float64 per channel: mu16 = round(mu_q * m_mu)
+    m_sg: Tensor
+
+
+def recover(op16: Tensor, factor: Tensor) -> Tensor:
+    """The int8 tensor whose int16 operand (noise.operands) is `op16`, per-channel `factor`."""
+    f = factor.view(-1, *[1] * (op16.dim() - 1))
+    return (op16.double() / f).round().clamp(-127, 127).to(torch.int8)
+
+
+class ReleasableInt8(nn.Module):
+    """The part of QuantLayer that frees and rebuilds `mu_q` / `sigma_q` (buffers; keys kept, values None)."""
+
+    _released: Released | None = None
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The int8 weight's shape (output channel first); reading it never rebuilds released tensors."""
+        if self._released is not None:
+            return self._released.shape
+        return tuple(self._buffers["mu_q"].shape)
+
+    def release_int8(self, mu16: Tensor, sg16: Tensor) -> bool:
+        """Free int8 mu and sigma while the in-place sampler holds their operands `mu16`, `sg16` (original order).
+
+        Only where they are recovered exactly from those operands (checked here). True when released.
+        """
+        if self._released is not None or self.inplace_sampler is None:
+            return self._released is not None
+        s = self.w_scale.double()
+        m_mu = self.mu_scale.double() / s * 2**noise.MU16_BITS
+        m_sg = self.sigma_scale.double() / s * 2**noise.SIG16_BITS
+        mu_q, sigma_q = self._buffers["mu_q"], self._buffers["sigma_q"]
+        if not (torch.equal(recover(mu16, m_mu), mu_q) and torch.equal(recover(sg16, m_sg), sigma_q)):
+            return False  # a factor too small to invert: this layer keeps its int8 tensors
+        self._released = Released(tuple(mu_q.shape), m_mu, m_sg)
+        self._buffers["mu_q"] = self._buffers["sigma_q"] = None  # keys kept: state_dict order is unchanged
+        return True
+
+    def _rebuild_int8(self) -> None:
+        rel, packed = self._released, self.inplace_sampler
+        layout = inplace.discover_layout(packed.pack, rel.shape)
+        if layout is None:  # it checked out when the sampler was built, and the packing is the same
+            raise RuntimeError(f"INT8 layer {self.index}: its packed layout no longer checks out")
+        where = inplace.inverse(layout.src, math.prod(rel.shape))
+        self._buffers["mu_q"] = recover(packed.mu[where].view(rel.shape), rel.m_mu)
+        self._buffers["sigma_q"] = recover(packed.sg[where].view(rel.shape), rel.m_sg)
+        self._released = None
+
+    def __getattr__(self, name: str):
+        if name in ("mu_q", "sigma_q") and self.__dict__.get("_released") is not None:
+            self._rebuild_int8()
+        return super().__getattr__(name)
+
+    def __getstate__(self) -> dict:
+        if self._released is not None:  # a copy or pickle drops the packed sampler: it takes the int8 tensors
+            self._rebuild_int8()
+        return super().__getstate__()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self._released is not None:
+            self._rebuild_int8()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self._released is not None:
+            self._rebuild_int8()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
