@@ -14,6 +14,8 @@ the renderer below and its JSON record:
   as they come from the paper and not from a run) beside ``results.json`` and ``bench.json``;
 - ``deploy`` / ``deploy-short``: ``docs/data/bench_export.json``, the ``bench_export.json`` of
   ``python -m qbdl.export.bench`` (exported models in ONNX Runtime / OpenVINO beside qbdl's engine);
+- ``resident``: ``docs/data/bench_resident.json``, a ResNet-50 ``python -m qbdl.bench`` run (resident memory of
+  each variant alone in a process, beside its throughput);
 - ``fidelity-seeds``: ``docs/data/fidelity_seeds.json``, the gaps and MC floors of ``python -m qbdl.fidelity``
   on three seeds of the digits default run and of ``digits_hard``;
 - ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
@@ -144,6 +146,37 @@ def bench(short: bool = False) -> str:
     )
     lines.append(what + ". " + provenance(rec, rec["machine"]["torch"], cfg["threads"]))
     return "\n".join(lines) + "\n"
+
+
+def resident() -> str:
+    """ResNet-50 resident memory (each variant alone in a process) and throughput, one qbdl.bench run."""
+    rec = load("bench_resident.json")
+    batches, by = _bench_rows(rec)
+    cfg = rec["config"]
+    variants = list(dict.fromkeys(r["variant"] for r in rec["results"]))
+    lines = [
+        "| variant | file / state dict MiB | resident MiB over the imports | vs FP32 BNN | vs INT8 DNN | "
+        + " | ".join(f"img/s batch {b} (/ INT8 DNN)" for b in batches) + " |",
+        "|---|---|---|---|---|" + "---|" * len(batches),
+    ]
+    for v in variants:
+        last = by[(v, batches[-1])]
+        res, dnn = last.get("resident_bytes"), by.get(("dnn_int8", batches[-1]), {}).get("resident_bytes")
+        cells = []
+        for b in batches:
+            r, d = by.get((v, b)), by.get(("dnn_int8", b))
+            ratio = f" ({r['images_per_s'] / d['images_per_s']:.2f})" if r and d and v != "dnn_int8" else ""
+            cells.append("-" if r is None else f"{r['images_per_s']:.1f}{ratio}")
+        lines.append(
+            f"| `{v}` | {last['size_bytes'] / 2**20:.1f} | {_cell(res, 2**-20, '{:.0f}')} | "
+            f"{_cell(last.get('resident_vs_bnn_fp32'), 1, '{:.2f}x')} | "
+            f"{'-' if not (res and dnn) else f'{res / dnn:.2f}x'} | " + " | ".join(cells) + " |"
+        )
+    what = (
+        f"\n{cfg['arch']} {cfg['image_size']}x{cfg['image_size']}, {cfg['num_classes']} classes, random weights, "
+        f"MOPED delta {cfg['moped_delta']}, medians of up to {cfg['reps']} interleaved repetitions"
+    )
+    return "\n".join(lines) + "\n" + what + ". " + provenance(rec, rec["machine"]["torch"], cfg["threads"]) + "\n"
 
 
 DEPLOY_LABELS = {
@@ -474,6 +507,7 @@ RENDERERS = {
     "deploy": deploy,
     "fidelity-seeds": fidelity_seeds,
     "deploy-short": lambda: deploy(short=True),
+    "resident": resident,
 }
 
 
@@ -484,6 +518,7 @@ MISSING = {
     "baselines_seeds.json": "python -m qbdl.run -m +experiment=digits_baselines seed=0,1,2,3,4` and `python -m qbdl.report DIR",
     "fidelity_seeds.json": "python -m qbdl.fidelity RUN_DIR --floor-seeds 3` on three seeds of each task (docs/memory.md",
     "bench_export.json": "python -m qbdl.export.bench ...` then `python scripts/docs_tables.py --import-export-bench .../bench_export.json",
+    "bench_resident.json": "python -m qbdl.bench 'variants=[dnn_int8,bnn_fp32,qbnn_int8_fresh]'` then `python scripts/docs_tables.py --import-resident-bench bench/.../bench.json",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
 }
 
@@ -551,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--import-results", metavar="RESULTS_JSON", help="a default run's results.json to keep")
     ap.add_argument("--import-bench", metavar="BENCH_JSON", help="a python -m qbdl.bench bench.json to keep")
     ap.add_argument("--import-export-bench", metavar="JSON", help="a python -m qbdl.export.bench bench_export.json")
+    ap.add_argument("--import-resident-bench", metavar="BENCH_JSON", help="a ResNet-50 qbdl.bench run (memory)")
     ap.add_argument("--command", help="the command that produced it (default: the plain one)")
     ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")
     ap.add_argument("--note", default="", help="a remark printed with the table (e.g. the machine's load)")
@@ -562,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.import_bench:
         cmd = args.command or "python -m qbdl.bench"
         import_record(Path(args.import_bench), "bench.json", cmd, args.commit, args.note, args.wall_s)
+    if args.import_resident_bench:
+        cmd = args.command or "python -m qbdl.bench"
+        import_record(Path(args.import_resident_bench), "bench_resident.json", cmd, args.commit, args.note, args.wall_s)
     if args.import_export_bench:
         rec = json.loads(Path(args.import_export_bench).read_text())
         cmd = args.command or rec.get("command", "python -m qbdl.export.bench")

@@ -253,6 +253,7 @@ def test_quant_suites_under_avx2_kernels(tmp_path):
         "test_quant_digits.py",
         "test_quant.py",
         "test_quant_io_compat.py",
+        "test_memory.py",
     ]
     env = {**os.environ, **AVX2_ENV}
     r = subprocess.run(

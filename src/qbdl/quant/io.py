@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from qbdl.atomic import atomic_write_bytes
 
+from . import native
 from .activations import DeQuantize, QAdaptiveAvgPool, QAdd, QMaxPool, QReLU, Quantize
 from .backend import BACKENDS, FULL_QMAX, kernel_plan
 from .conversion import attach_module
@@ -215,13 +216,16 @@ def _read(path: str) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # each tensor in its own memory: safetensors' are views of one buffer holding the whole file, which
+            # no tensor freed later (a fresh layer's int8 mu and sigma: quant/release.py) would give back
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as exc:
         raise ModelFileError(
             f"cannot load {str(path)!r} as a qbdl QBNN ({type(exc).__name__}: {exc}): the file is truncated, "
             "corrupt or not a safetensors file (e.g. a pickle renamed, which qbdl never unpickles). "
             "Re-create it with qbdl.quant.save_qbnn."
         ) from exc
+    native.trim()  # the file's buffer, freed once copied: give it back to the OS now
     if "qbdl" not in header:
         raise ModelFileError(
             f"{path!r} is not a qbdl QBNN file (no qbdl metadata); save one with qbdl.quant.save_qbnn"
