@@ -390,4 +390,3 @@ def enable_prefetch(model: nn.Module, workers: int = 2) -> nn.Module:
         model.register_forward_pre_hook(_prefetch_hook)
     model.qbdl_pack_workers = int(workers)
     return model
-
