@@ -180,13 +180,26 @@ class PackedSampler:
         )  # fmt: skip
         return self.packed
 
+    def _measured_order(self, shape: tuple[int, ...]) -> tuple[int, Tensor]:
+        """(data bytes, packed position of each weight): kept from unpacked(), else measured again, not kept."""
+        if self._order is not None:
+            return self._order
+        layout = discover_layout(self.pack, shape)
+        if layout is None:  # it checked out when this sampler was built, and the packing is the same
+            raise RuntimeError(f"the packed layout of a {list(shape)} weight no longer checks out")
+        return layout.data_bytes, inverse(layout.src, math.prod(shape))
+
     def unpacked(self, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
         """The int8 weight (original layout) held by `packed`, for tests and qbdl.fidelity.
 
         The first call measures the layout again and keeps its inverse (8 bytes a weight, paid only here).
         """
         if self._order is None:
-            layout = discover_layout(self.pack, shape)
-            self._order = (layout.data_bytes, inverse(layout.src, math.prod(shape)))
+            self._order = self._measured_order(shape)
         n, order = self._order
         return torch.ops.qbdl.packed_bytes(packed)[:n].view(torch.int8)[order].view(shape)
+
+    def operands_in_order(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """int16 mu/S and sigma/S in the weights' own order (the layout's inverse is not kept)."""
+        order = self._measured_order(shape)[1]
+        return self.mu[order].view(shape), self.sg[order].view(shape)

@@ -135,6 +135,18 @@ def operands(mu: Tensor, sigma: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return mu16.to(torch.int16).contiguous(), sg16.to(torch.int16).contiguous()
 
 
+def operand_factors(mu_scale: Tensor, sigma_scale: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel float64 factors f with operands(dequantize(q, q_scale), ...) = round(q * f) (mu, sigma)."""
+    s = scale.double()
+    return mu_scale.double() / s * 2**MU16_BITS, sigma_scale.double() / s * 2**SIG16_BITS
+
+
+def from_operand(op16: Tensor, factor: Tensor) -> Tensor:
+    """The int8 tensor an int16 operand came from, given its operand_factors factor (exact where factor > ~2)."""
+    f = factor.view(-1, *[1] * (op16.dim() - 1))
+    return (op16.double() / f).round().clamp(-127, 127).to(torch.int8)
+
+
 def sample_reference(mu16: Tensor, sg16: Tensor, k: int) -> Tensor:
     """int8 sample of weights in their original order under key `k`: the integers of the C++ `sample_plain`."""
     z = z_grid(k, mu16.numel()).view(mu16.shape).int()

@@ -9,13 +9,12 @@ they are dropped and rebuilt on the first read: reading `mu_q` or `sigma_q`, a s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import inplace, noise
+from . import noise
 
 
 @dataclass(frozen=True)
@@ -25,12 +24,6 @@ class Released:
     shape: tuple[int, ...]
     m_mu: Tensor  # float64 per channel: mu16 = round(mu_q * m_mu)
     m_sg: Tensor
-
-
-def recover(op16: Tensor, factor: Tensor) -> Tensor:
-    """The int8 tensor whose int16 operand (noise.operands) is `op16`, per-channel `factor`."""
-    f = factor.view(-1, *[1] * (op16.dim() - 1))
-    return (op16.double() / f).round().clamp(-127, 127).to(torch.int8)
 
 
 class ReleasableInt8(nn.Module):
@@ -52,24 +45,20 @@ class ReleasableInt8(nn.Module):
         """
         if self._released is not None or self.inplace_sampler is None:
             return self._released is not None
-        s = self.w_scale.double()
-        m_mu = self.mu_scale.double() / s * 2**noise.MU16_BITS
-        m_sg = self.sigma_scale.double() / s * 2**noise.SIG16_BITS
+        m_mu, m_sg = noise.operand_factors(self.mu_scale, self.sigma_scale, self.w_scale)
         mu_q, sigma_q = self._buffers["mu_q"], self._buffers["sigma_q"]
-        if not (torch.equal(recover(mu16, m_mu), mu_q) and torch.equal(recover(sg16, m_sg), sigma_q)):
+        exact_mu = torch.equal(noise.from_operand(mu16, m_mu), mu_q)
+        if not (exact_mu and torch.equal(noise.from_operand(sg16, m_sg), sigma_q)):
             return False  # a factor too small to invert: this layer keeps its int8 tensors
         self._released = Released(tuple(mu_q.shape), m_mu, m_sg)
         self._buffers["mu_q"] = self._buffers["sigma_q"] = None  # keys kept: state_dict order is unchanged
         return True
 
     def _rebuild_int8(self) -> None:
-        rel, packed = self._released, self.inplace_sampler
-        layout = inplace.discover_layout(packed.pack, rel.shape)
-        if layout is None:  # it checked out when the sampler was built, and the packing is the same
-            raise RuntimeError(f"INT8 layer {self.index}: its packed layout no longer checks out")
-        where = inplace.inverse(layout.src, math.prod(rel.shape))
-        self._buffers["mu_q"] = recover(packed.mu[where].view(rel.shape), rel.m_mu)
-        self._buffers["sigma_q"] = recover(packed.sg[where].view(rel.shape), rel.m_sg)
+        rel = self._released
+        mu16, sg16 = self.inplace_sampler.operands_in_order(rel.shape)
+        self._buffers["mu_q"] = noise.from_operand(mu16, rel.m_mu)
+        self._buffers["sigma_q"] = noise.from_operand(sg16, rel.m_sg)
         self._released = None
 
     def __getattr__(self, name: str):
