@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qbdl.quant import native, noise
-from qbdl.quant.inplace import PackedSampler, discover_layout
+from qbdl.quant.inplace import PackedSampler, discover_layout, expected_bytes, repeated_blocks
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="qbdl's C++ ops are not built here")
 
@@ -80,16 +80,22 @@ def test_any_operands_table_and_shifts_equal_the_reference():
     assert {-127, 127, 0} <= seen  # the clamps and the middle were exercised
 
 
-@pytest.mark.parametrize("shape, x_zp", [((64, 3, 7, 7), 10), ((96, 64, 3, 3), 0), ((10, 16, 1, 1), 3)])
-def test_the_packed_kernel_writes_the_reference_sample_in_packed_order(shape, x_zp):
-    # sample_packed hashes packed positions: its data bytes are the reference sample of the packed operands
+def _pack(shape, x_zp):
+    if len(shape) == 2:  # oneDNN's linear: channel sums whenever packed for a batch shape
+        return lambda w: torch.ops.onednn.qlinear_prepack(w, [1, shape[1]])
     ws = torch.full((shape[0],), 0.01)
+    return lambda w: torch.ops.onednn.qconv_prepack(
+        w, ws, 0.05, x_zp, [1, 1], [1, 1], [1, 1], 1, [2, shape[1], 9, 9]
+    )
 
-    def pack(w):
-        return torch.ops.onednn.qconv_prepack(
-            w, ws, 0.05, x_zp, [1, 1], [1, 1], [1, 1], 1, [2, shape[1], 9, 9]
-        )
 
+@pytest.mark.parametrize(
+    "shape, x_zp", [((64, 3, 7, 7), 10), ((96, 64, 3, 3), 0), ((10, 16, 1, 1), 3), ((100, 256), 0)]
+)
+def test_the_packed_kernel_writes_the_reference_sample_in_packed_order(shape, x_zp):
+    # sample_packed hashes packed positions: its data bytes are the reference sample of the packed operands,
+    # and its channel sums (blockwise where blocks repeat) are those of the sample it wrote
+    pack = _pack(shape, x_zp)
     layout = discover_layout(pack, shape)
     assert layout is not None
     g = torch.Generator().manual_seed(3)
@@ -104,3 +110,45 @@ def test_the_packed_kernel_writes_the_reference_sample_in_packed_order(shape, x_
             sampler.mu, sampler.sg, noise.z_table(), noise.to_int64(k), *SHIFTS
         )
         assert torch.equal(data, ref), mc
+        w = sampler.unpacked(sampler.packed, shape)
+        assert torch.equal(torch.ops.qbdl.packed_bytes(sampler.packed), expected_bytes(layout, w)), mc
+
+
+def test_channel_sums_blockwise_equal_bytewise():
+    # the classifier's layout (blocks of channels repeated over the inputs, padded channels): both C++ paths
+    shape = (100, 256)
+    layout = discover_layout(_pack(shape, 0), shape)
+    assert layout is not None and layout.n_comp
+    g = torch.Generator().manual_seed(5)
+    mu16 = torch.randint(-9000, 9000, shape, dtype=torch.int16, generator=g)
+    sg16 = torch.randint(0, 6000, shape, dtype=torch.int16, generator=g)
+    sampler = PackedSampler(_pack(shape, 0), layout, mu16, sg16)
+    assert sampler.reps > 1 and sampler.oc.numel() * sampler.reps == sampler.mu.numel()
+    k = noise.to_int64(noise.key(1, 2, 3))
+    args = (sampler.mu, sampler.sg)
+    blockwise = torch.ops.qbdl.packed_bytes(sampler.sample(noise.key(1, 2, 3))).clone()
+    full = sampler.oc.view(-1, 1, sampler.block).expand(-1, sampler.reps, -1).reshape(-1).contiguous()
+    torch.ops.qbdl.sample_packed(
+        sampler.packed, *args, full, sampler.n_comp, 1, 1, noise.z_table(), k, *SHIFTS
+    )
+    assert torch.equal(torch.ops.qbdl.packed_bytes(sampler.packed), blockwise)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        bad = sampler.oc.clone()
+        bad[-1] = sampler.n_comp
+        torch.ops.qbdl.sample_packed(
+            sampler.packed, *args, bad, sampler.n_comp, sampler.reps, sampler.block, noise.z_table(), k, *SHIFTS
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match="oc must be"):
+        torch.ops.qbdl.sample_packed(
+            sampler.packed, *args, sampler.oc, sampler.n_comp, sampler.reps + 1, sampler.block, noise.z_table(),
+            k, *SHIFTS,
+        )  # fmt: skip
+
+
+def test_repeated_blocks_finds_the_repetition_or_keeps_every_slot():
+    one = torch.arange(32, dtype=torch.int16).repeat_interleave(2)  # a block: 32 channels x 2 bytes
+    slots = torch.cat([one.repeat(3), (one + 32).repeat(3)])  # [G=2, reps=3, block=64]
+    oc, reps, block = repeated_blocks(slots)
+    assert (reps, block) == (3, 64) and torch.equal(oc, torch.cat([one, one + 32]))
+    ragged = torch.cat([slots, one[:16]])  # not whole blocks
+    assert repeated_blocks(ragged)[1:] == (1, 1) and torch.equal(repeated_blocks(ragged)[0], ragged)

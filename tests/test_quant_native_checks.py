@@ -92,17 +92,17 @@ def _packed_args():
 def test_sample_kernels_refuse_bad_operands():
     packed, mu, sg, oc = _packed_args()
     t, sh = noise.z_table(), (noise.MU16_SHIFT, noise.SHIFT16)
-    torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t, 0, *sh)  # the valid call
+    torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, 1, 1, t, 0, *sh)  # the valid call
     with pytest.raises(RuntimeError, match="slot out of range"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc.clone().fill_(16), 16, t, 0, *sh)
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc.clone().fill_(16), 16, 1, 1, t, 0, *sh)
     with pytest.raises(RuntimeError, match="layout does not match"):
-        torch.ops.qbdl.sample_packed(packed, mu[:-4], sg[:-4], oc[:-4], 16, t, 0, *sh)
+        torch.ops.qbdl.sample_packed(packed, mu[:-4], sg[:-4], oc[:-4], 16, 1, 1, t, 0, *sh)
     with pytest.raises(RuntimeError, match="oc must be"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc[:5], 16, t, 0, *sh)
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc[:5], 16, 1, 1, t, 0, *sh)
     with pytest.raises(RuntimeError, match="table"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t[:100], 0, *sh)
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, 1, 1, t[:100], 0, *sh)
     with pytest.raises(RuntimeError, match="shifts"):
-        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, t, 0, 7, 40)
+        torch.ops.qbdl.sample_packed(packed, mu, sg, oc, 16, 1, 1, t, 0, 7, 40)
     with pytest.raises(RuntimeError, match="int16"):
         torch.ops.qbdl.sample_plain(torch.zeros(4, 2), torch.zeros(4, 2), t, 0, *sh)
     with pytest.raises(RuntimeError, match="one shape"):

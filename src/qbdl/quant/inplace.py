@@ -137,12 +137,34 @@ def expected_bytes(layout: PackedLayout, w: Tensor) -> Tensor:
     return torch.cat([data.view(torch.uint8), comp.view(torch.uint8)])
 
 
+def repeated_blocks(slots: Tensor) -> tuple[Tensor, int, int]:
+    """(slots of one repetition, reps, block): `slots` viewed as [G, reps, block] with every repetition equal.
+
+    oneDNN's blocked layouts repeat one block of channels (e.g. 64 channels x 4 input bytes) over the input
+    dimension, so the channel sums can be taken blockwise; (slots, 1, 1) when no block size up to 4096 does.
+    """
+    n = slots.numel()
+    for block in (2**k for k in range(4, 13)):
+        if n % block or n == block:
+            continue
+        rows = slots.view(-1, block)
+        new = torch.ones(rows.shape[0], dtype=torch.bool)
+        new[1:] = (rows[1:] != rows[:-1]).any(1)
+        starts = torch.nonzero(new).flatten()
+        reps = int(starts[1]) if starts.numel() > 1 else rows.shape[0]
+        if reps > 1 and rows.shape[0] % reps == 0:
+            grouped = rows.view(-1, reps, block)
+            if torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+                return grouped[:, 0].reshape(-1).contiguous(), reps, block
+    return slots.contiguous(), 1, 1
+
+
 class PackedSampler:
     """A oneDNN-packed int8 weight overwritten in place with a fresh sample (counter noise, see noise.py).
 
-    Keeps 4 bytes a weight beside the packed weight (int16 mu/S and sigma/S in packed order), plus each byte's
-    int16 channel slot only where oneDNN stores channel sums (an input zero point != 0: few layers, e.g. the
-    first conv). The layout itself (8 bytes a weight) is dropped once these are built.
+    Keeps 4 bytes a weight beside the packed weight (int16 mu/S and sigma/S in packed order), plus the int16
+    channel slot of each byte (of one block, where blocks repeat: `repeated_blocks`) only where oneDNN stores
+    channel sums (an input zero point != 0: few layers, e.g. the first conv and the classifier). The layout itself (8 bytes a weight) is dropped once these are built.
     """
 
     def __init__(
@@ -158,13 +180,14 @@ class PackedSampler:
         self.mu = torch.where(pad, zero, mu16.reshape(-1)[s]).contiguous()
         self.sg = torch.where(pad, zero, sg16.reshape(-1)[s]).contiguous()
         self.oc = torch.empty(0, dtype=torch.int16)
-        if layout.n_comp:  # the C++ loop adds each byte to the sum at oc[p]: its channel's slot
+        self.reps, self.block = 1, 1
+        if layout.n_comp:  # the C++ loop adds each byte to the sum at its channel's slot
             channel = s // mu16[0].numel()
-            self.oc = layout.comp_slot[channel].to(torch.int16).contiguous()
             if int(layout.comp_slot.max()) >= layout.n_comp:
                 raise ValueError(
                     f"packed layout has {layout.n_comp} channel sums for {mu16.shape[0]} channels"
                 )
+            self.oc, self.reps, self.block = repeated_blocks(layout.comp_slot[channel].to(torch.int16))
         self._order: tuple[int, Tensor] | None = None  # unpacked()'s gather
 
     def sample(self, key: int, negate: bool = False) -> Tensor:
@@ -175,7 +198,8 @@ class PackedSampler:
         if negate:
             raise ValueError("the in-place sampler draws counter noise: a negated sample is never asked for")
         torch.ops.qbdl.sample_packed(
-            self.packed, self.mu, self.sg, self.oc, self.n_comp, noise.z_table(), noise.to_int64(key),
+            self.packed, self.mu, self.sg, self.oc, self.n_comp, self.reps, self.block, noise.z_table(),
+            noise.to_int64(key),
             noise.MU16_SHIFT, noise.SHIFT16,
         )  # fmt: skip
         return self.packed
