@@ -266,3 +266,45 @@ def test_cli_on_a_run_directory(nets, tmp_path, capsys):
     assert main([str(tmp_path), "--shift", "no_such_corruption:3"]) == 2
     assert main([str(tmp_path), "--shift", "gaussian_noise"]) == 2
     assert "CORRUPTION:SEVERITY" in capsys.readouterr().err
+
+
+def test_mc_logits_first_index_continues_the_same_stream(nets):
+    bnn, qs = nets
+    x = _data(4, 9)
+    for model in (bnn, qs["fresh"]):
+        assert torch.equal(mc_logits(model, x, 2, seed=1, first_index=2), mc_logits(model, x, 4, seed=1)[2:])
+
+
+def test_welch_interval_matches_scipy_and_verdicts_on_hand_cases():
+    from scipy import stats
+
+    from qbdl.fidelity.draws import verdict, welch_interval
+
+    a, b = [0.91, 0.93, 0.90, 0.95, 0.92], [0.94, 0.96, 0.93, 0.97]
+    w = welch_interval(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert w["diff"] == pytest.approx(sum(a) / 5 - sum(b) / 4)
+    assert (w["lo"], w["hi"], w["p"], w["df"]) == pytest.approx((ci.low, ci.high, ref.pvalue, ref.df))
+    exact = {"diff": 0.5, "se": 0.0, "df": 2.0, "lo": 0.5, "hi": 0.5, "p": 0.0}  # constant draws: no spread
+    assert welch_interval([1.0, 1.0], [0.5, 0.5]) == exact
+    with pytest.raises(ValueError, match=">= 2 draws"):
+        welch_interval([1.0], [1.0, 2.0])
+    assert verdict(-0.1, 0.2, 0.3) == "within"
+    assert verdict(-0.1, 0.4, 0.3) == "undecided"
+    assert verdict(0.31, 0.5, 0.3) == "beyond" and verdict(-0.9, -0.4, 0.3) == "beyond"
+    assert verdict(-0.3, 0.1, 0.3) == "undecided"  # the interval touches the floor: not shown inside
+
+
+def test_draws_cli_compares_disjoint_mc_draws(nets, tmp_path, capsys):
+    bnn, qs = nets
+    write_run_dir(tmp_path, bnn, qs["fresh"])
+    assert main([str(tmp_path), "--max-batches", "1", "--draws", "3"]) == 0
+    out = json.loads((tmp_path / "fidelity_draws.json").read_text())
+    assert out["draws"] == 3 and out["mc_samples"] == 2 and "ood_auroc/photos" in out["metrics"]
+    nll = out["metrics"]["nll"]
+    assert len(set(nll["bnn"])) == 3 and len(set(nll["qbnn"])) == 3  # independent draws, not one repeated
+    assert nll["floor"] == pytest.approx(mc_noise_floor(nll["bnn"]))
+    assert nll["lo"] <= nll["diff"] <= nll["hi"] and nll["verdict"] in ("within", "beyond", "undecided")
+    assert "| nll |" in capsys.readouterr().out
+    assert main([str(tmp_path), "--max-batches", "1", "--draws", "1"]) == 2

@@ -95,10 +95,13 @@ def check_images(model: nn.Module, x: Tensor) -> None:
 
 
 @torch.no_grad()
-def mc_logits(model: nn.Module, x: Tensor, samples: int, seed: int | None = None) -> Tensor:
+def mc_logits(
+    model: nn.Module, x: Tensor, samples: int, seed: int | None = None, first_index: int = 0
+) -> Tensor:
     """Logits (float32) of `samples` stochastic forward passes, shape [S, B, C].
 
-    With `seed`, sample s runs under RNG seed sample_seed(seed, s), so every model sees the same stream.
+    The passes are MC indices first_index..first_index+samples-1. With `seed`, index s runs under RNG seed
+    sample_seed(seed, s), so every model sees the same stream.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -107,7 +110,7 @@ def mc_logits(model: nn.Module, x: Tensor, samples: int, seed: int | None = None
     model.eval()
     out = []
     try:
-        for s in range(samples):
+        for s in range(first_index, first_index + samples):
             set_mc_index(model, s)
             if seed is None:
                 out.append(model(x).float())

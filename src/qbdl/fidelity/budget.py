@@ -24,12 +24,15 @@ def _as_x(batch) -> Tensor:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, batches: list, samples: int, seed: int) -> Tensor:
+def predict_logits(model: nn.Module, batches: list, samples: int, seed: int, first_index: int = 0) -> Tensor:
     """MC logits [S, N, C]; every batch uses the same per-sample seeds (as qbdl.experiment.evaluate does)."""
-    return torch.cat([mc_logits(model, _as_x(b).cpu(), samples, seed=seed) for b in batches], dim=1)
+    return torch.cat([mc_logits(model, _as_x(b).cpu(), samples, seed, first_index) for b in batches], dim=1)
 
 
-def _metrics(logits: Tensor, y: Tensor, ood: dict[str, Tensor], n_bins: int, score: str) -> dict[str, float]:
+def budget_metrics(
+    logits: Tensor, y: Tensor, ood: dict[str, Tensor], n_bins: int, score: str
+) -> dict[str, float]:
+    """The budget's metrics of MC logits [S, N, C] (test) and {name: logits} (OOD sets)."""
     from qbdl.metrics.summary import summarize
 
     p = torch.softmax(logits, -1)
@@ -193,13 +196,13 @@ def error_budget(
         for name, batches in data.items():
             if sink is not None:
                 with collect_stats(model, sink.setdefault(name.removeprefix("ood/"), {})):
-                    out[name] = _predict(model, batches, mc_samples, s)
+                    out[name] = predict_logits(model, batches, mc_samples, s)
             else:
-                out[name] = _predict(model, batches, mc_samples, s)
+                out[name] = predict_logits(model, batches, mc_samples, s)
         return out
 
     def metrics_of(lg: dict[str, Tensor]) -> dict[str, float]:
-        return _metrics(
+        return budget_metrics(
             lg["test"], y, {k[4:]: v for k, v in lg.items() if k.startswith("ood/")}, n_bins, score
         )
 

@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the budget on this corrupted copy of the test split (a conf/shift corruption, severity 1-5) "
         "instead of the clean one; writes fidelity_<corruption>_<severity>.json/.png",
     )
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=None,
+        metavar="R",
+        help="instead of the budget: R MC draws of each model on disjoint MC indices, each metric's mean gap with "
+        "a 95%% interval against the MC floor (within / beyond / undecided); writes <stem>_draws.json",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,33 +61,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ev = cfg.get("eval", {})
+    mc = args.mc_samples or int(ev.get("mc_samples", 8))
+    seed = args.seed if args.seed is not None else int(ev.get("seed", 0))
+    say = lambda s: print(f"  evaluating {s}", file=sys.stderr, flush=True)  # noqa: E731
+    out = Path(args.out or args.run_dir)
+    if args.draws is not None:
+        from qbdl.fidelity.draws import compare_draws, format_draws
+
+        try:
+            res = compare_draws(
+                bnn, qbnn, test, ood, mc_samples=mc, draws=args.draws, seed=seed, n_bins=int(ev.get("n_bins", 15)),
+                score=str(ev.get("score", "entropy")), max_batches=args.max_batches, progress=say,
+            )  # fmt: skip
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _write(
+            res, out, f"{stem}_draws", args.run_dir, shift if args.shift else None, format_draws(res)
+        )
     budget = error_budget(
         bnn,
         qbnn,
         test,
         ood,
-        mc_samples=args.mc_samples or int(ev.get("mc_samples", 8)),
-        seed=args.seed if args.seed is not None else int(ev.get("seed", 0)),
+        mc_samples=mc,
+        seed=seed,
         floor_seeds=args.floor_seeds,
         n_bins=int(ev.get("n_bins", 15)),
         score=str(ev.get("score", "entropy")),
         max_batches=args.max_batches,
-        progress=lambda s: print(f"  evaluating {s}", file=sys.stderr, flush=True),
+        progress=say,
     )
+    out.mkdir(parents=True, exist_ok=True)
+    plot_budget(budget, out / f"{stem}.png")
+    return _write(budget, out, stem, args.run_dir, shift if args.shift else None, format_budget(budget))
+
+
+def _write(res: dict, out: Path, stem: str, run_dir: str, shift: dict | None, table: str) -> int:
+    """Stamp `res` with the machine and run, write OUT/STEM.json atomically, print the table."""
+    from qbdl.io import atomic_write_json
     from qbdl.machine import machine_info
 
-    budget["machine"] = machine_info()
-    budget["run_dir"] = str(Path(args.run_dir).resolve())
-    if args.shift:
-        budget["shift"] = shift
-    out = Path(args.out or args.run_dir)
+    res["machine"] = machine_info()
+    res["run_dir"] = str(Path(run_dir).resolve())
+    if shift:
+        res["shift"] = shift
     out.mkdir(parents=True, exist_ok=True)
-    from qbdl.io import atomic_write_json
-
-    atomic_write_json(out / f"{stem}.json", json_safe(budget))
-    plot_budget(budget, out / f"{stem}.png")
-    print(format_budget(budget))
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')} ({budget['seconds']:.0f} s)")
+    atomic_write_json(out / f"{stem}.json", json_safe(res))
+    print(table)
+    print(f"wrote {out / (stem + '.json')} ({res['seconds']:.0f} s)")
     return 0
 
 
