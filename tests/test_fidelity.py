@@ -278,7 +278,7 @@ def test_mc_logits_first_index_continues_the_same_stream(nets):
 def test_welch_interval_matches_scipy_and_verdicts_on_hand_cases():
     from scipy import stats
 
-    from qbdl.fidelity.draws import verdict, welch_interval
+    from qbdl.fidelity.draws import paired_interval, verdict, welch_interval
 
     a, b = [0.91, 0.93, 0.90, 0.95, 0.92], [0.94, 0.96, 0.93, 0.97]
     w = welch_interval(a, b)
@@ -294,6 +294,10 @@ def test_welch_interval_matches_scipy_and_verdicts_on_hand_cases():
     assert verdict(-0.1, 0.4, 0.3) == "undecided"
     assert verdict(0.31, 0.5, 0.3) == "beyond" and verdict(-0.9, -0.4, 0.3) == "beyond"
     assert verdict(-0.3, 0.1, 0.3) == "undecided"  # the interval touches the floor: not shown inside
+    ref = stats.ttest_rel(a[:4], b)
+    p = paired_interval(a[:4], b)
+    ci = ref.confidence_interval(0.95)
+    assert (p["lo"], p["hi"], p["p"], p["df"]) == pytest.approx((ci.low, ci.high, ref.pvalue, 3))
 
 
 def test_draws_cli_compares_disjoint_mc_draws(nets, tmp_path, capsys):
@@ -308,3 +312,9 @@ def test_draws_cli_compares_disjoint_mc_draws(nets, tmp_path, capsys):
     assert nll["lo"] <= nll["diff"] <= nll["hi"] and nll["verdict"] in ("within", "beyond", "undecided")
     assert "| nll |" in capsys.readouterr().out
     assert main([str(tmp_path), "--max-batches", "1", "--draws", "1"]) == 2
+    # which part: the ablation model with (a) and (c) on runs on the BNN's random numbers, so draws pair up
+    assert main([str(tmp_path), "--max-batches", "1", "--draws", "3", "--parts", "ac"]) == 0
+    ac = json.loads((tmp_path / "fidelity_draws_ac.json").read_text())
+    assert ac["paired"] and ac["parts"] == "ac" and not out["paired"]
+    assert ac["metrics"]["nll"]["bnn"] == nll["bnn"]  # the same BNN draws
+    assert main([str(tmp_path), "--max-batches", "1", "--draws", "3", "--parts", "x"]) == 2

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the budget: R MC draws of each model on disjoint MC indices, each metric's mean gap with "
         "a 95%% interval against the MC floor (within / beyond / undecided); writes <stem>_draws.json",
     )
+    ap.add_argument(
+        "--parts",
+        default="",
+        help="with --draws: draw the ablation model with these budget parts on (a weights, b sampling, "
+        "c activations, e.g. b or ac) instead of the QBNN; writes <stem>_draws_<parts>.json",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = compare_draws(
                 bnn, qbnn, test, ood, mc_samples=mc, draws=args.draws, seed=seed, n_bins=int(ev.get("n_bins", 15)),
-                score=str(ev.get("score", "entropy")), max_batches=args.max_batches, progress=say,
+                score=str(ev.get("score", "entropy")), max_batches=args.max_batches, parts=args.parts, progress=say,
             )  # fmt: skip
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return _write(
-            res, out, f"{stem}_draws", args.run_dir, shift if args.shift else None, format_draws(res)
+            res,
+            out,
+            f"{stem}_draws" + (f"_{args.parts}" if args.parts else ""),
+            args.run_dir,
+            shift if args.shift else None,
+            format_draws(res),
         )
     budget = error_budget(
         bnn,

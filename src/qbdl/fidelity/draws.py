@@ -13,6 +13,10 @@ the index), and each metric's mean difference QBNN - BNN gets a Welch interval (
   undecided  otherwise (more draws narrow the interval)
 
 floor = mean |b_i - b_j| over the pairs of the BNN's R draws: the budget's mc_floor, from R draws.
+
+`parts` ("a", "b", "c" or a combination; error_budget's parts) draws the ablation model with those parts on in
+place of the QBNN: which part carries a gap. Without (b) it runs on the BNN's own random numbers, so draw r of
+both models is paired, and the interval is the paired t interval of the R differences (far narrower).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from qbdl.fidelity.ablation import check_qbnn
+from qbdl.fidelity.ablation import ablation_model, check_qbnn, set_parts
 from qbdl.fidelity.budget import budget_metrics, mc_noise_floor, predict_logits
+from qbdl.fidelity.parts import PARTS, SHORT
 
 FORMAT = "qbdl-fidelity-draws-1"
 
@@ -57,6 +62,21 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[
     return {"diff": diff, "se": math.sqrt(se2), "df": df, "lo": diff - half, "hi": diff + half, "p": p}
 
 
+def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
+    """mean(a - b) of paired draws with its standard error, degrees of freedom, `level` interval and p (mean 0)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    if n < 2:
+        raise ValueError(f"a paired interval needs >= 2 draws, got {n}")
+    m = sum(d) / n
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
+    if se == 0:
+        return {"diff": m, "se": 0.0, "df": float(n - 1), "lo": m, "hi": m, "p": float(m == 0)}
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    p = 2 * float(stats.t.sf(abs(m) / se, n - 1))
+    return {"diff": m, "se": se, "df": float(n - 1), "lo": m - half, "hi": m + half, "p": p}
+
+
 def verdict(lo: float, hi: float, floor: float) -> str:
     """'within' if [lo, hi] lies inside (-floor, floor), 'beyond' if wholly outside [-floor, floor], else 'undecided'."""
     if -floor < lo and hi < floor:
@@ -80,9 +100,13 @@ def compare_draws(
     n_bins: int = 15,
     score: str = "entropy",
     max_batches: int | None = None,
+    parts: str = "",
     progress: Any = None,
 ) -> dict[str, Any]:
-    """`draws` MC estimates of each model on disjoint MC indices, and per metric the gap's interval and verdict."""
+    """`draws` MC estimates of each model on disjoint MC indices, and per metric the gap's interval and verdict.
+
+    parts: compare the ablation model with these error-budget parts on ("b", "ac", ...) instead of the QBNN.
+    """
     if draws < 2:
         raise ValueError(f"--draws must be >= 2 (an interval needs two draws of each model), got {draws}")
     t_start = time.perf_counter()
@@ -93,7 +117,14 @@ def compare_draws(
         raise ValueError("draws: no test batches")
     ood = {k: cut(v) for k, v in (ood_batches or {}).items()}
     y = torch.cat([b[1] for b in test]).long()
-    models = {"qbnn": check_qbnn(qbnn), "bnn": bnn.cpu().eval()}
+    unknown = set(parts) - set(SHORT.values())
+    if unknown:
+        raise ValueError(f"parts {parts!r}: use a, b, c or a combination (weights, sampling, activations)")
+    tested = check_qbnn(qbnn)
+    if parts:
+        tested = set_parts(ablation_model(bnn, tested), **{p: SHORT[p] in parts for p in PARTS})
+    paired = bool(parts) and "b" not in parts  # the BNN's own random numbers in both: draw r against draw r
+    models = {"qbnn": tested, "bnn": bnn.cpu().eval()}
     values: dict[str, dict[str, list[float]]] = {"qbnn": {}, "bnn": {}}
     for r in range(draws):
         for name, model in models.items():
@@ -106,7 +137,7 @@ def compare_draws(
     metrics = {}
     for m, b in values["bnn"].items():
         q = values["qbnn"][m]
-        w = welch_interval(q, b, level)
+        w = (paired_interval if paired else welch_interval)(q, b, level)
         floor = mc_noise_floor(b)
         metrics[m] = {
             "qbnn": q, "bnn": b, "qbnn_mean": sum(q) / len(q), "bnn_mean": sum(b) / len(b),
@@ -119,6 +150,8 @@ def compare_draws(
         "draws": draws,
         "seed": seed,
         "level": level,
+        "parts": parts or "abc (the INT8 QBNN)",
+        "paired": paired,
         "n_test": int(y.numel()),
         "qbnn": {k: meta.get(k) for k in ("sampler", "backend", "activation_qmax", "bank_size")},
         "metrics": metrics,
@@ -129,9 +162,11 @@ def compare_draws(
 def format_draws(res: dict[str, Any]) -> str:
     """A markdown table of compare_draws' result: means, gap, interval, floor and verdict per metric."""
     pct = int(round(100 * res["level"]))
+    what = "QBNN" if res["parts"].startswith("abc") else f"parts {res['parts']}"
+    kind = "paired t" if res["paired"] else "Welch"
     lines = [
-        f"QBNN vs BNN over {res['draws']} MC draws of {res['mc_samples']} samples each (disjoint MC indices), "
-        f"{res['n_test']} test images; Welch {pct}% interval of the mean gap against the MC floor:",
+        f"{what} vs BNN over {res['draws']} MC draws of {res['mc_samples']} samples each (disjoint MC indices), "
+        f"{res['n_test']} test images; {kind} {pct}% interval of the mean gap against the MC floor:",
         "",
         f"| metric | QBNN mean | BNN mean | gap | {pct}% interval | floor | verdict |",
         "|---|---|---|---|---|---|---|",
