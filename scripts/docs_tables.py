@@ -18,6 +18,10 @@ the renderer below and its JSON record:
   each variant alone in a process, beside its throughput);
 - ``fidelity-seeds``: ``docs/data/fidelity_seeds.json``, the gaps and MC floors of ``python -m qbdl.fidelity``
   on three seeds of the digits default run and of ``digits_hard``;
+- ``speed-ab``: ``docs/data/bench_ab.json``, ``python -m qbdl.bench`` runs of two commits alternating (the fresh
+  QBNN's throughput against the deterministic INT8 network's, before and after a change);
+- ``fidelity-draws``: ``docs/data/fidelity_draws.json``, ``python -m qbdl.fidelity RUN_DIR --draws R`` on the
+  same tasks and seeds (each metric's mean gap over R disjoint MC draws, its interval and verdict);
 - ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
   ``python -m qbdl.report`` over the five-seed ``digits_baselines`` sweep (stats and claims kept).
 
@@ -299,6 +303,118 @@ def fidelity_seeds() -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_ab() -> str:
+    """det INT8 / fresh QBNN img/s and their ratio per batch size, runs of two commits alternating (bench_ab.json)."""
+    rec = load("bench_ab.json")
+    batches = sorted({r["batch_size"] for run in rec["runs"] for r in run["results"]})
+    lines = ["| run | commit | " + " | ".join(f"batch {b}: det / fresh img/s (ratio)" for b in batches) + " |",
+             "|---|---|" + "---|" * len(batches)]  # fmt: skip
+    for run in rec["runs"]:
+        ips = {(r["variant"], r["batch_size"]): r["images_per_s"] for r in run["results"]}
+        cells = [f"{ips['dnn_int8', b]:.1f} / {ips['qbnn_int8_fresh', b]:.1f} "
+                 f"({ips['qbnn_int8_fresh', b] / ips['dnn_int8', b]:.2f})" for b in batches]  # fmt: skip
+        lines.append(f"| {run['label']} | `{run['commit'][:7]}` | " + " | ".join(cells) + " |")
+    m, p = rec["machine"], rec["provenance"]
+    lines += ["", f"Measured with `{p['command']}` (each run its own process, the two commits alternating) on "
+              f"{m['cpu']} (family/model {m.get('family_model')}; {', '.join(_isa(m))}), {m['threads']} threads, "
+              f"torch {m['torch']}, {p['date']}; {p['note']}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _isa(machine: dict) -> list[str]:
+    keep = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
+    return [f for f in keep if f in machine.get("isa", [])] or machine.get("isa", [])
+
+
+def import_bench_ab(specs: list[str], command: str, note: str) -> None:
+    """Keep qbdl.bench runs (LABEL:COMMIT:BENCH_JSON each, in the order run) as docs/data/bench_ab.json."""
+    import time
+
+    runs, machines = [], []
+    for spec in specs:
+        label, commit, path = spec.split(":", 2)
+        d = json.loads(Path(path).read_text())
+        machines.append(d["machine"])
+        keep = ("variant", "batch_size", "images_per_s", "median_s", "min_s", "max_s", "reps")
+        runs.append({"label": label, "commit": commit, "results": [{k: r[k] for k in keep} for r in d["results"]]})
+    if len({(m["cpu"], tuple(m["isa"]), m["threads"]) for m in machines}) > 1:
+        raise ValueError("these bench.json files come from different machines or thread counts: keep one's")
+    machine = next((m for m in machines if m.get("family_model")), machines[0])
+    rec = {"runs": runs, "machine": machine,
+           "provenance": {"command": command, "date": time.strftime("%Y-%m-%d"), "note": note}}  # fmt: skip
+    (DATA / "bench_ab.json").write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def fidelity_draws() -> str:
+    """Mean gap QBNN - BNN +- half its interval / MC floor per run and metric (docs/data/fidelity_draws.json)."""
+    rec = load("fidelity_draws.json")
+    lines = ["| task, seed | draws x S | " + " | ".join(c[1] for c in FIDELITY_METRICS) + " |",
+             "|---|---|" + "---|" * len(FIDELITY_METRICS)]  # fmt: skip
+    counts: dict[str, int] = {}
+    for r in rec["runs"]:
+        cells = []
+        for key, _, k in FIDELITY_METRICS:
+            g = r["metrics"][key]
+            nd = 2 if k != 1 else 3
+            half = (g["hi"] - g["lo"]) / 2
+            text = f"{g['diff'] * k:+.{nd}f} ± {half * k:.{nd}f} / {g['floor'] * k:.{nd}f}"
+            counts[g["verdict"]] = counts.get(g["verdict"], 0) + 1
+            cells.append({"within": text, "undecided": f"_{text}_", "beyond": f"**{text}**"}[g["verdict"]])
+        lines.append(f"| {r['task']}, {r['seed']} | {r['draws']} x {r['mc_samples']} | " + " | ".join(cells) + " |")
+    m, p = rec["machine"], rec["provenance"]
+    tally = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("within", "undecided", "beyond"))
+    lines += ["", f"Cells: {tally} (plain: the {int(100 * rec['runs'][0]['level'])}% interval lies inside the "
+              "floor; _italic_: undecided; **bold**: wholly beyond it).",
+              "", f"Measured with `{p['command']}` on {m['cpu']} (family/model {m.get('family_model')}; "
+              f"{', '.join(_isa(m))}), torch {rec['versions']['torch']}, commit `{p['commit'][:7]}`, {p['date']}; "
+              f"{p['note']}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_draws_short() -> str:
+    """One sentence for the README: how many metric gaps fidelity_draws.json shows within, beyond, undecided."""
+    rec = load("fidelity_draws.json")
+    keys = [k for k, _, _ in FIDELITY_METRICS]
+    verdicts = [r["metrics"][k]["verdict"] for r in rec["runs"] for k in keys]
+    tasks = sorted({r["task"] for r in rec["runs"]})
+    m, p = rec["machine"], rec["provenance"]
+    return (
+        f"Fidelity, QBNN against BNN over independent MC draws ({', '.join(tasks)}; {len(rec['runs'])} runs x "
+        f"{len(keys)} metrics): {verdicts.count('within')} gaps shown within the MC floor, "
+        f"{verdicts.count('undecided')} undecided, {verdicts.count('beyond')} beyond "
+        f"([Memory](docs/memory.md#fidelity-over-mc-draws)). Measured with `{p['command']}` on {m['cpu']} "
+        f"(family/model {m.get('family_model')}; {', '.join(_isa(m))}), torch {rec['versions']['torch']}, "
+        f"commit `{p['commit'][:7]}`, {p['date']}.\n"
+    )
+
+
+def import_fidelity_draws(specs: list[str], command: str, commit: str | None, note: str) -> None:
+    """Keep fidelity_draws.json files (TASK:SEED:PATH each) as docs/data/fidelity_draws.json."""
+    import subprocess
+    import time
+
+    runs, machines = [], []
+    for spec in specs:
+        task, seed, path = spec.split(":", 2)
+        d = json.loads(Path(path).read_text())
+        machines.append(d["machine"])
+        keep = ("draws", "mc_samples", "level", "n_test", "seconds", "metrics")
+        runs.append({"task": task, "seed": int(seed), **{k: d[k] for k in keep}})
+    if len({(m["cpu"], tuple(m["isa"])) for m in machines}) > 1:
+        raise ValueError("these fidelity_draws.json files come from different machines: keep one machine's")
+    machine = next((m for m in machines if m.get("family_model")), machines[0])
+    commit = commit or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    rec = {
+        "runs": runs,
+        "machine": {k: machine[k] for k in ("cpu", "family_model", "isa") if k in machine},
+        "versions": {"torch": machine.get("torch")},
+        "provenance": {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d"), "note": note},
+    }
+    (DATA / "fidelity_draws.json").write_text(json.dumps(rec, indent=1) + "\n")
+
+
 def _dur(s: float) -> str:
     if s >= 86400 * 365:
         return f"{s / (86400 * 365):.1f} years"
@@ -506,6 +622,9 @@ RENDERERS = {
     "baselines-claims": baselines_claims,
     "deploy": deploy,
     "fidelity-seeds": fidelity_seeds,
+    "fidelity-draws": fidelity_draws,
+    "fidelity-draws-short": fidelity_draws_short,
+    "speed-ab": speed_ab,
     "deploy-short": lambda: deploy(short=True),
     "resident": resident,
 }
@@ -517,6 +636,8 @@ MISSING = {
     "estimates.json": "python scripts/paper_estimates.py imagenet_ptq_smoke",
     "baselines_seeds.json": "python -m qbdl.run -m +experiment=digits_baselines seed=0,1,2,3,4` and `python -m qbdl.report DIR",
     "fidelity_seeds.json": "python -m qbdl.fidelity RUN_DIR --floor-seeds 3` on three seeds of each task (docs/memory.md",
+    "bench_ab.json": "python -m qbdl.bench 'variants=[dnn_int8,qbnn_int8_fresh]'` at two commits, alternating, then `python scripts/docs_tables.py --import-bench-ab LABEL:COMMIT:bench.json ...",
+    "fidelity_draws.json": "python -m qbdl.fidelity RUN_DIR --draws R` on three seeds of each task, then `python scripts/docs_tables.py --import-fidelity-draws TASK:SEED:RUN_DIR/fidelity_draws.json ...",
     "bench_export.json": "python -m qbdl.export.bench ...` then `python scripts/docs_tables.py --import-export-bench .../bench_export.json",
     "bench_resident.json": "python -m qbdl.bench 'variants=[dnn_int8,bnn_fp32,qbnn_int8_fresh]'` then `python scripts/docs_tables.py --import-resident-bench bench/.../bench.json",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
@@ -587,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--import-bench", metavar="BENCH_JSON", help="a python -m qbdl.bench bench.json to keep")
     ap.add_argument("--import-export-bench", metavar="JSON", help="a python -m qbdl.export.bench bench_export.json")
     ap.add_argument("--import-resident-bench", metavar="BENCH_JSON", help="a ResNet-50 qbdl.bench run (memory)")
+    ap.add_argument("--import-fidelity-draws", nargs="+", metavar="TASK:SEED:JSON", help="fidelity_draws.json files")
+    ap.add_argument("--import-bench-ab", nargs="+", metavar="LABEL:COMMIT:JSON", help="qbdl.bench runs of 2 commits")
     ap.add_argument("--command", help="the command that produced it (default: the plain one)")
     ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")
     ap.add_argument("--note", default="", help="a remark printed with the table (e.g. the machine's load)")
@@ -605,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
         rec = json.loads(Path(args.import_export_bench).read_text())
         cmd = args.command or rec.get("command", "python -m qbdl.export.bench")
         import_record(Path(args.import_export_bench), "bench_export.json", cmd, args.commit, args.note, args.wall_s)
+    if args.import_bench_ab:
+        cmd = args.command or "python -m qbdl.bench"
+        import_bench_ab(args.import_bench_ab, cmd, args.note)
+    if args.import_fidelity_draws:
+        cmd = args.command or "python -m qbdl.fidelity RUN_DIR --draws R"
+        import_fidelity_draws(args.import_fidelity_draws, cmd, args.commit, args.note)
     stale = []
     for path in FILES:
         text = path.read_text()

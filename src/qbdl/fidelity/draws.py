@@ -38,6 +38,15 @@ from qbdl.fidelity.parts import PARTS, SHORT
 FORMAT = "qbdl-fidelity-draws-1"
 
 
+def _t_interval(diff: float, se: float, df: float, level: float) -> dict[str, float]:
+    """diff with its t interval at `level` and the two-sided p of diff = 0 (an exact diff when se is 0)."""
+    if se == 0:
+        return {"diff": diff, "se": 0.0, "df": df, "lo": diff, "hi": diff, "p": float(diff == 0)}
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    p = 2 * float(stats.t.sf(abs(diff) / se, df))
+    return {"diff": diff, "se": se, "df": df, "lo": diff - half, "hi": diff + half, "p": p}
+
+
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
     """mean(a) - mean(b) with its Welch standard error, degrees of freedom, `level` interval and p (equal means)."""
     na, nb = len(a), len(b)
@@ -46,20 +55,11 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[
     ma, mb = sum(a) / na, sum(b) / nb
     va = sum((x - ma) ** 2 for x in a) / (na - 1)
     vb = sum((x - mb) ** 2 for x in b) / (nb - 1)
-    diff, se2 = ma - mb, va / na + vb / nb
+    se2 = va / na + vb / nb
     if se2 == 0:  # both sets constant: the difference is exact
-        return {
-            "diff": diff,
-            "se": 0.0,
-            "df": float(na + nb - 2),
-            "lo": diff,
-            "hi": diff,
-            "p": float(diff == 0),
-        }
+        return _t_interval(ma - mb, 0.0, float(na + nb - 2), level)
     df = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
-    p = 2 * float(stats.t.sf(abs(diff) / math.sqrt(se2), df))
-    return {"diff": diff, "se": math.sqrt(se2), "df": df, "lo": diff - half, "hi": diff + half, "p": p}
+    return _t_interval(ma - mb, math.sqrt(se2), df, level)
 
 
 def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
@@ -69,12 +69,7 @@ def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> dict
     if n < 2:
         raise ValueError(f"a paired interval needs >= 2 draws, got {n}")
     m = sum(d) / n
-    se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
-    if se == 0:
-        return {"diff": m, "se": 0.0, "df": float(n - 1), "lo": m, "hi": m, "p": float(m == 0)}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
-    p = 2 * float(stats.t.sf(abs(m) / se, n - 1))
-    return {"diff": m, "se": se, "df": float(n - 1), "lo": m - half, "hi": m + half, "p": p}
+    return _t_interval(m, math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n), float(n - 1), level)
 
 
 def verdict(lo: float, hi: float, floor: float) -> str:

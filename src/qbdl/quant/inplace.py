@@ -164,7 +164,8 @@ class PackedSampler:
 
     Keeps 4 bytes a weight beside the packed weight (int16 mu/S and sigma/S in packed order), plus the int16
     channel slot of each byte (of one block, where blocks repeat: `repeated_blocks`) only where oneDNN stores
-    channel sums (an input zero point != 0: few layers, e.g. the first conv and the classifier). The layout itself (8 bytes a weight) is dropped once these are built.
+    channel sums (an input zero point != 0: few layers, e.g. the first conv and the classifier). The layout
+    itself (8 bytes a weight) is dropped once these are built.
     """
 
     def __init__(
