@@ -254,6 +254,7 @@ def test_quant_suites_under_avx2_kernels(tmp_path):
         "test_quant.py",
         "test_quant_io_compat.py",
         "test_memory.py",
+        "test_quant_kernel_vector.py",
     ]
     env = {**os.environ, **AVX2_ENV}
     r = subprocess.run(
