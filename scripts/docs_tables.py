@@ -388,9 +388,17 @@ def fidelity_draws_short() -> str:
     )
 
 
+def head_commit() -> str:
+    """git HEAD of this checkout: the commit a record is kept at unless told otherwise."""
+    import subprocess
+
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def import_fidelity_draws(specs: list[str], command: str, commit: str | None, note: str) -> None:
     """Keep fidelity_draws.json files (TASK:SEED:PATH each) as docs/data/fidelity_draws.json."""
-    import subprocess
     import time
 
     runs, machines = [], []
@@ -403,9 +411,7 @@ def import_fidelity_draws(specs: list[str], command: str, commit: str | None, no
     if len({(m["cpu"], tuple(m["isa"])) for m in machines}) > 1:
         raise ValueError("these fidelity_draws.json files come from different machines: keep one machine's")
     machine = next((m for m in machines if m.get("family_model")), machines[0])
-    commit = commit or subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    commit = commit or head_commit()
     rec = {
         "runs": runs,
         "machine": {k: machine[k] for k in ("cpu", "family_model", "isa") if k in machine},
@@ -680,18 +686,12 @@ def import_record(
     src: Path, name: str, command: str, commit: str | None, note: str, wall_s: float | None
 ) -> None:
     """Copy a results.json / bench.json into docs/data/NAME with its provenance (commit: git HEAD by default)."""
-    import subprocess
     import time
 
     rec = json.loads(Path(src).read_text())
     if name == "results.json":
         rec = {k: rec[k] for k in RESULTS_KEYS if k in rec}
-    commit = (
-        commit
-        or subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
+    commit = commit or head_commit()
     rec["provenance"] = {
         "command": command,
         "commit": commit,
