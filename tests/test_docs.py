@@ -206,3 +206,40 @@ def test_readme_is_a_front_page():
         "RELIABILITY:BEGIN",
     ):
         assert phrase not in text, phrase
+
+
+def test_fidelity_draws_and_speed_ab_records_import_and_render(tmp_path, monkeypatch):
+    """The draws and before/after records: kept from their producers' files, rendered with verdicts and ratios."""
+    mod = _tables()
+    monkeypatch.setattr(mod, "DATA", tmp_path)
+    machine = {"cpu": "Some CPU", "family_model": "25/17", "isa": ["avx2", "avx512_vnni"], "torch": "2.14.1",
+               "threads": 2}  # fmt: skip
+    verdicts = {"accuracy": (0.001, -0.001, 0.003, 0.01, "within"), "nll": (0.02, 0.015, 0.025, 0.01, "beyond")}
+    metrics = {}
+    for key, _, _ in mod.FIDELITY_METRICS:
+        d, lo, hi, f, v = verdicts.get(key, (0.0, -0.02, 0.02, 0.01, "undecided"))
+        metrics[key] = {"diff": d, "lo": lo, "hi": hi, "floor": f, "verdict": v}
+    run = {"draws": 4, "mc_samples": 8, "level": 0.95, "n_test": 10, "seconds": 1.0, "metrics": metrics,
+           "machine": machine}  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(run))
+    mod.import_fidelity_draws([f"digits:0:{tmp_path / 'd.json'}"], "python -m qbdl.fidelity", "a" * 40, "n")
+    table = mod.fidelity_draws()
+    assert "| digits, 0 | 4 x 8 | +0.10 ± 0.20 / 1.00 | **+0.020 ± 0.005 / 0.010** | _+0.00 ± 2.00 / 1.00_" in table
+    assert "Cells: 1 within, 4 undecided, 1 beyond" in table and "family/model 25/17" in table
+    assert "1 gaps shown within the MC floor, 4 undecided, 1 beyond" in mod.fidelity_draws_short()
+    other = dict(run, machine=dict(machine, cpu="Other CPU"))
+    (tmp_path / "e.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different machines"):
+        mod.import_fidelity_draws([f"a:0:{tmp_path / 'd.json'}", f"b:1:{tmp_path / 'e.json'}"], "c", "a" * 40, "")
+
+    def bench(det: float, fresh: float) -> dict:
+        rows = [{"variant": v, "batch_size": 1, "images_per_s": ips, "median_s": 1 / ips, "min_s": 0, "max_s": 0,
+                 "reps": 3} for v, ips in (("dnn_int8", det), ("qbnn_int8_fresh", fresh))]  # fmt: skip
+        return {"machine": machine, "results": rows}
+
+    (tmp_path / "b.json").write_text(json.dumps(bench(40.0, 20.0)))
+    (tmp_path / "c.json").write_text(json.dumps(bench(50.0, 30.0)))
+    mod.import_bench_ab([f"before:{'b' * 40}:{tmp_path / 'b.json'}", f"after:{'c' * 40}:{tmp_path / 'c.json'}"],
+                        "python -m qbdl.bench", "quiet")  # fmt: skip
+    ab = mod.speed_ab()
+    assert "| before | `bbbbbbb` | 40.0 / 20.0 (0.50) |" in ab and "| after | `ccccccc` | 50.0 / 30.0 (0.60) |" in ab
