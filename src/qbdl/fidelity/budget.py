@@ -156,6 +156,17 @@ def _kernel_check(qbnn: nn.Module, x: Tensor, seed: int) -> dict[str, dict]:
     return out
 
 
+def held_out(
+    test_batches: Iterable, ood_batches: dict[str, Iterable] | None, max_batches: int | None, who: str
+) -> tuple[list, dict[str, list], Tensor]:
+    """(test batches, {name: OOD batches}, test labels), each set cut to its first `max_batches` batches."""
+    cut = (lambda b: list(itertools.islice(b, max_batches))) if max_batches else list
+    test = cut(test_batches)
+    if not test:
+        raise ValueError(f"{who}: no test batches")
+    return test, {k: cut(v) for k, v in (ood_batches or {}).items()}, torch.cat([b[1] for b in test]).long()
+
+
 def error_budget(
     bnn: nn.Module,
     qbnn: nn.Module,
@@ -180,12 +191,7 @@ def error_budget(
     """
     t_start = time.perf_counter()
     say = progress or (lambda _: None)
-    cut = (lambda b: list(itertools.islice(b, max_batches))) if max_batches else list
-    test = cut(test_batches)
-    if not test:
-        raise ValueError("error budget: no test batches")
-    ood = {k: cut(v) for k, v in (ood_batches or {}).items()}
-    y = torch.cat([b[1] for b in test]).long()
+    test, ood, y = held_out(test_batches, ood_batches, max_batches, "error budget")
     qbnn = check_qbnn(qbnn)
     bnn = bnn.cpu().eval()
     abl = ablation_model(bnn, qbnn)

@@ -21,7 +21,6 @@ both models is paired, and the interval is the paired t interval of the R differ
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Iterable
@@ -32,7 +31,7 @@ from scipy import stats
 from torch import nn
 
 from qbdl.fidelity.ablation import ablation_model, check_qbnn, set_parts
-from qbdl.fidelity.budget import budget_metrics, mc_noise_floor, predict_logits
+from qbdl.fidelity.budget import budget_metrics, held_out, mc_noise_floor, predict_logits
 from qbdl.fidelity.parts import PARTS, SHORT
 
 FORMAT = "qbdl-fidelity-draws-1"
@@ -106,12 +105,7 @@ def compare_draws(
         raise ValueError(f"--draws must be >= 2 (an interval needs two draws of each model), got {draws}")
     t_start = time.perf_counter()
     say = progress or (lambda _: None)
-    cut = (lambda b: list(itertools.islice(b, max_batches))) if max_batches else list
-    test = cut(test_batches)
-    if not test:
-        raise ValueError("draws: no test batches")
-    ood = {k: cut(v) for k, v in (ood_batches or {}).items()}
-    y = torch.cat([b[1] for b in test]).long()
+    test, ood, y = held_out(test_batches, ood_batches, max_batches, "draws")
     unknown = set(parts) - set(SHORT.values())
     if unknown:
         raise ValueError(f"parts {parts!r}: use a, b, c or a combination (weights, sampling, activations)")
