@@ -284,6 +284,13 @@ FIDELITY_METRICS = [("accuracy", "accuracy pt", 100), ("nll", "NLL", 1), ("uce",
                     ("ood_auroc/rotated", "AUROC rotated pt", 100)]  # fmt: skip
 
 
+def _measured_where(rec: dict) -> str:
+    """'Measured with `command` on CPU (family/model; ISA), torch T, commit `c`, date' of a fidelity record."""
+    m, p = rec["machine"], rec["provenance"]
+    return (f"Measured with `{p['command']}` on {m['cpu']} (family/model {m.get('family_model')}; "
+            f"{', '.join(_isa(m))}), torch {rec['versions']['torch']}, commit `{p['commit'][:7]}`, {p['date']}")  # fmt: skip
+
+
 def fidelity_seeds() -> str:
     """Gap QBNN - BNN / MC floor per run and metric (docs/data/fidelity_seeds.json), bold beyond the floor."""
     rec = load("fidelity_seeds.json")
@@ -296,10 +303,7 @@ def fidelity_seeds() -> str:
             text = f"{g['gap'] * k:+.2f} / {g['mc_floor'] * k:.2f}" if k != 1 else f"{g['gap']:+.3f} / {g['mc_floor']:.3f}"
             cells.append(f"**{text}**" if abs(g["gap"]) > g["mc_floor"] else text)
         lines.append(f"| {r['task']}, {r['seed']} | " + " | ".join(cells) + " |")
-    m, p = rec["machine"], rec["provenance"]
-    lines += ["", f"Measured with `{p['command']}` on {m['cpu']} (family/model {m['family_model']}; "
-              f"{', '.join(m['isa'])}), torch {rec['versions']['torch']}, commit `{p['commit'][:7]}`, {p['date']}; "
-              f"{p['note']}."]  # fmt: skip
+    lines += ["", f"{_measured_where(rec)}; {rec['provenance']['note']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +330,13 @@ def _isa(machine: dict) -> list[str]:
     return [f for f in keep if f in machine.get("isa", [])] or machine.get("isa", [])
 
 
+def one_machine(machines: list[dict], same: tuple[str, ...], kind: str) -> dict:
+    """The machine of records that must share `same` (ValueError otherwise); one naming its family/model if any."""
+    if len({tuple(str(m.get(k)) for k in same) for m in machines}) > 1:
+        raise ValueError(f"these {kind} files come from different machines ({', '.join(same)} differ): keep one's")
+    return next((m for m in machines if m.get("family_model")), machines[0])
+
+
 def import_bench_ab(specs: list[str], command: str, note: str) -> None:
     """Keep qbdl.bench runs (LABEL:COMMIT:BENCH_JSON each, in the order run) as docs/data/bench_ab.json."""
     import time
@@ -337,9 +348,7 @@ def import_bench_ab(specs: list[str], command: str, note: str) -> None:
         machines.append(d["machine"])
         keep = ("variant", "batch_size", "images_per_s", "median_s", "min_s", "max_s", "reps")
         runs.append({"label": label, "commit": commit, "results": [{k: r[k] for k in keep} for r in d["results"]]})
-    if len({(m["cpu"], tuple(m["isa"]), m["threads"]) for m in machines}) > 1:
-        raise ValueError("these bench.json files come from different machines or thread counts: keep one's")
-    machine = next((m for m in machines if m.get("family_model")), machines[0])
+    machine = one_machine(machines, ("cpu", "isa", "threads"), "bench.json")
     rec = {"runs": runs, "machine": machine,
            "provenance": {"command": command, "date": time.strftime("%Y-%m-%d"), "note": note}}  # fmt: skip
     (DATA / "bench_ab.json").write_text(json.dumps(rec, indent=1) + "\n")
@@ -361,13 +370,10 @@ def fidelity_draws() -> str:
             counts[g["verdict"]] = counts.get(g["verdict"], 0) + 1
             cells.append({"within": text, "undecided": f"_{text}_", "beyond": f"**{text}**"}[g["verdict"]])
         lines.append(f"| {r['task']}, {r['seed']} | {r['draws']} x {r['mc_samples']} | " + " | ".join(cells) + " |")
-    m, p = rec["machine"], rec["provenance"]
     tally = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("within", "undecided", "beyond"))
     lines += ["", f"Cells: {tally} (plain: the {int(100 * rec['runs'][0]['level'])}% interval lies inside the "
               "floor; _italic_: undecided; **bold**: wholly beyond it).",
-              "", f"Measured with `{p['command']}` on {m['cpu']} (family/model {m.get('family_model')}; "
-              f"{', '.join(_isa(m))}), torch {rec['versions']['torch']}, commit `{p['commit'][:7]}`, {p['date']}; "
-              f"{p['note']}."]  # fmt: skip
+              "", f"{_measured_where(rec)}; {rec['provenance']['note']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -377,14 +383,11 @@ def fidelity_draws_short() -> str:
     keys = [k for k, _, _ in FIDELITY_METRICS]
     verdicts = [r["metrics"][k]["verdict"] for r in rec["runs"] for k in keys]
     tasks = sorted({r["task"] for r in rec["runs"]})
-    m, p = rec["machine"], rec["provenance"]
     return (
         f"Fidelity, QBNN against BNN over independent MC draws ({', '.join(tasks)}; {len(rec['runs'])} runs x "
         f"{len(keys)} metrics): {verdicts.count('within')} gaps shown within the MC floor, "
         f"{verdicts.count('undecided')} undecided, {verdicts.count('beyond')} beyond "
-        f"([Memory](docs/memory.md#fidelity-over-mc-draws)). Measured with `{p['command']}` on {m['cpu']} "
-        f"(family/model {m.get('family_model')}; {', '.join(_isa(m))}), torch {rec['versions']['torch']}, "
-        f"commit `{p['commit'][:7]}`, {p['date']}.\n"
+        f"([Memory](docs/memory.md#fidelity-over-mc-draws)). {_measured_where(rec)}.\n"
     )
 
 
@@ -408,9 +411,7 @@ def import_fidelity_draws(specs: list[str], command: str, commit: str | None, no
         machines.append(d["machine"])
         keep = ("draws", "mc_samples", "level", "n_test", "seconds", "metrics")
         runs.append({"task": task, "seed": int(seed), **{k: d[k] for k in keep}})
-    if len({(m["cpu"], tuple(m["isa"])) for m in machines}) > 1:
-        raise ValueError("these fidelity_draws.json files come from different machines: keep one machine's")
-    machine = next((m for m in machines if m.get("family_model")), machines[0])
+    machine = one_machine(machines, ("cpu", "isa"), "fidelity_draws.json")
     commit = commit or head_commit()
     rec = {
         "runs": runs,
