@@ -22,6 +22,7 @@ the renderer below and its JSON record:
   QBNN's throughput against the deterministic INT8 network's, before and after a change);
 - ``fidelity-draws``: ``docs/data/fidelity_draws.json``, ``python -m qbdl.fidelity RUN_DIR --draws R`` on the
   same tasks and seeds (each metric's mean gap over R disjoint MC draws, its interval and verdict);
+  ``fidelity-draws-mnist``: ``docs/data/fidelity_draws_mnist.json``, the same on three seeds of ``mnist_ptq``;
 - ``baselines-seeds`` / ``baselines-claims``: ``docs/data/baselines_seeds.json``, the ``summary.json`` of
   ``python -m qbdl.report`` over the five-seed ``digits_baselines`` sweep (stats and claims kept).
 
@@ -354,16 +355,27 @@ def import_bench_ab(specs: list[str], command: str, note: str) -> None:
     (DATA / "bench_ab.json").write_text(json.dumps(rec, indent=1) + "\n")
 
 
-def fidelity_draws() -> str:
-    """Mean gap QBNN - BNN +- half its interval / MC floor per run and metric (docs/data/fidelity_draws.json)."""
-    rec = load("fidelity_draws.json")
-    lines = ["| task, seed | draws x S | " + " | ".join(c[1] for c in FIDELITY_METRICS) + " |",
-             "|---|---|" + "---|" * len(FIDELITY_METRICS)]  # fmt: skip
+def _draws_columns(runs: list[dict]) -> list[tuple[str, str, int]]:
+    """FIDELITY_METRICS' in-distribution columns, then one AUROC column per OOD set the runs carry."""
+    cols = [c for c in FIDELITY_METRICS if not c[0].startswith("ood_auroc/")]
+    ood = dict.fromkeys(k for r in runs for k in r["metrics"] if k.startswith("ood_auroc/"))
+    return cols + [(k, f"AUROC {k.split('/', 1)[1]} pt", 100) for k in ood]
+
+
+def fidelity_draws(name: str = "fidelity_draws.json") -> str:
+    """Mean gap QBNN - BNN +- half its interval / MC floor per run and metric (docs/data/fidelity_draws*.json)."""
+    rec = load(name)
+    columns = _draws_columns(rec["runs"])
+    lines = ["| task, seed | draws x S | " + " | ".join(c[1] for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]  # fmt: skip
     counts: dict[str, int] = {}
     for r in rec["runs"]:
         cells = []
-        for key, _, k in FIDELITY_METRICS:
-            g = r["metrics"][key]
+        for key, _, k in columns:
+            g = r["metrics"].get(key)
+            if g is None:
+                cells.append("–")
+                continue
             nd = 2 if k != 1 else 3
             half = (g["hi"] - g["lo"]) / 2
             text = f"{g['diff'] * k:+.{nd}f} ± {half * k:.{nd}f} / {g['floor'] * k:.{nd}f}"
@@ -377,17 +389,24 @@ def fidelity_draws() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The draws records in docs/data (tables fidelity-draws, fidelity-draws-mnist); the README sentence counts all.
+DRAWS_RECORDS = ("fidelity_draws.json", "fidelity_draws_mnist.json")
+
+
 def fidelity_draws_short() -> str:
-    """One sentence for the README: how many metric gaps fidelity_draws.json shows within, beyond, undecided."""
-    rec = load("fidelity_draws.json")
-    keys = [k for k, _, _ in FIDELITY_METRICS]
-    verdicts = [r["metrics"][k]["verdict"] for r in rec["runs"] for k in keys]
-    tasks = sorted({r["task"] for r in rec["runs"]})
+    """One sentence for the README: how many metric gaps the draws records show within, beyond, undecided."""
+    recs = [load(name) for name in DRAWS_RECORDS if (DATA / name).exists()]
+    if not recs:
+        load("fidelity_draws.json")  # raises: the table says how to make the record
+    runs = [r for rec in recs for r in rec["runs"]]
+    verdicts = [r["metrics"][k]["verdict"] for r in runs for k, _, _ in _draws_columns([r])]
+    tasks = sorted({r["task"] for r in runs})
+    where = "; ".join(_measured_where(rec) for rec in recs)
     return (
-        f"Fidelity, QBNN against BNN over independent MC draws ({', '.join(tasks)}; {len(rec['runs'])} runs x "
-        f"{len(keys)} metrics): {verdicts.count('within')} gaps shown within the MC floor, "
+        f"Fidelity, QBNN against BNN over independent MC draws ({', '.join(tasks)}; {len(runs)} runs, "
+        f"{len(verdicts)} metric gaps): {verdicts.count('within')} shown within the MC floor, "
         f"{verdicts.count('undecided')} undecided, {verdicts.count('beyond')} beyond "
-        f"([Memory](docs/memory.md#fidelity-over-mc-draws)). {_measured_where(rec)}.\n"
+        f"([Memory](docs/memory.md#fidelity-over-mc-draws)). {where}.\n"
     )
 
 
@@ -400,8 +419,12 @@ def head_commit() -> str:
     ).stdout.strip()
 
 
-def import_fidelity_draws(specs: list[str], command: str, commit: str | None, note: str) -> None:
-    """Keep fidelity_draws.json files (TASK:SEED:PATH each) as docs/data/fidelity_draws.json."""
+def import_fidelity_draws(
+    specs: list[str], command: str, commit: str | None, note: str, name: str = "fidelity_draws.json"
+) -> None:
+    """Keep fidelity_draws.json files (TASK:SEED:PATH each) as docs/data/NAME (one of DRAWS_RECORDS)."""
+    if name not in DRAWS_RECORDS:
+        raise ValueError(f"{name!r} is not a draws record; known: {DRAWS_RECORDS}")
     import time
 
     runs, machines = [], []
@@ -411,7 +434,7 @@ def import_fidelity_draws(specs: list[str], command: str, commit: str | None, no
         machines.append(d["machine"])
         keep = ("draws", "mc_samples", "level", "n_test", "seconds", "metrics")
         runs.append({"task": task, "seed": int(seed), **{k: d[k] for k in keep}})
-    machine = one_machine(machines, ("cpu", "isa"), "fidelity_draws.json")
+    machine = one_machine(machines, ("cpu", "isa"), name)
     commit = commit or head_commit()
     rec = {
         "runs": runs,
@@ -419,7 +442,7 @@ def import_fidelity_draws(specs: list[str], command: str, commit: str | None, no
         "versions": {"torch": machine.get("torch")},
         "provenance": {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d"), "note": note},
     }
-    (DATA / "fidelity_draws.json").write_text(json.dumps(rec, indent=1) + "\n")
+    (DATA / name).write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def _dur(s: float) -> str:
@@ -630,6 +653,7 @@ RENDERERS = {
     "deploy": deploy,
     "fidelity-seeds": fidelity_seeds,
     "fidelity-draws": fidelity_draws,
+    "fidelity-draws-mnist": lambda: fidelity_draws("fidelity_draws_mnist.json"),
     "fidelity-draws-short": fidelity_draws_short,
     "speed-ab": speed_ab,
     "deploy-short": lambda: deploy(short=True),
@@ -645,6 +669,7 @@ MISSING = {
     "fidelity_seeds.json": "python -m qbdl.fidelity RUN_DIR --floor-seeds 3` on three seeds of each task (docs/memory.md",
     "bench_ab.json": "python -m qbdl.bench 'variants=[dnn_int8,qbnn_int8_fresh]'` at two commits, alternating, then `python scripts/docs_tables.py --import-bench-ab LABEL:COMMIT:bench.json ...",
     "fidelity_draws.json": "python -m qbdl.fidelity RUN_DIR --draws R` on three seeds of each task, then `python scripts/docs_tables.py --import-fidelity-draws TASK:SEED:RUN_DIR/fidelity_draws.json ...",
+    "fidelity_draws_mnist.json": "python -m qbdl.fidelity RUN_DIR --draws R` on three seeds of mnist_ptq, then `python scripts/docs_tables.py --draws-record fidelity_draws_mnist.json --import-fidelity-draws mnist:SEED:RUN_DIR/fidelity_draws.json ...",
     "bench_export.json": "python -m qbdl.export.bench ...` then `python scripts/docs_tables.py --import-export-bench .../bench_export.json",
     "bench_resident.json": "python -m qbdl.bench 'variants=[dnn_int8,bnn_fp32,qbnn_int8_fresh]'` then `python scripts/docs_tables.py --import-resident-bench bench/.../bench.json",
     "results.json": "python -m qbdl.run` then `python scripts/docs_tables.py --import-results .../results.json",
@@ -710,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--import-export-bench", metavar="JSON", help="a python -m qbdl.export.bench bench_export.json")
     ap.add_argument("--import-resident-bench", metavar="BENCH_JSON", help="a ResNet-50 qbdl.bench run (memory)")
     ap.add_argument("--import-fidelity-draws", nargs="+", metavar="TASK:SEED:JSON", help="fidelity_draws.json files")
+    ap.add_argument("--draws-record", default="fidelity_draws.json", help="the record --import-fidelity-draws writes")
     ap.add_argument("--import-bench-ab", nargs="+", metavar="LABEL:COMMIT:JSON", help="qbdl.bench runs of 2 commits")
     ap.add_argument("--command", help="the command that produced it (default: the plain one)")
     ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")
@@ -734,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         import_bench_ab(args.import_bench_ab, cmd, args.note)
     if args.import_fidelity_draws:
         cmd = args.command or "python -m qbdl.fidelity RUN_DIR --draws R"
-        import_fidelity_draws(args.import_fidelity_draws, cmd, args.commit, args.note)
+        import_fidelity_draws(args.import_fidelity_draws, cmd, args.commit, args.note, args.draws_record)
     stale = []
     for path in FILES:
         text = path.read_text()

@@ -226,7 +226,22 @@ def test_fidelity_draws_and_speed_ab_records_import_and_render(tmp_path, monkeyp
     table = mod.fidelity_draws()
     assert "| digits, 0 | 4 x 8 | +0.10 ± 0.20 / 1.00 | **+0.020 ± 0.005 / 0.010** | _+0.00 ± 2.00 / 1.00_" in table
     assert "Cells: 1 within, 4 undecided, 1 beyond" in table and "family/model 25/17" in table
-    assert "1 gaps shown within the MC floor, 4 undecided, 1 beyond" in mod.fidelity_draws_short()
+    assert "(digits; 1 runs, 6 metric gaps): 1 shown within the MC floor, 4 undecided, 1 beyond" in (
+        mod.fidelity_draws_short()
+    )
+    # a task with other OOD sets: its own record, one AUROC column per set it carries, counted in the sentence
+    ood = {"diff": -0.01, "lo": -0.02, "hi": 0.0, "floor": 0.03, "verdict": "within"}
+    keep = {k: v for k, v in metrics.items() if not k.startswith("ood_auroc/")}
+    (tmp_path / "m.json").write_text(json.dumps(dict(run, metrics=keep | {"ood_auroc/fashion_mnist": ood})))
+    mod.import_fidelity_draws([f"mnist:2:{tmp_path / 'm.json'}"], "c", "b" * 40, "", "fidelity_draws_mnist.json")
+    mnist = mod.RENDERERS["fidelity-draws-mnist"]()
+    assert "| Brier | AUROC fashion_mnist pt |" in mnist and "| mnist, 2 | 4 x 8 |" in mnist
+    assert mnist.splitlines()[2].endswith("| -1.00 ± 1.00 / 3.00 |") and "AUROC photos" not in mnist
+    short = mod.fidelity_draws_short()
+    assert "(digits, mnist; 2 runs, 11 metric gaps): 3 shown within the MC floor, 6 undecided, 2 beyond" in short
+    assert "commit `aaaaaaa`" in short and "commit `bbbbbbb`" in short
+    with pytest.raises(ValueError, match="not a draws record"):
+        mod.import_fidelity_draws([f"mnist:2:{tmp_path / 'm.json'}"], "c", "b" * 40, "", "draws.json")
     other = dict(run, machine=dict(machine, cpu="Other CPU"))
     (tmp_path / "e.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="different machines"):
