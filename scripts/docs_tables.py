@@ -401,7 +401,7 @@ def fidelity_draws_short() -> str:
     runs = [r for rec in recs for r in rec["runs"]]
     verdicts = [r["metrics"][k]["verdict"] for r in runs for k, _, _ in _draws_columns([r])]
     tasks = sorted({r["task"] for r in runs})
-    where = "; ".join(_measured_where(rec) for rec in recs)
+    where = "; ".join(f"{', '.join(sorted({r['task'] for r in rec['runs']}))}: {_measured_where(rec)}" for rec in recs)
     return (
         f"Fidelity, QBNN against BNN over independent MC draws ({', '.join(tasks)}; {len(runs)} runs, "
         f"{len(verdicts)} metric gaps): {verdicts.count('within')} shown within the MC floor, "

@@ -239,7 +239,8 @@ def test_fidelity_draws_and_speed_ab_records_import_and_render(tmp_path, monkeyp
     assert mnist.splitlines()[2].endswith("| -1.00 ± 1.00 / 3.00 |") and "AUROC photos" not in mnist
     short = mod.fidelity_draws_short()
     assert "(digits, mnist; 2 runs, 11 metric gaps): 3 shown within the MC floor, 6 undecided, 2 beyond" in short
-    assert "commit `aaaaaaa`" in short and "commit `bbbbbbb`" in short
+    assert "digits: Measured with `python -m qbdl.fidelity`" in short and "commit `aaaaaaa`" in short
+    assert "; mnist: Measured with `c`" in short and "commit `bbbbbbb`" in short
     with pytest.raises(ValueError, match="not a draws record"):
         mod.import_fidelity_draws([f"mnist:2:{tmp_path / 'm.json'}"], "c", "b" * 40, "", "draws.json")
     other = dict(run, machine=dict(machine, cpu="Other CPU"))
