@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--import-export-bench", metavar="JSON", help="a python -m qbdl.export.bench bench_export.json")
     ap.add_argument("--import-resident-bench", metavar="BENCH_JSON", help="a ResNet-50 qbdl.bench run (memory)")
     ap.add_argument("--import-fidelity-draws", nargs="+", metavar="TASK:SEED:JSON", help="fidelity_draws.json files")
-    ap.add_argument("--draws-record", default="fidelity_draws.json", help="the record --import-fidelity-draws writes")
+    ap.add_argument("--draws-record", default=DRAWS_RECORDS[0], choices=DRAWS_RECORDS, help="what it writes")
     ap.add_argument("--import-bench-ab", nargs="+", metavar="LABEL:COMMIT:JSON", help="qbdl.bench runs of 2 commits")
     ap.add_argument("--command", help="the command that produced it (default: the plain one)")
     ap.add_argument("--commit", help="the commit it ran (default: git HEAD)")

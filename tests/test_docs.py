@@ -241,6 +241,11 @@ def test_fidelity_draws_and_speed_ab_records_import_and_render(tmp_path, monkeyp
     assert "(digits, mnist; 2 runs, 11 metric gaps): 3 shown within the MC floor, 6 undecided, 2 beyond" in short
     assert "digits: Measured with `python -m qbdl.fidelity`" in short and "commit `aaaaaaa`" in short
     assert "; mnist: Measured with `c`" in short and "commit `bbbbbbb`" in short
+    both = [f"digits:0:{tmp_path / 'd.json'}", f"mnist:2:{tmp_path / 'm.json'}"]
+    mod.import_fidelity_draws(both, "c", "b" * 40, "", "fidelity_draws_mnist.json")
+    mixed = mod.fidelity_draws("fidelity_draws_mnist.json").splitlines()
+    assert mixed[0].endswith("| AUROC photos pt | AUROC rotated pt | AUROC fashion_mnist pt |")
+    assert mixed[2].endswith("| – |") and mixed[3].count(" – ") == 2  # a set the run has not: no cell
     with pytest.raises(ValueError, match="not a draws record"):
         mod.import_fidelity_draws([f"mnist:2:{tmp_path / 'm.json'}"], "c", "b" * 40, "", "draws.json")
     other = dict(run, machine=dict(machine, cpu="Other CPU"))
