@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qbdl.atomic import atomic_write_text
+from qbdl.atomic import atomic_write_bytes, atomic_write_text
 
 QBDL_VARIANTS = ("qbdl_qdnn", "qbdl_qbnn_fresh", "qbdl_qbnn_bank", "qbdl_qbnn_flipout", "torch_bnn")
 # *_qbnn: the exact Flipout graph; *_qbnn_fast: build_onnx(exact=False), both Flipout terms QLinearConv;
@@ -189,9 +189,7 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
         save_qbnn(qdnn, str(out / "qdnn.qbdl"))
         files["qbdl_qdnn"] = (str(out / "qdnn.qbdl"), 1)
         proto, _ = build_onnx(qdnn, samples=1, in_shape=shape)
-        atomic_write_text_bytes(
-            out / "qdnn.onnx", _with_meta(proto, "qdnn", 1, in_chans, image_size, num_classes)
-        )
+        atomic_write_bytes(out / "qdnn.onnx", _with_meta(proto, "qdnn", 1, in_chans, image_size, num_classes))
         files["ort_qdnn"] = files["ov_qdnn"] = (str(out / "qdnn.onnx"), 1)
     if "qbdl_qbnn_fresh" in variants:
         save_qbnn(convert(prep, sampler="fresh", seed=seed), str(out / "qbnn_fresh.qbdl"))
@@ -219,18 +217,11 @@ def build_models(out: Path, arch: str, image_size: int, in_chans: int, num_class
             n = sb if tag == "_bank" else s
             proto, _ = build_onnx(qm, samples=n, perturbations=1, in_shape=shape, exact=exact)
             path = out / f"qbnn{tag}_S{n}.onnx"
-            atomic_write_text_bytes(path, _with_meta(proto, "qbnn", n, in_chans, image_size, num_classes))
+            atomic_write_bytes(path, _with_meta(proto, "qbnn", n, in_chans, image_size, num_classes))
             for v in names:
                 if v in variants:
                     files[f"{v}_S{n}"] = (str(path), n)
     return {k: v for k, v in files.items() if k.rsplit("_S", 1)[0] in variants}
-
-
-def atomic_write_text_bytes(path: Path, data: bytes) -> None:
-    """Write bytes atomically."""
-    from qbdl.atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 def _with_meta(proto, kind: str, samples: int, in_chans: int, size: int, num_classes: int) -> bytes:
