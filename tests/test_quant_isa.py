@@ -3,8 +3,8 @@
 u8 x s8 kernels without VNNI (oneDNN below AVX512_CORE_VNNI / AVX2_VNNI) add pairs of products in int16 and
 saturate on full-range activations. These tests fail on a CPU where qbdl's kernel plan is wrong for it: the
 per-layer exactness checks run here on this CPU's own kernels, and `test_quant_suites_under_avx2_kernels`
-re-runs this file and the other INT8 test files with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA), so a VNNI
-machine also runs the non-VNNI kernels.
+re-runs this file and the other INT8 test files with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) and qbdl's
+sampling kernel too (QBDL_SAMPLE_KERNEL), so a VNNI (or VBMI) machine also runs the AVX2 kernels.
 """
 
 import os
@@ -23,7 +23,7 @@ from qbdl.quant import convert, prepare, quant_layers, supported_backends
 from qbdl.quant.ptq import calibrate
 
 ENGINES = supported_backends()[:1]  # "x86" and "onednn" name the same oneDNN kernels
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "QBDL_SAMPLE_KERNEL": "avx2"}  # oneDNN and qbdl's sampler
 ZEN1 = qb.caps_from({"avx", "avx2", "fma", "sse4_2"})
 ICELAKE = qb.caps_from({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 ALDERLAKE = qb.caps_from({"avx2", "fma", "avx_vnni"})
@@ -243,7 +243,7 @@ def test_digits_int8_keeps_accuracy(digits_nets, engine):
     reason="this process already runs the non-VNNI kernels (an AVX2 CPU, or the capped re-run itself)",
 )
 def test_quant_suites_under_avx2_kernels(tmp_path):
-    """Re-run the INT8 test files with oneDNN capped at AVX2 (a no-op cap on an AVX2 CPU)."""
+    """Re-run the INT8 test files with oneDNN and the sampling kernel capped at AVX2 (no-op caps on an AVX2 CPU)."""
     here = Path(__file__).parent
     files = [
         "test_quant_isa.py",

@@ -1,13 +1,19 @@
-"""The vectorized fresh-sampling kernel (csrc/inplace.cpp) against its scalar reference, bit for bit.
+"""The vectorized fresh-sampling kernels (csrc/inplace.cpp, csrc/sample_vbmi.cpp) against their scalar reference,
+bit for bit.
 
-The scalar reference is the kernel as it was before vectorization (torch.ops.qbdl.sample_plain_scalar runs it
-in any build), so equality here means the samples of a seed, layer and MC index did not change.
+The scalar reference is the kernel as it was before vectorization (torch.ops.qbdl.sample_plain_kernel(...,
+"scalar") runs it in any build), so equality here means the samples of a seed, layer and MC index did not change.
+Every kernel this CPU runs is compared (sample_kernels()): AVX2 and, where the CPU has AVX-512 VBMI, the VBMI one.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from qbdl.quant import native, noise
+from qbdl.quant import backend, native, noise
 from qbdl.quant.inplace import PackedSampler, discover_layout, expected_bytes, repeated_blocks
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="qbdl's C++ ops are not built here")
@@ -15,22 +21,75 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="qbdl's C++ ops a
 SHIFTS = (noise.MU16_SHIFT, noise.SHIFT16)
 
 
+VBMI_FLAGS = {"avx512f", "avx512bw", "avx512vbmi"}
+
+
+def _kernels(table=None):
+    """The vector kernels to compare here (those this CPU runs; VBMI only for tables of the z table's shape)."""
+    names = [k for k in torch.ops.qbdl.sample_kernels() if k != "scalar"]
+    if table is not None and not _vbmi_shaped(table):
+        names = [k for k in names if k != "avx512vbmi"]
+    return names
+
+
+def _vbmi_shaped(table) -> bool:
+    return all(
+        len(torch.unique(b)) <= 2 and bool((b[1:] - b[:-1]).le(1).all()) and bool((b[1:] >= b[:-1]).all())
+        for first, width, count in ((0, 128, 228), (29184, 16, 208))
+        for b in table[first : first + width * count].long().view(count, width)
+    )
+
+
 def _both(mu, sg, table, key, mu_shift, shift):
+    """(sample_plain, the scalar reference) after checking every vector kernel against the reference."""
     args = (mu, sg, table, noise.to_int64(key), mu_shift, shift)
-    return torch.ops.qbdl.sample_plain(*args), torch.ops.qbdl.sample_plain_scalar(*args)
+    ref = torch.ops.qbdl.sample_plain_kernel(*args, "scalar")
+    for name in _kernels(table):
+        assert torch.equal(torch.ops.qbdl.sample_plain_kernel(*args, name), ref), name
+    return torch.ops.qbdl.sample_plain(*args), ref
 
 
-def test_the_vector_kernel_is_the_one_built_where_torch_has_avx2():
-    # native.py passes -mavx2 for these capabilities: without it the build silently runs the scalar kernel
-    isa = torch.ops.qbdl.sample_isa()
+def test_the_fastest_kernel_this_cpu_runs_is_the_one_used():
+    # native.py passes -mavx2 for these capabilities (without it the build silently runs the scalar kernel); the
+    # VBMI kernel is chosen at run time from the CPU's flags; QBDL_SAMPLE_KERNEL caps the choice
+    flags = backend.cpu_flags()
+    kernels = torch.ops.qbdl.sample_kernels()
+    assert ("avx512vbmi" in kernels) == VBMI_FLAGS.issubset(flags)
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert isa == "avx2"
-    else:
-        assert isa in ("avx2", "scalar")
+        assert "avx2" in kernels
+    cap = os.environ.get("QBDL_SAMPLE_KERNEL", "avx512vbmi")
+    order = ["scalar", "avx2", "avx512vbmi"]
+    expected = max((k for k in kernels if order.index(k) <= order.index(cap)), key=order.index)
+    assert torch.ops.qbdl.sample_isa() == expected
 
 
-def test_every_length_around_the_32_weight_step_equals_the_reference():
-    # the vector loop takes 32 weights a step and leaves the tail to the scalar code
+def test_the_kernel_cap_picks_the_kernel_and_a_bad_one_is_refused():
+    code = (
+        "import torch; from qbdl.quant import native, noise; native.available(); "
+        "mu = torch.arange(-500, 500, dtype=torch.int16) * 30; sg = torch.arange(1000, dtype=torch.int16) * 9; "
+        "a = torch.ops.qbdl.sample_plain(mu, sg, noise.z_table(), 5, noise.MU16_SHIFT, noise.SHIFT16); "
+        "r = torch.ops.qbdl.sample_plain_kernel(mu, sg, noise.z_table(), 5, noise.MU16_SHIFT, noise.SHIFT16, 'scalar'); "
+        "print(torch.ops.qbdl.sample_isa(), torch.equal(a, r))"
+    )  # fmt: skip
+    avx2 = "avx2" if "avx2" in torch.ops.qbdl.sample_kernels() else "scalar"
+    for cap, isa in (("scalar", "scalar"), ("avx2", avx2)):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "QBDL_SAMPLE_KERNEL": cap},
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout.split() == [isa, "True"], out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "QBDL_SAMPLE_KERNEL": "avx9"}, capture_output=True, text=True
+    )  # fmt: skip
+    assert bad.returncode != 0 and "unknown sampling kernel 'avx9'" in bad.stderr
+    with pytest.raises(RuntimeError, match="unknown sampling kernel"):
+        torch.ops.qbdl.sample_plain_kernel(
+            torch.zeros(4, dtype=torch.int16), torch.zeros(4, dtype=torch.int16), noise.z_table(), 1, 7, 15, "sse"
+        )  # fmt: skip
+
+
+def test_every_length_around_the_vector_steps_equals_the_reference():
+    # the vector loops take 32 (AVX2) or 64 (VBMI) weights a step and leave the tail to the scalar code
     g = torch.Generator().manual_seed(0)
     for n in range(0, 200):
         mu = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=g)
@@ -78,6 +137,37 @@ def test_any_operands_table_and_shifts_equal_the_reference():
             assert torch.equal(fast, ref), (mu_shift, shift)
             seen.update(torch.unique(ref).tolist())
     assert {-127, 127, 0} <= seen  # the clamps and the middle were exercised
+    if "avx512vbmi" in torch.ops.qbdl.sample_kernels():  # not the z table's shape: VBMI refuses it by name
+        with pytest.raises(RuntimeError, match="needs a table shaped as noise.z_table"):
+            torch.ops.qbdl.sample_plain_kernel(mu, sg, table, 1, *SHIFTS, "avx512vbmi")
+
+
+def test_the_vbmi_tables_follow_the_table_they_are_given():
+    # the VBMI kernel re-expresses the z table as per-bucket (base, step position) and keeps them between calls:
+    # tables of the same shape but other steps (in each of its three regions, then the z table again) must each
+    # give the reference's samples, so the derived tables are rebuilt whenever the table's bytes change
+    if "avx512vbmi" not in torch.ops.qbdl.sample_kernels():
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    z = noise.z_table()
+    moved = []
+    for first, width in ((0, 128), (100 * 128, 128), (29184 + 40 * 16, 16), (32512 + 7, 1)):
+        t = z.clone()
+        b = t[first : first + width]
+        if width > 1:  # move the bucket's step to its middle (keeping its two values)
+            lo, hi = int(b.min()), int(b.max())
+            b[: width // 2], b[width // 2 :] = lo, max(hi, lo + 1)
+        else:  # R3 is looked up directly: any byte
+            b[0] = 200
+        assert _vbmi_shaped(t) and not torch.equal(t, z)
+        moved.append(t)
+    g = torch.Generator().manual_seed(4)
+    mu = torch.randint(-(2**15), 2**15, (300_000,), dtype=torch.int16, generator=g)
+    sg = torch.randint(0, 2**15, (300_000,), dtype=torch.int16, generator=g)
+    for t in [*moved, z]:
+        args = (mu, sg, t, 99, noise.MU16_SHIFT, noise.SHIFT16)
+        ref = torch.ops.qbdl.sample_plain_kernel(*args, "scalar")
+        assert torch.equal(torch.ops.qbdl.sample_plain_kernel(*args, "avx512vbmi"), ref)
+        assert torch.equal(torch.ops.qbdl.sample_plain(*args), ref)
 
 
 def _pack(shape, x_zp):
@@ -106,8 +196,8 @@ def test_the_packed_kernel_writes_the_reference_sample_in_packed_order(shape, x_
     for mc in range(4):
         k = noise.key(7, 2, mc)
         data = torch.ops.qbdl.packed_bytes(sampler.sample(k))[: layout.data_bytes].view(torch.int8)
-        ref = torch.ops.qbdl.sample_plain_scalar(
-            sampler.mu, sampler.sg, noise.z_table(), noise.to_int64(k), *SHIFTS
+        ref = torch.ops.qbdl.sample_plain_kernel(
+            sampler.mu, sampler.sg, noise.z_table(), noise.to_int64(k), *SHIFTS, "scalar"
         )
         assert torch.equal(data, ref), mc
         w = sampler.unpacked(sampler.packed, shape)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .quant import native
 from .quant.backend import cpu_caps
 
 
@@ -46,6 +47,7 @@ def machine_info() -> dict:
         "avx512_vnni": "avx512_vnni" in caps.flags,
         "amx": any(f.startswith("amx") for f in caps.flags),
         "int8_kernels": caps.as_dict(),
+        "sample_kernel": native.sample_kernel(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "inplace.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "inplace.cpp", CSRC / "sample_vbmi.cpp")
 OPS = (
     "packed_bytes",
     "sample_packed",
     "sample_plain",
-    "sample_plain_scalar",
+    "sample_plain_kernel",
     "sample_isa",
+    "sample_kernels",
     "flip_requant",
     "signed_add",
     "qadd",
@@ -58,7 +60,7 @@ def available() -> bool:
             build.mkdir(parents=True, exist_ok=True)
             load(
                 name="qbdl_inplace",
-                sources=[str(SOURCE)],
+                sources=[str(p) for p in SOURCES],
                 build_directory=str(build),
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
@@ -92,3 +94,11 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def sample_kernel() -> str | None:
+    """The fresh-sampling kernel the C++ ops run here ("avx512vbmi", "avx2" or "scalar"); None unless loaded.
+
+    The fastest this CPU runs, at most QBDL_SAMPLE_KERNEL's (e.g. avx2, to compare kernels on one CPU).
+    """
+    return str(torch.ops.qbdl.sample_isa()) if _LOADED.get("ok") else None

@@ -5,12 +5,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "sample_vbmi.h"
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -61,10 +64,10 @@ void check_noise_args(const at::Tensor& mu, const at::Tensor& sg, const at::Tens
 
 // The sample of weights [begin, end), positions hashed from 0 (wrapping mod 2^32, as the reference does):
 //   out[i] = clamp((mu[i] * 2^mu_shift + sg[i] * z(i) + half) >> shift, -127, 127).
-// The scalar reference: the kernel as it was before the AVX2 one (sample_plain_scalar runs it, so tests can
-// compare the two bit for bit). Three passes over blocks that stay in L1: the hash (auto-vectorized), the
-// table lookup (one byte load a weight), the sign and fixed-point arithmetic (auto-vectorized, branch-free:
-// a random sign would mispredict half the time).
+// The scalar reference: the kernel as it was before the AVX2 one (sample_plain_kernel(..., "scalar") runs it, so
+// tests can compare the kernels bit for bit). Three passes over blocks that stay in L1: the hash (auto-vectorized),
+// the table lookup (one byte load a weight), the sign and fixed-point arithmetic (auto-vectorized, branch-free: a
+// random sign would mispredict half the time).
 void sample_range_scalar(int8_t* __restrict__ out, const int16_t* __restrict__ mu, const int16_t* __restrict__ sg,
                          int64_t begin, int64_t end, uint64_t key, const uint8_t* __restrict__ tbl, int mu_shift,
                          int shift) {
@@ -163,32 +166,77 @@ void sample_range_avx2(int8_t* __restrict__ out, const int16_t* __restrict__ mu,
 }
 #endif
 
-// Which sampling kernel this build runs ("avx2" or "scalar"): tests and the docs name it.
-std::string sample_isa() {
+// The sampling kernels, slowest first. Each computes the same integers (tests/test_quant_kernel_vector.py).
+enum class Kernel { kScalar, kAvx2, kVbmi };
+constexpr const char* kKernelNames[] = {"scalar", "avx2", "avx512vbmi"};
+
+bool kernel_available(Kernel k) {
+  switch (k) {
+    case Kernel::kScalar:
+      return true;
+    case Kernel::kAvx2:
 #ifdef __AVX2__
-  return "avx2";
+      return true;  // native.py passes -mavx2 only for a torch that runs AVX2 kernels on this CPU
 #else
-  return "scalar";
+      return false;
 #endif
+    case Kernel::kVbmi:
+      return qbdl::vbmi_supported();
+  }
+  return false;
+}
+
+Kernel kernel_named(const std::string& name, const char* op) {
+  for (int k = 0; k < 3; ++k) {
+    if (name == kKernelNames[k]) return static_cast<Kernel>(k);
+  }
+  TORCH_CHECK(false, op, ": unknown sampling kernel '", name, "'; choose scalar, avx2 or avx512vbmi");
+}
+
+// The fastest kernel this CPU runs, at most QBDL_SAMPLE_KERNEL's (read on every call, so a process can compare).
+Kernel best_kernel() {
+  Kernel cap = Kernel::kVbmi;
+  if (const char* env = std::getenv("QBDL_SAMPLE_KERNEL"); env != nullptr && *env != '\0') {
+    cap = kernel_named(env, "QBDL_SAMPLE_KERNEL");
+  }
+  for (int k = static_cast<int>(cap); k > 0; --k) {
+    if (kernel_available(static_cast<Kernel>(k))) return static_cast<Kernel>(k);
+  }
+  return Kernel::kScalar;
+}
+
+// The kernel sample_packed and sample_plain run for the z table here: tests and the docs name it.
+std::string sample_isa() { return kKernelNames[static_cast<int>(best_kernel())]; }
+
+std::vector<std::string> sample_kernels() {
+  std::vector<std::string> out;
+  for (int k = 0; k < 3; ++k) {
+    if (kernel_available(static_cast<Kernel>(k))) out.emplace_back(kKernelNames[k]);
+  }
+  return out;
 }
 
 // All n weights. Positions are hashed absolutely, so any split gives the same bytes: big layers are split over
 // torch's intra-op threads (at batch 1 the sampler runs between oneDNN's kernels, with the cores otherwise idle),
-// layers under kGrain weights stay on one thread.
+// layers under kGrain weights stay on one thread. The VBMI kernel needs the z table's shape (vbmi_tables ok);
+// for another table the AVX2 kernel runs instead.
 constexpr int64_t kGrain = 1 << 16;
 
-void sample_range(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t begin, int64_t end, uint64_t key,
-                  const uint8_t* tbl, int mu_shift, int shift, bool reference) {
-#ifdef __AVX2__
-  if (!reference) return sample_range_avx2(out, mu, sg, begin, end, key, tbl, mu_shift, shift);
-#endif
-  sample_range_scalar(out, mu, sg, begin, end, key, tbl, mu_shift, shift);
-}
-
 void sample_block(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t n, uint64_t key, const uint8_t* tbl,
-                  int mu_shift, int shift, bool reference = false) {
+                  int mu_shift, int shift, Kernel kernel) {
+  const qbdl::VbmiTables* tables = nullptr;
+  if (kernel == Kernel::kVbmi) {
+    tables = &qbdl::vbmi_tables(tbl);
+    if (!tables->ok) kernel = kernel_available(Kernel::kAvx2) ? Kernel::kAvx2 : Kernel::kScalar;
+  }
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    sample_range(out, mu, sg, b, e, key, tbl, mu_shift, shift, reference);
+    if (kernel == Kernel::kVbmi) {
+      b = qbdl::sample_range_vbmi(out, mu, sg, b, e, key, *tables, mu_shift, shift);
+    }
+#ifdef __AVX2__
+    if (kernel == Kernel::kAvx2) return sample_range_avx2(out, mu, sg, b, e, key, tbl, mu_shift, shift);
+#endif
+    if (b < e) sample_range_scalar(out, mu, sg, b, e, key, tbl, mu_shift, shift);
   });
 }
 
@@ -277,7 +325,7 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
   int8_t* out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
   int32_t* comp = reinterpret_cast<int32_t*>(out + n);  // oneDNN aligns the data size: int32-aligned
   sample_block(out, mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), n, static_cast<uint64_t>(key),
-               table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift));
+               table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift), best_kernel());
   if (!n_comp) return;
   const int threads = at::get_num_threads();
   std::vector<int32_t> part(static_cast<size_t>(threads) * n_comp, 0);
@@ -295,25 +343,31 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
 // One int8 weight sample in the weights' own order (positions = flat indices): the re-packing path and the
 // bank (noise.sample_reference computes the same integers in torch).
 at::Tensor sample_plain_impl(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
-                             int64_t mu_shift, int64_t shift, bool reference, const char* op) {
+                             int64_t mu_shift, int64_t shift, Kernel kernel, const char* op) {
   check_noise_args(mu, sg, table, mu_shift, shift, op);
   auto out = at::empty(mu.sizes(), mu.options().dtype(at::kChar));
   if (mu.numel() == 0) return out;
   sample_block(out.data_ptr<int8_t>(), mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), mu.numel(),
                static_cast<uint64_t>(key), table.data_ptr<uint8_t>(), static_cast<int>(mu_shift),
-               static_cast<int>(shift), reference);
+               static_cast<int>(shift), kernel);
   return out;
 }
 
 at::Tensor sample_plain(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
                         int64_t mu_shift, int64_t shift) {
-  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, false, "qbdl::sample_plain");
+  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, best_kernel(), "qbdl::sample_plain");
 }
 
-// sample_plain through the scalar reference kernel, whatever the build: what the vector kernel must equal.
-at::Tensor sample_plain_scalar(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
-                               int64_t mu_shift, int64_t shift) {
-  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, true, "qbdl::sample_plain_scalar");
+// sample_plain through one named kernel (sample_kernels() lists this CPU's), so tests can compare them bit for
+// bit: "scalar" is the reference, the kernel as it was before vectorization.
+at::Tensor sample_plain_kernel(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
+                               int64_t mu_shift, int64_t shift, const std::string& name) {
+  const char* op = "qbdl::sample_plain_kernel";
+  const Kernel kernel = kernel_named(name, op);
+  TORCH_CHECK(kernel_available(kernel), op, ": this CPU or build does not run the ", name, " kernel");
+  TORCH_CHECK(kernel != Kernel::kVbmi || qbdl::vbmi_tables(table.data_ptr<uint8_t>()).ok, op,
+              ": the avx512vbmi kernel needs a table shaped as noise.z_table() (sample_plain runs avx2 for this one)");
+  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, kernel, op);
 }
 
 // [N, P, C] view of a uint8 activation whose channels are innermost (2-D [N, C] or channels-last N-D).
@@ -496,9 +550,10 @@ TORCH_LIBRARY(qbdl, m) {
   m.def("sample_packed(Tensor packed, Tensor mu, Tensor sg, Tensor oc, int n_comp, int reps, int block, Tensor table, int key, int mu_shift, int shift) -> ()",
         &sample_packed);
   m.def("sample_plain(Tensor mu, Tensor sg, Tensor table, int key, int mu_shift, int shift) -> Tensor", &sample_plain);
-  m.def("sample_plain_scalar(Tensor mu, Tensor sg, Tensor table, int key, int mu_shift, int shift) -> Tensor",
-        &sample_plain_scalar);
+  m.def("sample_plain_kernel(Tensor mu, Tensor sg, Tensor table, int key, int mu_shift, int shift, str kernel) -> Tensor",
+        &sample_plain_kernel);
   m.def("sample_isa() -> str", &sample_isa);
+  m.def("sample_kernels() -> str[]", &sample_kernels);
   m.def("flip_requant(Tensor x, Tensor signs, int in_zp, float ratio, int out_zp) -> Tensor", &flip_requant);
   m.def("signed_add(Tensor a, float sa, int za, Tensor b, float sb, int zb, Tensor signs, float so, int zo, bool relu) -> Tensor",
         &signed_add);
