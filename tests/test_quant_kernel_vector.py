@@ -118,12 +118,16 @@ def test_random_shapes_seeds_layers_and_mc_indices_equal_the_reference():
                        noise.sample_reference(mu16, sg16, k))  # fmt: skip
 
 
-def test_any_operands_table_and_shifts_equal_the_reference():
-    # full int16 range (both clamps, int16 and int8 saturation of the packs), every allowed shift, and a table
-    # that is not monotone (every byte, the last entry included, is read as the reference reads it)
+@pytest.mark.parametrize("which", ["random", "z"])
+def test_any_operands_table_and_shifts_equal_the_reference(which):
+    # full int16 range (both clamps, int16 and int8 saturation of the packs), every allowed shift, with a table
+    # that is not monotone (every byte, the last entry included, is read as the reference reads it; the AVX2
+    # kernel runs it) and with the z table (which the VBMI kernel runs where the CPU has it)
     g = torch.Generator().manual_seed(2)
     table = torch.randint(0, 256, (1 << noise.TABLE_BITS,), dtype=torch.uint8, generator=g)
     table[-1] = 255
+    if which == "z":
+        table = noise.z_table()
     n = 70_001
     mu = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=g)
     sg = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=g)
@@ -137,7 +141,8 @@ def test_any_operands_table_and_shifts_equal_the_reference():
             assert torch.equal(fast, ref), (mu_shift, shift)
             seen.update(torch.unique(ref).tolist())
     assert {-127, 127, 0} <= seen  # the clamps and the middle were exercised
-    if "avx512vbmi" in torch.ops.qbdl.sample_kernels():  # not the z table's shape: VBMI refuses it by name
+    # a table not of the z table's shape: the VBMI kernel, asked for by name, refuses it
+    if which == "random" and "avx512vbmi" in torch.ops.qbdl.sample_kernels():
         with pytest.raises(RuntimeError, match="needs a table shaped as noise.z_table"):
             torch.ops.qbdl.sample_plain_kernel(mu, sg, table, 1, *SHIFTS, "avx512vbmi")
 
@@ -246,3 +251,10 @@ def test_repeated_blocks_finds_the_repetition_or_keeps_every_slot():
     assert (reps, block) == (3, 64) and torch.equal(oc, torch.cat([one, one + 32]))
     ragged = torch.cat([slots, one[:16]])  # not whole blocks
     assert repeated_blocks(ragged)[1:] == (1, 1) and torch.equal(repeated_blocks(ragged)[0], ragged)
+
+
+def test_machine_info_names_the_sampling_kernel_in_use():
+    # bench.json and results.json carry machine_info(): a speed figure must say which kernel produced it
+    from qbdl.machine import machine_info
+
+    assert machine_info()["sample_kernel"] == torch.ops.qbdl.sample_isa() == native.sample_kernel()
