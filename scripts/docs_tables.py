@@ -320,14 +320,14 @@ def speed_ab() -> str:
                  f"({ips['qbnn_int8_fresh', b] / ips['dnn_int8', b]:.2f})" for b in batches]  # fmt: skip
         lines.append(f"| {run['label']} | `{run['commit'][:7]}` | " + " | ".join(cells) + " |")
     m, p = rec["machine"], rec["provenance"]
-    lines += ["", f"Measured with `{p['command']}` (each run its own process, the two commits alternating) on "
+    lines += ["", f"Measured with `{p['command']}` (each run its own process, the commits in turn) on "
               f"{m['cpu']} (family/model {m.get('family_model')}; {', '.join(_isa(m))}), {m['threads']} threads, "
               f"torch {m['torch']}, {p['date']}; {p['note']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def _isa(machine: dict) -> list[str]:
-    keep = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
+    keep = ("avx2", "avx512f", "avx512_vnni", "avx512vbmi", "amx_int8")
     return [f for f in keep if f in machine.get("isa", [])] or machine.get("isa", [])
 
 
