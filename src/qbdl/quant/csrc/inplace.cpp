@@ -191,6 +191,7 @@ Kernel kernel_named(const std::string& name, const char* op) {
     if (name == kKernelNames[k]) return static_cast<Kernel>(k);
   }
   TORCH_CHECK(false, op, ": unknown sampling kernel '", name, "'; choose scalar, avx2 or avx512vbmi");
+  return Kernel::kScalar;  // not reached: TORCH_CHECK(false) throws
 }
 
 // The fastest kernel this CPU runs, at most QBDL_SAMPLE_KERNEL's (read on every call, so a process can compare).
