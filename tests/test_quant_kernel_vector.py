@@ -82,6 +82,12 @@ def test_the_kernel_cap_picks_the_kernel_and_a_bad_one_is_refused():
         [sys.executable, "-c", code], env={**os.environ, "QBDL_SAMPLE_KERNEL": "avx9"}, capture_output=True, text=True
     )  # fmt: skip
     assert bad.returncode != 0 and "unknown sampling kernel 'avx9'" in bad.stderr
+    for name in torch.ops.qbdl.sample_kernels():  # the table is checked before any kernel reads it
+        with pytest.raises(RuntimeError, match="table must be the contiguous uint8"):
+            torch.ops.qbdl.sample_plain_kernel(
+                torch.zeros(4, dtype=torch.int16), torch.zeros(4, dtype=torch.int16), noise.z_table()[:100], 1, 7,
+                15, name,
+            )  # fmt: skip
     with pytest.raises(RuntimeError, match="unknown sampling kernel"):
         torch.ops.qbdl.sample_plain_kernel(
             torch.zeros(4, dtype=torch.int16), torch.zeros(4, dtype=torch.int16), noise.z_table(), 1, 7, 15, "sse"

@@ -366,6 +366,7 @@ at::Tensor sample_plain_kernel(const at::Tensor& mu, const at::Tensor& sg, const
   const char* op = "qbdl::sample_plain_kernel";
   const Kernel kernel = kernel_named(name, op);
   TORCH_CHECK(kernel_available(kernel), op, ": this CPU or build does not run the ", name, " kernel");
+  check_noise_args(mu, sg, table, mu_shift, shift, op);  // before the table is read
   TORCH_CHECK(kernel != Kernel::kVbmi || qbdl::vbmi_tables(table.data_ptr<uint8_t>()).ok, op,
               ": the avx512vbmi kernel needs a table shaped as noise.z_table() (sample_plain runs avx2 for this one)");
   return sample_plain_impl(mu, sg, table, key, mu_shift, shift, kernel, op);
