@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -169,6 +170,7 @@ void sample_range_avx2(int8_t* __restrict__ out, const int16_t* __restrict__ mu,
 // The sampling kernels, slowest first. Each computes the same integers (tests/test_quant_kernel_vector.py).
 enum class Kernel { kScalar, kAvx2, kVbmi };
 constexpr const char* kKernelNames[] = {"scalar", "avx2", "avx512vbmi"};
+constexpr int kKernels = static_cast<int>(std::size(kKernelNames));
 
 bool kernel_available(Kernel k) {
   switch (k) {
@@ -187,7 +189,7 @@ bool kernel_available(Kernel k) {
 }
 
 Kernel kernel_named(const std::string& name, const char* op) {
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < kKernels; ++k) {
     if (name == kKernelNames[k]) return static_cast<Kernel>(k);
   }
   TORCH_CHECK(false, op, ": unknown sampling kernel '", name, "'; choose scalar, avx2 or avx512vbmi");
@@ -211,7 +213,7 @@ std::string sample_isa() { return kKernelNames[static_cast<int>(best_kernel())];
 
 std::vector<std::string> sample_kernels() {
   std::vector<std::string> out;
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < kKernels; ++k) {
     if (kernel_available(static_cast<Kernel>(k))) out.emplace_back(kKernelNames[k]);
   }
   return out;
@@ -220,14 +222,16 @@ std::vector<std::string> sample_kernels() {
 // All n weights. Positions are hashed absolutely, so any split gives the same bytes: big layers are split over
 // torch's intra-op threads (at batch 1 the sampler runs between oneDNN's kernels, with the cores otherwise idle),
 // layers under kGrain weights stay on one thread. The VBMI kernel needs the z table's shape (vbmi_tables ok);
-// for another table the AVX2 kernel runs instead.
+// for another table the AVX2 kernel runs instead, or (strict: a kernel asked for by name) the call is refused.
 constexpr int64_t kGrain = 1 << 16;
 
 void sample_block(int8_t* out, const int16_t* mu, const int16_t* sg, int64_t n, uint64_t key, const uint8_t* tbl,
-                  int mu_shift, int shift, Kernel kernel) {
+                  int mu_shift, int shift, Kernel kernel, bool strict, const char* op) {
   const qbdl::VbmiTables* tables = nullptr;
   if (kernel == Kernel::kVbmi) {
     tables = &qbdl::vbmi_tables(tbl);
+    TORCH_CHECK(tables->ok || !strict, op,
+                ": the avx512vbmi kernel needs a table shaped as noise.z_table() (sample_plain runs avx2 for this one)");
     if (!tables->ok) kernel = kernel_available(Kernel::kAvx2) ? Kernel::kAvx2 : Kernel::kScalar;
   }
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
@@ -326,7 +330,8 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
   int8_t* out = static_cast<int8_t*>(at::native::data_ptr_from_mkldnn(packed));
   int32_t* comp = reinterpret_cast<int32_t*>(out + n);  // oneDNN aligns the data size: int32-aligned
   sample_block(out, mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), n, static_cast<uint64_t>(key),
-               table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift), best_kernel());
+               table.data_ptr<uint8_t>(), static_cast<int>(mu_shift), static_cast<int>(shift), best_kernel(), false,
+               op);
   if (!n_comp) return;
   const int threads = at::get_num_threads();
   std::vector<int32_t> part(static_cast<size_t>(threads) * n_comp, 0);
@@ -344,19 +349,19 @@ void sample_packed(const at::Tensor& packed, const at::Tensor& mu, const at::Ten
 // One int8 weight sample in the weights' own order (positions = flat indices): the re-packing path and the
 // bank (noise.sample_reference computes the same integers in torch).
 at::Tensor sample_plain_impl(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
-                             int64_t mu_shift, int64_t shift, Kernel kernel, const char* op) {
+                             int64_t mu_shift, int64_t shift, Kernel kernel, bool strict, const char* op) {
   check_noise_args(mu, sg, table, mu_shift, shift, op);
   auto out = at::empty(mu.sizes(), mu.options().dtype(at::kChar));
-  if (mu.numel() == 0) return out;
+  // no early return for 0 weights: sample_block does nothing then, but still refuses what strict refuses
   sample_block(out.data_ptr<int8_t>(), mu.data_ptr<int16_t>(), sg.data_ptr<int16_t>(), mu.numel(),
                static_cast<uint64_t>(key), table.data_ptr<uint8_t>(), static_cast<int>(mu_shift),
-               static_cast<int>(shift), kernel);
+               static_cast<int>(shift), kernel, strict, op);
   return out;
 }
 
 at::Tensor sample_plain(const at::Tensor& mu, const at::Tensor& sg, const at::Tensor& table, int64_t key,
                         int64_t mu_shift, int64_t shift) {
-  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, best_kernel(), "qbdl::sample_plain");
+  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, best_kernel(), false, "qbdl::sample_plain");
 }
 
 // sample_plain through one named kernel (sample_kernels() lists this CPU's), so tests can compare them bit for
@@ -366,10 +371,7 @@ at::Tensor sample_plain_kernel(const at::Tensor& mu, const at::Tensor& sg, const
   const char* op = "qbdl::sample_plain_kernel";
   const Kernel kernel = kernel_named(name, op);
   TORCH_CHECK(kernel_available(kernel), op, ": this CPU or build does not run the ", name, " kernel");
-  check_noise_args(mu, sg, table, mu_shift, shift, op);  // before the table is read
-  TORCH_CHECK(kernel != Kernel::kVbmi || qbdl::vbmi_tables(table.data_ptr<uint8_t>()).ok, op,
-              ": the avx512vbmi kernel needs a table shaped as noise.z_table() (sample_plain runs avx2 for this one)");
-  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, kernel, op);
+  return sample_plain_impl(mu, sg, table, key, mu_shift, shift, kernel, true, op);
 }
 
 // [N, P, C] view of a uint8 activation whose channels are innermost (2-D [N, C] or channels-last N-D).
